@@ -1,0 +1,240 @@
+"""The ``fedpath`` command: one subcommand per stage, each taking ``--config`` and ``--set KEY=VALUE``.
+
+Every subcommand exits non-zero with a one-line reason on bad input (:class:`FedpathError` and
+:class:`ConfigError` are caught here and printed without a traceback). Stage modules are imported
+lazily so that ``fedpath --help`` stays fast and ``wsi`` stays free of torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.errors import FedpathError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated, DP segmentation of H&E slides."
+)
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="experiment YAML")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: section.key=value")]
+SiteOpt = Annotated[str, typer.Option("--site", "-s", help="site name from the config")]
+DataRootOpt = Annotated[
+    Path | None, typer.Option("--data-root", help="root of manifest paths (else FEDPATH_DATA_ROOT)")
+]
+
+
+def _cfg(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
+    return load_config(config, overrides)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def synth(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="default: <run_dir>/synthetic")] = None,
+) -> None:
+    """Generate the synthetic H&E default: pyramidal TIFF slides, exact masks and per-site manifests."""
+    from wsi.synth import run_synth
+
+    cfg = _cfg(config, set_)
+    run_synth(cfg.synth, out or cfg.run_dir / "synthetic", run_dir=cfg.run_dir)
+
+
+@app.command()
+def tile(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    site: SiteOpt = "",
+    data_root: DataRootOpt = None,
+    scheduler: Annotated[str | None, typer.Option(help="address of an existing dask scheduler")] = None,
+    workers: Annotated[int | None, typer.Option(help="local dask workers")] = None,
+) -> None:
+    """Tile one site's slides (tissue only, target MPP) into sites/<site>/store.zarr."""
+    from wsi.tiling import run_tile_site
+
+    cfg = _cfg(config, set_)
+    sites = [site] if site else [s.name for s in cfg.sites]
+    failed = 0
+    for name in sites:
+        s = cfg.site(name)
+        result = run_tile_site(
+            manifest=s.manifest,
+            data_root=cfg.resolved_data_root(data_root),
+            store=cfg.store_path(name),
+            tiling=cfg.tiling,
+            site=name,
+            run_dir=cfg.run_dir,
+            scheduler=scheduler or cfg.tiling.scheduler,
+            workers=workers or cfg.tiling.workers,
+        )
+        failed += len(result.get("failed", []))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    site: Annotated[
+        list[str] | None, typer.Option("--site", "-s", help="site(s); several = pooled centralised baseline")
+    ] = None,
+) -> None:
+    """Train locally with DP-SGD (Opacus); with several sites, the pooled centralised baseline."""
+    from pipeline.train import run_train
+
+    cfg = _cfg(config, set_)
+    run_train(cfg, site or [s.name for s in cfg.sites])
+
+
+@app.command()
+def provision(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Create the federation's dev CA, server certificate and one hashed token per site."""
+    from federation.provision import run_provision
+
+    run_provision(_cfg(config, set_))
+
+
+@app.command()
+def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run the aggregator service (FastAPI on uvicorn, TLS)."""
+    from federation.server import run_server
+
+    run_server(_cfg(config, set_))
+
+
+@app.command("site-round")
+def site_round(config: ConfigOpt = None, set_: SetOpt = None, site: SiteOpt = "") -> None:
+    """One site's batch job: pull the global model, train locally with DP, push the update, exit."""
+    from federation.client import run_site_round
+
+    if not site:
+        _fail("--site is required")
+    run_site_round(_cfg(config, set_), site)
+
+
+@app.command()
+def simulate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """A whole federation on one machine: the real aggregator on loopback with TLS, one process per site."""
+    from federation.simulate import run_simulation
+
+    run_simulation(_cfg(config, set_))
+
+
+@app.command()
+def infer(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[
+        Path | None, typer.Option(help="model .safetensors (default: the run's latest global model)")
+    ] = None,
+    slide: Annotated[list[Path] | None, typer.Option(help="slide file(s)")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="manifest CSV (its test split, or all with --all-splits)")
+    ] = None,
+    site: Annotated[str | None, typer.Option(help="use this site's manifest")] = None,
+    data_root: DataRootOpt = None,
+    all_splits: Annotated[bool, typer.Option("--all-splits")] = False,
+) -> None:
+    """Run a model over whole slides and stitch seam-free slide-level masks (OME-TIFF, OME-Zarr, GeoJSON)."""
+    from pipeline.infer import run_infer
+
+    cfg = _cfg(config, set_)
+    result = run_infer(
+        cfg,
+        model=model,
+        slides=slide or [],
+        manifest=manifest,
+        site=site,
+        data_root=cfg.resolved_data_root(data_root),
+        all_splits=all_splits,
+    )
+    if result.get("failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def attack(config: ConfigOpt = None, set_: SetOpt = None, data_root: DataRootOpt = None) -> None:
+    """Gradient-inversion and membership-inference attacks over a sweep of privacy settings."""
+    from federation.attack.sweep import run_attack
+
+    cfg = _cfg(config, set_)
+    run_attack(cfg, data_root=cfg.resolved_data_root(data_root))
+
+
+@app.command()
+def report(
+    run: Annotated[Path | None, typer.Option("--run", help="run directory")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write report/index.html (self-contained) and report/report.json for a run directory."""
+    from pipeline.report import build_report
+
+    run_dir = run if run is not None else _cfg(config, set_).run_dir
+    path = build_report(run_dir)
+    typer.echo(str(path))
+
+
+@app.command()
+def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """The whole pipeline on the synthetic default, ending with the report's path and headline figures."""
+    from pipeline.demo import run_demo
+
+    run_demo(_cfg(config or Path("configs/demo.yaml"), set_))
+
+
+@app.command()
+def experiment(config: ConfigOpt = None, set_: SetOpt = None, data_root: DataRootOpt = None) -> None:
+    """The real-data experiment: local, centralised, FedAvg, FedProx and FedDP at several ε, tabulated."""
+    from pipeline.experiment import run_experiment
+
+    cfg = _cfg(config, set_)
+    run_experiment(cfg, data_root=cfg.resolved_data_root(data_root))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except (ConfigError, FedpathError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

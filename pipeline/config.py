@@ -1,0 +1,265 @@
+"""Typed experiment configuration.
+
+One YAML file drives a whole run; every section is a pydantic model that forbids unknown keys, so a typo
+is an error naming the key instead of a silently ignored setting. CLI flags override individual fields
+through :func:`apply_overrides` (dotted paths, e.g. ``train.epochs=3``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from wsi.config import SynthConfig, TilingConfig, TissueConfig, _Strict
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message is one line naming the file and the key."""
+
+
+class SiteConfig(_Strict):
+    """One institution: its name and the manifest that lists its slides."""
+
+    name: str
+    manifest: Path
+
+
+class ModelConfig(_Strict):
+    """A MONAI segmentation network built DP-ready (GroupNorm, no in-place activations)."""
+
+    name: Literal["unet", "basicunet", "segresnet", "attentionunet"] = "unet"
+    in_channels: int = 3
+    out_channels: int = 2
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
+    strides: list[int] = Field(default_factory=lambda: [2, 2, 2])
+    num_res_units: int = 1
+    groups: int = Field(8, ge=1, description="GroupNorm groups")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class StainConfig(_Strict):
+    method: Literal["none", "macenko", "reinhard"] = "none"
+    reference_tiles: int = Field(64, ge=1)
+
+
+class AugmentConfig(_Strict):
+    flips: bool = True
+    rot90: bool = True
+    hed_jitter: float = Field(0.03, ge=0, description="std of the HED-space stain perturbation")
+    brightness: float = Field(0.1, ge=0)
+
+
+class PrivacyConfig(_Strict):
+    """Sample-level DP-SGD (Opacus) and the site's budget."""
+
+    enabled: bool = True
+    target_epsilon: float | None = Field(
+        8.0, gt=0, description="ε over the whole planned training; null: use noise_multiplier"
+    )
+    noise_multiplier: float | None = Field(None, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 * training tiles)")
+    accountant: Literal["prv", "rdp"] = "prv"
+    budget_epsilon: float | None = Field(
+        None, gt=0, description="refuse a job that would spend past this ε (default: target_epsilon)"
+    )
+    unit: Literal["tile", "slide"] = "tile"
+    max_tiles_per_slide: int | None = Field(
+        None, ge=1, description="slide-level mode: tiles each sampled slide contributes"
+    )
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(16, ge=1, description="logical batch size (a privacy parameter)")
+    physical_batch_size: int = Field(8, ge=1, description="memory bound per forward pass (virtual batches)")
+    epochs: float = Field(1.0, gt=0, description="local epochs per job or per federation round")
+    max_steps: int | None = Field(None, ge=1, description="caps optimizer steps per job or per round")
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    val_fraction: float = Field(
+        0.2, ge=0, lt=1, description="share of slides (not tiles) held out for validation"
+    )
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+    stain: StainConfig = StainConfig()
+    augment: AugmentConfig = AugmentConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+
+class UpdateDPConfig(_Strict):
+    """Update-level DP: clip a model update to clip_norm and add N(0, (noise_multiplier*clip_norm)^2)."""
+
+    mode: Literal["none", "local", "central"] = "none"
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(0.0, ge=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class FederationConfig(_Strict):
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    rounds: int = Field(3, ge=1)
+    min_sites: int = Field(2, ge=1, description="k of n: a round closes once this many sites have reported")
+    round_deadline_s: float = Field(3600.0, gt=0)
+    late_updates: Literal["reject", "next_round"] = "reject"
+    proximal_mu: float = Field(0.01, ge=0)
+    server_lr: float = Field(0.01, gt=0)
+    server_beta1: float = Field(0.9, ge=0, lt=1)
+    server_beta2: float = Field(0.99, ge=0, lt=1)
+    server_tau: float = Field(1e-3, gt=0)
+    update_dp: UpdateDPConfig = UpdateDPConfig()
+    max_update_norm: float | None = Field(None, gt=0, description="reject updates whose L2 norm exceeds this")
+    max_body_mb: float = Field(512.0, gt=0)
+    host: str = "127.0.0.1"
+    port: int = Field(8443, ge=0, le=65535)
+    server_url: str | None = Field(
+        None, description="https://host:port the sites talk to (default from host/port)"
+    )
+    tls: bool = True
+    ca_cert: Path | None = None
+    token_file: Path | None = Field(
+        None, description="a site's token file (default: <run>/provision/sites/<site>/token)"
+    )
+
+
+class InferenceConfig(_Strict):
+    tile_size: int | None = Field(
+        None, ge=16, description="window size (default: the model's training tile size)"
+    )
+    overlap: float = Field(0.25, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1)
+    sigma_scale: float = Field(0.125, gt=0)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    tissue_only: bool = True
+    scheduler: str | None = None
+    pyramid_levels: int = Field(4, ge=1)
+
+
+class AttackConfig(_Strict):
+    epsilons: list[float | None] = Field(
+        default_factory=lambda: [None, 32.0, 8.0, 2.0], description="null: no DP"
+    )
+    tile_size: int = Field(64, ge=8)
+    batch_size: int = Field(1, ge=1)
+    local_steps: int = Field(1, ge=1)
+    labels_known: bool = True
+    restarts: int = Field(2, ge=1)
+    iterations: int = Field(300, ge=1)
+    tv_weight: float = Field(1e-4, ge=0)
+    n_targets: int = Field(4, ge=1)
+    attacks: list[Literal["inverting_gradients", "dlg", "multistep"]] = Field(
+        default_factory=lambda: ["inverting_gradients", "dlg", "multistep"]
+    )
+    membership: bool = True
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment: where things live and how each stage behaves."""
+
+    name: str = "experiment"
+    run_dir: Path = Path("runs/experiment")
+    data_root: Path | None = Field(
+        None, description="root of manifest paths (else --data-root or FEDPATH_DATA_ROOT)"
+    )
+    sites: list[SiteConfig] = Field(default_factory=list)
+    synth: SynthConfig = SynthConfig()
+    tiling: TilingConfig = TilingConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    inference: InferenceConfig = InferenceConfig()
+    attack: AttackConfig = AttackConfig()
+
+    def site(self, name: str) -> SiteConfig:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.sites) or "none"
+        raise ConfigError(f"site {name!r} is not in the config (known: {known})")
+
+    def site_dir(self, name: str) -> Path:
+        return self.run_dir / "sites" / name
+
+    def store_path(self, name: str) -> Path:
+        return self.site_dir(name) / "store.zarr"
+
+    def resolved_data_root(self, override: Path | None = None) -> Path | None:
+        """--data-root, then the config's data_root, then FEDPATH_DATA_ROOT."""
+        if override is not None:
+            return override
+        if self.data_root is not None:
+            return self.data_root
+        env = os.environ.get("FEDPATH_DATA_ROOT")
+        return Path(env) if env else None
+
+
+def _format_error(path: Path | str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key '{loc}'"
+    if kind == "missing":
+        return f"{path}: missing key '{loc}'"
+    return f"{path}: key '{loc}': {first['msg']} (got {first.get('input')!r})"
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: Path | str | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load and validate an experiment YAML; relative paths in it are relative to the current directory."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}: not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        data = loaded
+    data = apply_overrides(data, overrides)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(path or "<config>", err)) from None
+
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "SiteConfig",
+    "SynthConfig",
+    "TilingConfig",
+    "TissueConfig",
+    "load_config",
+]
