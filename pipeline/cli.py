@@ -132,7 +132,8 @@ def site_round(config: ConfigOpt = None, set_: SetOpt = None, site: SiteOpt = ""
 
     if not site:
         _fail("--site is required")
-    run_site_round(_cfg(config, set_), site)
+    result = run_site_round(_cfg(config, set_), site)
+    typer.echo(f"site {site}: round {result['round']}: {result['outcome']}")
 
 
 @app.command()
@@ -140,7 +141,10 @@ def simulate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """A whole federation on one machine: the real aggregator on loopback with TLS, one process per site."""
     from federation.simulate import run_simulation
 
-    run_simulation(_cfg(config, set_))
+    summary = run_simulation(_cfg(config, set_))
+    typer.echo(
+        f"federation: {summary['rounds']} round(s) in {summary['wall_s']} s; final model {summary['global_models'][-1]}"
+    )
 
 
 @app.command()

@@ -39,6 +39,10 @@ class ModelConfig(_Strict):
     num_res_units: int = 1
     groups: int = Field(8, ge=1, description="GroupNorm groups")
     dropout: float = Field(0.0, ge=0, lt=1)
+    upsample: Literal["nontrainable", "deconv"] = Field(
+        "nontrainable",
+        description="decoder upsampling: nearest resize + conv (Opacus per-sample code) or transposed conv",
+    )
 
 
 class StainConfig(_Strict):
@@ -104,9 +108,16 @@ class UpdateDPConfig(_Strict):
 class FederationConfig(_Strict):
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     rounds: int = Field(3, ge=1)
-    min_sites: int = Field(2, ge=1, description="k of n: a round closes once this many sites have reported")
-    round_deadline_s: float = Field(3600.0, gt=0)
-    late_updates: Literal["reject", "next_round"] = "reject"
+    min_sites: int = Field(2, ge=1, description="k of n: the fewest reports a round may close with")
+    close_policy: Literal["all_or_deadline", "min_sites"] = Field(
+        "all_or_deadline",
+        description="all_or_deadline: close when every provisioned site reported, or at the deadline with "
+        ">= min_sites; min_sites: close as soon as min_sites reported",
+    )
+    round_deadline_s: float = Field(3600.0, gt=0, description="seconds after a round opens")
+    late_updates: Literal["reject", "next_round"] = Field(
+        "reject", description="an update for an already closed round: refuse it, or count it in the open round"
+    )
     proximal_mu: float = Field(0.01, ge=0)
     server_lr: float = Field(0.01, gt=0)
     server_beta1: float = Field(0.9, ge=0, lt=1)
@@ -125,37 +136,82 @@ class FederationConfig(_Strict):
     token_file: Path | None = Field(
         None, description="a site's token file (default: <run>/provision/sites/<site>/token)"
     )
+    seed: int = Field(0, description="seed of the initial global model (round_0)")
+    upload_retries: int = Field(5, ge=0, description="site client: retries of a failed request")
+    wait_timeout_s: float = Field(600.0, gt=0, description="site client: longest wait for a round to open")
+    parallel_sites: int = Field(2, ge=1, description="simulate: site jobs run at the same time")
+    site_timeout_s: float = Field(3600.0, gt=0, description="simulate: one site job's time limit")
 
 
 class InferenceConfig(_Strict):
+    """Slide-level inference: overlapping windows at the model's MPP, Gaussian-blended on disk."""
+
     tile_size: int | None = Field(
         None, ge=16, description="window size (default: the model's training tile size)"
     )
-    overlap: float = Field(0.25, ge=0, lt=1)
+    overlap: float = Field(0.25, ge=0, lt=1, description="fraction of a window shared with its neighbour")
     batch_size: int = Field(8, ge=1)
-    sigma_scale: float = Field(0.125, gt=0)
-    threshold: float = Field(0.5, gt=0, lt=1)
-    tissue_only: bool = True
-    scheduler: str | None = None
-    pyramid_levels: int = Field(4, ge=1)
+    sigma_scale: float = Field(0.125, gt=0, description="Gaussian importance sigma, relative to the window")
+    threshold: float = Field(0.5, gt=0, lt=1, description="foreground probability above which a pixel is mask")
+    tissue_only: bool = Field(True, description="skip windows with no detected tissue")
+    scheduler: str | None = Field(None, description="address of a dask scheduler to run blocks on")
+    pyramid_levels: int | None = Field(
+        None, ge=1, description="OME-Zarr levels (default: halve until the longer side <= 1024)"
+    )
+    block_size: int = Field(2048, ge=64, description="model pixels per inference block (unit of work)")
+    chunk_size: int = Field(512, ge=64, description="zarr chunk side of the accumulator and the map")
+    max_upsample: float = Field(
+        1.0, ge=1.0, description="largest factor a slide may be upsampled to reach the model's MPP"
+    )
+    thumbnail_size: int = Field(1024, ge=64)
+    geojson_object_type: Literal["detection", "annotation"] = "detection"
+    geojson_class: str = Field("Nucleus", description="QuPath classification of the polygons")
+    geojson_simplify: float = Field(0.25, ge=0, description="polygon simplification in model pixels")
+    aji_max_pixels: int = Field(
+        64_000_000, ge=1, description="AJI over the whole slide up to this many model pixels, else per block"
+    )
 
 
 class AttackConfig(_Strict):
+    """The privacy audit (federation.attack): gradient inversion and membership inference over ε."""
+
     epsilons: list[float | None] = Field(
         default_factory=lambda: [None, 32.0, 8.0, 2.0], description="null: no DP"
     )
-    tile_size: int = Field(64, ge=8)
-    batch_size: int = Field(1, ge=1)
-    local_steps: int = Field(1, ge=1)
+    tile_size: int = Field(32, ge=8, description="size of the attacked MoNuSeg tiles (pixels)")
+    target_mpp: float | None = Field(None, gt=0, description="µm/px of attacked tiles (default: tiling.target_mpp)")
+    batch_size: int = Field(1, ge=1, description="threat model: tiles per observed step (1 = worst case)")
+    local_steps: int = Field(2, ge=1, description="threat model: local steps per update (multistep attack)")
     labels_known: bool = True
+    loss: Literal["dicece", "ce"] = "dicece"
     restarts: int = Field(2, ge=1)
     iterations: int = Field(300, ge=1)
-    tv_weight: float = Field(1e-4, ge=0)
-    n_targets: int = Field(4, ge=1)
+    lr: float = Field(0.1, gt=0, description="Adam step on signed gradients, pixels in [0, 1]")
+    tv_weight: float = Field(0.3, ge=0)
+    dlg_iterations: int = Field(60, ge=1, description="L-BFGS steps of DLG")
+    n_targets: int = Field(4, ge=1, description="attacked tiles (or batches) per ε and attack")
     attacks: list[Literal["inverting_gradients", "dlg", "multistep"]] = Field(
         default_factory=lambda: ["inverting_gradients", "dlg", "multistep"]
     )
+    clip: float | None = Field(None, gt=0, description="DP-SGD clipping norm (default: train.privacy)")
+    dp_sample_rate: float | None = Field(
+        None, gt=0, le=1, description="sampling rate for ε -> σ (default: train.batch_size / site tiles)"
+    )
+    dp_steps: int | None = Field(None, ge=1, description="DP steps for ε -> σ (default: the planned training)")
+    dp_delta: float | None = Field(None, gt=0, lt=1, description="default: train.privacy.delta or 1/(10 N)")
     membership: bool = True
+    utility_tile_size: int = Field(64, ge=16, description="tile size of the sweep's own DP training")
+    utility_train_tiles: int = Field(32, ge=2, description="member tiles of the sweep's DP training")
+    utility_test_tiles: int = Field(32, ge=2, description="held-out (non-member) tiles")
+    utility_steps: int = Field(120, ge=1)
+    utility_batch_size: int = Field(8, ge=1)
+    utility_lr: float = Field(2e-3, gt=0)
+    real_updates: bool = Field(True, description="also invert the updates stored under server/updates")
+    real_max_updates: int = Field(2, ge=0, description="stored updates attacked (earliest rounds first)")
+    real_max_images: int = Field(8, ge=1, description="cap on dummy tiles simulated per stored update")
+    real_iterations: int = Field(100, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads (default: train.threads or all)")
+    seed: int = 0
 
 
 class ExperimentConfig(_Strict):

@@ -1,17 +1,32 @@
 """MONAI segmentation networks built DP-ready: GroupNorm (never BatchNorm), no in-place activations.
 
-The norm and activation are chosen at construction (MONAI's own ``norm``/``act`` arguments), not patched
-afterwards, so the network that trains privately is exactly the one that was configured.
+The norm, activation and upsampling are chosen at construction (MONAI's own ``norm``/``act`` arguments
+and blocks), not patched afterwards, so the network that trains privately is exactly the one that was
+configured. Upsampling defaults to nearest-neighbour resize followed by a convolution: Opacus has its own
+per-sample gradient code for ``Conv2d`` and ``GroupNorm`` but none for ``ConvTranspose2d``, which would
+send every decoder layer through the slower functorch fallback (``upsample: deconv`` keeps MONAI's
+transposed convolutions for comparison).
+
+:func:`check_dp_model` is the gate before private training: it runs Opacus' own validator (BatchNorm,
+running statistics, unsupported layers) plus fedpath's checks (in-place activations, layers that would
+fall back to functorch) and raises a one-line :class:`~pipeline.errors.FedpathError` naming the module.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
+from typing import Any
 
+import torch
+from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.layers.factories import Norm
+from monai.networks.nets import UNet
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.errors import FedpathError
 
 # LeakyReLU/ReLU have no parameters, so Opacus never needs a per-sample gradient for them; PReLU
 # (MONAI's UNet default) would force the slow functorch fallback.
@@ -34,12 +49,129 @@ def _norm(groups: int) -> tuple[str, dict[str, int | bool]]:
     return ("FEDPATH_GROUP", {"num_groups": groups, "affine": True})
 
 
+def _resize_conv(
+    in_channels: int, out_channels: int, scale: int, kernel_size: int, act: Any, norm: Any, dropout: float,
+    conv_only: bool = False,
+) -> nn.Sequential:
+    """Nearest-neighbour upsampling by ``scale`` then a stride-1 MONAI convolution (no checkerboard, and
+    Opacus' Conv2d per-sample gradients instead of a functorch fallback for ConvTranspose2d)."""
+    return nn.Sequential(
+        nn.Upsample(scale_factor=scale, mode="nearest"),
+        Convolution(
+            2, in_channels, out_channels, strides=1, kernel_size=kernel_size, act=act, norm=norm,
+            dropout=dropout, conv_only=conv_only,
+        ),
+    )
+
+
+class DPUNet(UNet):
+    """MONAI ``UNet`` whose decoder upsamples by resize + convolution instead of transposed convolution."""
+
+    def _get_up_layer(self, in_channels: int, out_channels: int, strides: int, is_top: bool) -> nn.Module:
+        conv: nn.Module = _resize_conv(
+            in_channels, out_channels, int(strides), int(self.up_kernel_size), self.act, self.norm,  # type: ignore[arg-type]
+            float(self.dropout) if self.dropout else 0.0, conv_only=is_top and self.num_res_units == 0,
+        )
+        if self.num_res_units > 0:
+            ru = ResidualUnit(
+                self.dimensions, out_channels, out_channels, strides=1, kernel_size=self.kernel_size, subunits=1,
+                act=self.act, norm=self.norm, dropout=self.dropout, bias=self.bias, last_conv_only=is_top,
+                adn_ordering=self.adn_ordering,
+            )
+            conv = nn.Sequential(conv, ru)
+        return conv
+
+
+# -- Attention U-Net (Oktay et al. 2018), MONAI's blocks with GroupNorm chosen at construction ------------
+# MONAI's ``AttentionUnet`` hard-codes ``Norm.BATCH`` inside its blocks (and PReLU + InstanceNorm in the
+# merge convolution), so the same architecture is assembled here from MONAI's ``Convolution`` with the
+# norm/activation passed in. Parameter names follow MONAI's (``model.1.attention.W_g...``).
+class _ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, strides: int, groups: int, dropout: float, kernel_size: int = 3):
+        super().__init__()
+        kw: dict[str, Any] = {"kernel_size": kernel_size, "act": _ACT, "norm": _norm(groups), "dropout": dropout,
+                              "adn_ordering": "NDA"}
+        self.conv = nn.Sequential(
+            Convolution(2, cin, cout, strides=strides, **kw), Convolution(2, cout, cout, strides=1, **kw)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.conv(x)
+        return out
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self, f_int: int, f_g: int, f_l: int, groups: int):
+        super().__init__()
+        self.W_g = nn.Sequential(Convolution(2, f_g, f_int, kernel_size=1, conv_only=True), group_norm(groups, f_int))
+        self.W_x = nn.Sequential(Convolution(2, f_l, f_int, kernel_size=1, conv_only=True), group_norm(groups, f_int))
+        # one attention channel: GroupNorm(1, 1) normalises it per sample (BatchNorm did it over the batch)
+        self.psi = nn.Sequential(Convolution(2, f_int, 1, kernel_size=1, conv_only=True), group_norm(1, 1), nn.Sigmoid())
+        self.relu = nn.ReLU(inplace=False)
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        psi: torch.Tensor = self.psi(self.relu(self.W_g(g) + self.W_x(x)))
+        return x * psi
+
+
+class _AttentionLayer(nn.Module):
+    def __init__(
+        self, cin: int, cout: int, submodule: nn.Module, strides: int, groups: int, dropout: float, upsample: str
+    ):
+        super().__init__()
+        self.attention = _AttentionBlock(f_int=max(cin // 2, 1), f_g=cin, f_l=cin, groups=groups)
+        if upsample == "deconv":
+            self.upconv: nn.Module = Convolution(
+                2, cout, cin, strides=strides, kernel_size=3, act=_ACT, norm=_norm(groups), adn_ordering="NDA",
+                dropout=dropout, is_transposed=True,
+            )
+        else:
+            self.upconv = _resize_conv(cout, cin, strides, 3, _ACT, _norm(groups), dropout)
+        self.merge = Convolution(2, 2 * cin, cin, act=_ACT, norm=_norm(groups), dropout=dropout)
+        self.submodule = submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fromlower = self.upconv(self.submodule(x))
+        att = self.attention(g=fromlower, x=x)
+        out: torch.Tensor = self.merge(torch.cat((att, fromlower), dim=1))
+        return out
+
+
+class DPAttentionUnet(nn.Module):
+    """Attention U-Net from MONAI's building blocks, GroupNorm and non-in-place activations throughout."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, channels: Sequence[int], strides: Sequence[int], groups: int,
+        dropout: float = 0.0, upsample: str = "nontrainable",
+    ):
+        super().__init__()
+        if len(channels) < 2 or len(strides) != len(channels) - 1:
+            raise FedpathError(
+                f"attentionunet: needs >= 2 channels and len(strides) == len(channels) - 1 "
+                f"(got channels={list(channels)}, strides={list(strides)})"
+            )
+
+        def block(ch: Sequence[int], st: Sequence[int]) -> nn.Module:
+            down = _ConvBlock(ch[0], ch[1], int(st[0]), groups, dropout)
+            sub = nn.Sequential(down, block(ch[1:], st[1:])) if len(ch) > 2 else down
+            return _AttentionLayer(ch[0], ch[1], sub, int(st[0]), groups, dropout, upsample)
+
+        head = _ConvBlock(in_channels, channels[0], 1, groups, dropout)
+        reduce = Convolution(2, channels[0], out_channels, kernel_size=1, conv_only=True)
+        self.model = nn.Sequential(head, block(channels, strides), reduce)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(x)
+        return out
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """A 2-D MONAI network from the config (logits, ``out_channels`` classes)."""
     from monai.networks import nets
 
     if cfg.name == "unet":
-        return nets.UNet(
+        cls = DPUNet if cfg.upsample == "nontrainable" else nets.UNet
+        return cls(
             spatial_dims=2,
             in_channels=cfg.in_channels,
             out_channels=cfg.out_channels,
@@ -60,6 +192,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             act=_ACT,
             norm=_norm(cfg.groups),
             dropout=cfg.dropout,
+            upsample=cfg.upsample,
         )
     if cfg.name == "segresnet":
         return nets.SegResNet(
@@ -71,5 +204,82 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             norm=_norm(cfg.groups),
             num_groups=cfg.groups,
             dropout_prob=cfg.dropout or None,
+            upsample_mode=cfg.upsample,
         )
-    raise ValueError(f"model {cfg.name!r} is not supported yet")
+    if cfg.name == "attentionunet":
+        return DPAttentionUnet(
+            cfg.in_channels, cfg.out_channels, cfg.channels, cfg.strides, cfg.groups, cfg.dropout, cfg.upsample
+        )
+    raise FedpathError(f"model {cfg.name!r}: not supported (unet, basicunet, segresnet, attentionunet)")
+
+
+# -- the pre-training check ----------------------------------------------------------------------------
+_INPLACE_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardtanh, nn.Hardswish,
+                  nn.Hardsigmoid, nn.SiLU, nn.Mish, nn.Threshold, nn.Dropout, nn.Dropout2d, nn.Dropout3d,
+                  nn.AlphaDropout)
+
+
+def dp_model_problems(model: nn.Module, allow_functorch: bool = True) -> list[str]:
+    """Every reason Opacus cannot (or should not) train ``model`` privately, one line per module."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.validators import ModuleValidator
+    from opacus.validators.errors import IllegalModuleConfigurationError
+
+    problems: list[str] = []
+    if not model.training:
+        problems.append(f"{type(model).__name__}: model is in eval mode; Opacus needs it in training mode")
+    # Opacus' validators, run module by module so each reason names the module it is about.
+    for name, mod in model.named_modules():
+        where = name or "<root>"
+        if type(mod) in ModuleValidator.VALIDATORS:
+            for err in ModuleValidator.validate(mod, strict=False):
+                if isinstance(err, IllegalModuleConfigurationError):
+                    continue  # the training-mode check, done once above for the whole model
+                problems.append(f"{where} ({type(mod).__name__}): {_first_sentences(str(err))}")
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            # no trainable parameters, so Opacus' validator skips it, but its batch statistics still mix
+            # samples (and leak through running_mean/var)
+            problems.append(
+                f"{where} ({type(mod).__name__}): BatchNorm normalises each sample with statistics of the "
+                "whole batch, so one sample's output depends on the others; use GroupNorm"
+            )
+    for name, mod in model.named_modules():
+        where = name or "<root>"
+        if isinstance(mod, _INPLACE_TYPES) and getattr(mod, "inplace", False):
+            problems.append(
+                f"{where} ({type(mod).__name__}): in-place activation; it overwrites the layer input that "
+                "Opacus' backward hooks need for per-sample gradients"
+            )
+        own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
+        if own and type(mod) not in GradSampleModule.GRAD_SAMPLERS and not allow_functorch:
+            problems.append(
+                f"{where} ({type(mod).__name__}): Opacus has no per-sample gradient code for it "
+                "(functorch fallback is slow); use a Conv2d/GroupNorm/Linear alternative"
+            )
+    return problems
+
+
+def _first_sentences(text: str, n: int = 2) -> str:
+    """The first ``n`` sentences of an Opacus error (its BatchNorm message runs to a paragraph), one line."""
+    flat = " ".join(text.split())
+    parts = re.split(r"(?<=[.!?])\s+", flat)
+    return " ".join(parts[:n])
+
+
+def check_dp_model(model: nn.Module, allow_functorch: bool = True) -> None:
+    """Refuse a model that cannot be trained with DP-SGD, naming the first offending module and why."""
+    problems = dp_model_problems(model, allow_functorch=allow_functorch)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise FedpathError(f"model {type(model).__name__}: not DP-trainable: {problems[0]}{more}")
+
+
+def functorch_layers(model: nn.Module) -> list[str]:
+    """Names of trainable modules that Opacus would handle with its functorch fallback."""
+    from opacus.grad_sample import GradSampleModule
+
+    return [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if any(p.requires_grad for p in m.parameters(recurse=False)) and type(m) not in GradSampleModule.GRAD_SAMPLERS
+    ]

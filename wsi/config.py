@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -38,7 +40,13 @@ class TilingConfig(_Strict):
     tissue: TissueConfig = TissueConfig()
     workers: int = Field(1, ge=1, description="dask workers of the local cluster")
     scheduler: str | None = Field(None, description="address of an existing dask scheduler")
-    compressor_level: int = Field(3, ge=0, le=9)
+    compressor: Literal["none", "lz4", "zstd"] = Field(
+        "none",
+        description="blosc codec of the image tiles: lossless codecs gain ~4% (lz4) to ~14% (zstd) on "
+        "decoded H&E at a CPU cost close to or above the JPEG decode; masks are always lz4",
+    )
+    compressor_level: int = Field(1, ge=0, le=9)
+    batch_tiles: int = Field(64, ge=1, description="tiles per dask task (one slide's tiles per task)")
 
     @model_validator(mode="after")
     def _overlap_lt_tile(self) -> TilingConfig:
@@ -48,10 +56,24 @@ class TilingConfig(_Strict):
 
 
 class SynthConfig(_Strict):
+    """The synthetic H&E default (``fedpath synth``): sites, slides and their size."""
+
     sites: list[str] = Field(default_factory=lambda: ["a", "b", "c"])
-    slides_per_site: int = Field(2, ge=1)
+    slides_per_site: int = Field(2, ge=1, description="train/val slides per site")
+    val_slides: int = Field(0, ge=0, description="of slides_per_site, how many get split=val")
     held_out_slides: int = Field(1, ge=0, description="extra test slides per site")
     width: int = Field(4096, ge=256)
     height: int = Field(4096, ge=256)
     mpp: float = Field(0.5, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+    tissue_fraction: float = Field(0.5, gt=0, le=0.9, description="share of the slide covered by tissue")
+    jpeg_quality: int = Field(85, ge=50, le=100)
+    workers: int = Field(1, ge=1, description="processes rendering tiles (output identical for any value)")
+
+    @model_validator(mode="after")
+    def _val_lt_slides(self) -> SynthConfig:
+        if self.val_slides >= self.slides_per_site:
+            raise ValueError(
+                f"val_slides ({self.val_slides}) must be smaller than slides_per_site ({self.slides_per_site})"
+            )
+        return self

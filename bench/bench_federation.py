@@ -1,0 +1,251 @@
+"""Benchmark: N sites upload an 8M-parameter update at once to one aggregator (loopback, TLS).
+
+Measured in one run:
+
+* ``agg_s``: wall time from the first upload starting until the aggregator has published the next
+  global model (``server/global/round_1.safetensors`` and state.json at round 1), for 20 sites;
+* the floor: writing the same N update files to disk in one process and averaging them with numpy
+  (``floor_s``, with fsync as the aggregator does before acknowledging; ``floor_nosync_s`` without);
+* the ratio ``agg_s / floor_s`` (target <= 3) and the aggregator's peak RSS (psutil, sampled every
+  10 ms) for 5 and for 20 sites: the aggregate is streamed, so it must not grow with the number of sites.
+
+Sites are threads with their own httpx client in this process (their bodies are serialised before the
+clock starts). Usage: ``python bench/bench_federation.py [--sites 5 20] [--repeats 1]``. JSON goes to
+``bench/out/federation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+import yaml
+from safetensors.numpy import load_file as np_load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from federation.provision import run_provision  # noqa: E402
+from federation.server import server_paths  # noqa: E402
+from federation.simulate import AggregatorProcess  # noqa: E402
+from federation.wire import encode_state, update_metadata  # noqa: E402
+from pipeline.checkpoint import read_model_file  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+MODEL = {"name": "unet", "channels": [36, 72, 144, 288, 576], "strides": [2, 2, 2, 2], "num_res_units": 2}
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's resident set size until stopped; keeps the peak."""
+
+    def __init__(self, pid: int, every_s: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.every_s = every_s
+        self.peak = 0
+        self.baseline = self.proc.memory_info().rss
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(self.every_s)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return self.peak
+
+
+def _bodies(global_state: dict[str, Any], n_sites: int) -> list[bytes]:
+    import torch
+
+    out = []
+    for i in range(n_sites):
+        g = torch.Generator().manual_seed(i)
+        delta = {k: torch.randn(v.shape, generator=g) * 1e-3 for k, v in global_state.items()}
+        meta = update_metadata(site=f"s{i:02d}", round=0, n_tiles=10 + i, epsilon=None, update_id=f"bench{i}")
+        out.append(encode_state(delta, meta))
+    return out
+
+
+def run_aggregator(work: Path, n_sites: int, bodies: list[bytes] | None = None) -> dict[str, Any]:
+    """One round with ``n_sites`` concurrent uploads; returns timings and the aggregator's memory."""
+    sites = [f"s{i:02d}" for i in range(n_sites)]
+    cfg_data = {
+        "name": f"bench{n_sites}",
+        "run_dir": str(work / "run"),
+        "sites": [{"name": s, "manifest": "unused.csv"} for s in sites],
+        "model": MODEL,
+        "federation": {"rounds": 1, "min_sites": n_sites, "port": 0, "max_body_mb": 256},
+    }
+    cfg_path = work / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg_data))
+    cfg = load_config(cfg_path)
+    prov = run_provision(cfg)
+    agg = AggregatorProcess(cfg, cfg_path, work / "server.log")
+    url = agg.start()
+    paths = server_paths(cfg)
+    try:
+        g0, _ = read_model_file(paths.global_model(0))
+        n_params = sum(v.numel() for v in g0.values())
+        bodies = bodies[:n_sites] if bodies is not None else _bodies(g0, n_sites)
+        ctx = ssl.create_default_context(cafile=str(prov.ca_cert))
+        clients = [
+            httpx.Client(
+                base_url=url,
+                verify=ctx,
+                timeout=300,
+                headers={
+                    "Authorization": f"Bearer {prov.site_token(s).read_text().strip()}",
+                    "X-Fedpath-Site": s,
+                },
+            )
+            for s in sites
+        ]
+        for c in clients:  # TLS handshakes before the clock starts, as long-lived site clients would
+            c.get("/v1/health").raise_for_status()
+        assert agg.proc is not None
+        sampler = RssSampler(agg.proc.pid)
+        sampler.start()
+        barrier = threading.Barrier(n_sites + 1)
+        errors: list[str] = []
+
+        def upload(i: int) -> None:
+            barrier.wait()
+            r = clients[i].post("/v1/update", content=bodies[i])
+            if r.status_code != 200:
+                errors.append(f"{sites[i]}: {r.status_code} {r.text[:200]}")
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(n_sites)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        t_uploaded = time.perf_counter() - t0
+        while True:
+            st = json.loads(paths.state.read_text())
+            if st["round"] >= 1 and paths.global_model(1).is_file():
+                break
+            if errors:
+                raise RuntimeError(f"uploads refused: {errors[:3]}")
+            time.sleep(0.002)
+        agg_s = time.perf_counter() - t0
+        peak = sampler.stop()
+        for c in clients:
+            c.close()
+        audit = [json.loads(x) for x in paths.audit.read_text().splitlines()]
+        ups = [e for e in audit if e.get("outcome") == "accepted"]
+        return {
+            "server_receive_s_max": max(e["receive_s"] for e in ups),
+            "server_commit_s_mean": sum(e["commit_s"] for e in ups) / len(ups),
+            "sites": n_sites,
+            "params": n_params,
+            "update_mb": len(bodies[0]) / 2**20,
+            "agg_s": agg_s,
+            "uploads_done_s": t_uploaded,
+            "aggregate_s": st["history"][0].get("aggregate_s"),
+            "rss_baseline_mb": sampler.baseline / 2**20,
+            "rss_peak_mb": peak / 2**20,
+            "bodies": bodies,
+        }
+    finally:
+        agg.stop()
+
+
+def floor(work: Path, bodies: list[bytes], fsync: bool) -> float:
+    """Write the same update files in one process, then average them with numpy (n_tiles weights)."""
+    out = work / f"floor_{int(fsync)}"
+    out.mkdir()
+    t0 = time.perf_counter()
+    paths = []
+    for i, b in enumerate(bodies):
+        p = out / f"s{i:02d}.safetensors"
+        with open(p, "wb") as f:
+            f.write(b)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        paths.append(p)
+    weights = np.array([10 + i for i in range(len(bodies))], dtype=np.float64)
+    weights /= weights.sum()
+    acc: dict[str, np.ndarray] = {}
+    for w, p in zip(weights, paths, strict=True):
+        for k, v in np_load_file(str(p)).items():
+            if k in acc:
+                acc[k] += np.float32(w) * v
+            else:
+                acc[k] = np.float32(w) * v
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sites", type=int, nargs="+", default=[5, 20])
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    results: list[dict[str, Any]] = []
+    bodies: list[bytes] | None = None
+    with tempfile.TemporaryDirectory(prefix="fedbench-") as tmp:
+        for n in sorted(args.sites):
+            for rep in range(args.repeats):
+                work = Path(tmp) / f"n{n}_{rep}"
+                work.mkdir()
+                res = run_aggregator(work, n, bodies if bodies is not None and len(bodies) >= n else None)
+                bodies = res.pop("bodies")
+                res["floor_s"] = floor(work, bodies[:n], fsync=True)
+                res["floor_nosync_s"] = floor(work, bodies[:n], fsync=False)
+                res["ratio"] = res["agg_s"] / res["floor_s"]
+                res["ratio_vs_nosync"] = res["agg_s"] / res["floor_nosync_s"]
+                results.append(res)
+                shutil.rmtree(work / "run", ignore_errors=True)
+    print(f"fedpath federation benchmark: {platform.node()}, {psutil.cpu_count()} cores, TLS loopback")
+    print(
+        f"model: UNet {MODEL['channels']}, {results[0]['params'] / 1e6:.2f} M parameters, "
+        f"{results[0]['update_mb']:.1f} MiB per update"
+    )
+    hdr = f"{'sites':>5} {'publish s':>10} {'floor s':>8} {'ratio':>6} {'floor(no fsync) s':>18} {'ratio':>6} {'RSS base MiB':>13} {'RSS peak MiB':>13}"
+    print(hdr)
+    for r in results:
+        print(
+            f"{r['sites']:>5} {r['agg_s']:>10.2f} {r['floor_s']:>8.2f} {r['ratio']:>6.2f} "
+            f"{r['floor_nosync_s']:>18.2f} {r['ratio_vs_nosync']:>6.2f} {r['rss_baseline_mb']:>13.0f} {r['rss_peak_mb']:>13.0f}"
+        )
+    by_n = {r["sites"]: r for r in results}
+    if len(by_n) >= 2:
+        lo, hi = min(by_n), max(by_n)
+        growth = by_n[hi]["rss_peak_mb"] - by_n[lo]["rss_peak_mb"]
+        per_update = by_n[hi]["update_mb"]
+        print(
+            f"peak RSS {lo} -> {hi} sites: {growth:+.0f} MiB "
+            f"(holding the extra {hi - lo} updates would need {(hi - lo) * per_update:.0f} MiB)"
+        )
+    out = REPO / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "federation.json").write_text(json.dumps({"model": MODEL, "results": results}, indent=2))
+    print(f"wrote {out / 'federation.json'}")
+
+
+if __name__ == "__main__":
+    main()

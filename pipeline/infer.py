@@ -1,0 +1,686 @@
+"""Slide-level inference: a model over the tissue of whole slides, stitched seam-free on disk.
+
+For each slide: open it (manifest MPP override first), plan the read at the model's MPP the way the tiler
+does (a pyramid level within tolerance as is, else Gaussian anti-aliasing and bilinear resampling), lay
+overlapping windows over the slide at that resolution, keep those touching tissue, and group them into
+blocks (``inference.block_size`` model pixels). A block's pixels are read once, its windows run through
+the model in batches, and the softmax foreground probability is blended with MONAI's Gaussian importance
+map into an in-memory block merger whose sums are added to a disk-backed :class:`wsi.stitch.ZarrMerger`.
+Blocks run locally (reads prefetched in a thread while the model runs) or as tasks on a dask cluster
+(``inference.scheduler``) that return block sums to the one writer. The finalised map is the OME-Zarr's
+level 0, from which the OME-TIFF mask, the GeoJSON polygons and the thumbnail are streamed
+(:mod:`wsi.export`).
+
+Outputs go to ``<run_dir>/predictions/<slide_id>/`` with ``run.json`` holding a fingerprint (model
+sha256, inference settings, slide sha256); a folder holding a different run is refused, a completed
+identical run is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.checkpoint import ModelMeta, load_model, read_model_file
+from pipeline.config import ExperimentConfig, InferenceConfig
+from pipeline.errors import FedpathError
+from pipeline.summary import update_summary
+from wsi.errors import WSIError
+from wsi.readers import SlideReader, open_slide
+from wsi.stitch import ArrayMerger, ZarrMerger, window_positions
+
+log = logging.getLogger(__name__)
+
+INFER_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# Geometry: the model-resolution canvas over a slide
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Canvas:
+    """The slide at the model's resolution: ``shape`` (H, W) model pixels, ``scale`` (sx, sy) level-0
+    pixels per model pixel, ``mpp`` the canvas' true µm/px, ``level`` the pyramid level read."""
+
+    shape: tuple[int, int]
+    scale: tuple[float, float]
+    mpp: float
+    level: int
+    exact: bool
+    request_mpp: float
+    tolerance: float
+
+    def to_level0(self, y: int, x: int) -> tuple[float, float]:
+        return x * self.scale[0], y * self.scale[1]
+
+
+def plan_canvas(reader: SlideReader, model_mpp: float, tolerance: float, max_upsample: float = 1.0) -> Canvas:
+    """The model-resolution canvas of a slide, or FedpathError when the model's MPP cannot be reached
+    (the slide's finest level is coarser than the model by more than ``max_upsample`` and tolerance)."""
+    base = reader.mpp
+    if model_mpp * (1 + tolerance) * max_upsample < base:
+        raise FedpathError(
+            f"{reader.path}: model MPP {model_mpp:g} µm/px cannot be reached: the slide's finest level is "
+            f"{base:g} µm/px ({reader.mpp_source}); that needs {base / model_mpp:.2f}x upsampling "
+            f"(inference.max_upsample={max_upsample:g}; set the slide's mpp in the manifest if it is wrong)"
+        )
+    plan = reader.plan_mpp(model_mpp, tolerance)
+    W0, H0 = reader.dimensions
+    if plan.exact:
+        ds = reader.level_downsamples[plan.level]
+        sx = sy = ds
+        mpp = plan.level_mpp
+    else:
+        sx = sy = model_mpp / base
+        mpp = model_mpp
+    shape = (max(1, int(np.ceil(H0 / sy - 1e-9))), max(1, int(np.ceil(W0 / sx - 1e-9))))
+    return Canvas(shape, (sx, sy), mpp, plan.level, plan.exact, model_mpp, tolerance)
+
+
+def read_canvas(reader: SlideReader, canvas: Canvas, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8 of the canvas box at model pixel (y, x): one ``read_at_mpp`` (white outside)."""
+    x0, y0 = canvas.to_level0(y, x)
+    return reader.read_at_mpp(x0, y0, w, h, canvas.request_mpp, canvas.tolerance)
+
+
+@dataclass
+class Block:
+    """The windows (model-pixel origins) whose origin falls in one block, and the box they cover."""
+
+    origins: np.ndarray  # (n, 2) int64 (y, x)
+    box: tuple[int, int, int, int]  # y0, x0, y1, x1 (may pass the canvas edge for small canvases)
+
+
+def plan_windows(
+    canvas: Canvas, window: int, overlap: float, block: int, tissue: Any | None
+) -> tuple[list[Block], int]:
+    """Windows covering the canvas (``overlap`` of a window shared with each neighbour, last one flush
+    with the edge), the ones touching tissue when ``tissue`` (a TissueMask) is given, grouped by block.
+    Returns (blocks, total windows before the tissue filter)."""
+    stride = max(1, int(round(window * (1 - overlap))))
+    H, W = canvas.shape
+    ys = np.array(window_positions(H, window, stride), dtype=np.int64)
+    xs = np.array(window_positions(W, window, stride), dtype=np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    origins = np.column_stack([gy.ravel(), gx.ravel()])
+    total = len(origins)
+    if tissue is not None and total:
+        sx, sy = canvas.scale
+        boxes = np.column_stack(
+            [origins[:, 1] * sx, origins[:, 0] * sy, np.full(total, window * sx), np.full(total, window * sy)]
+        )
+        origins = origins[tissue.fractions(boxes) > 0]
+    blocks: list[Block] = []
+    if len(origins):
+        key = (origins[:, 0] // block) * (W // block + 1) + origins[:, 1] // block
+        order = np.argsort(key, kind="stable")
+        origins, key = origins[order], key[order]
+        cuts = np.flatnonzero(np.diff(key)) + 1
+        for grp in np.split(origins, cuts):
+            y0, x0 = int(grp[:, 0].min()), int(grp[:, 1].min())
+            y1, x1 = int(grp[:, 0].max()) + window, int(grp[:, 1].max()) + window
+            blocks.append(Block(grp, (y0, x0, y1, x1)))
+    return blocks, total
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model over one block
+# ------------------------------------------------------------------------------------------------------
+def importance_map(window: int, sigma_scale: float) -> np.ndarray:
+    """MONAI's Gaussian importance map for a square window (strictly positive, peak 1)."""
+    from monai.data.utils import compute_importance_map
+
+    imp = compute_importance_map((window, window), mode="gaussian", sigma_scale=sigma_scale, device="cpu")
+    return imp.numpy().astype(np.float32)
+
+
+def foreground_probability(net: nn.Module, batch: np.ndarray) -> np.ndarray:
+    """(n, h, w) float32 probability of class 1 for (n, h, w, 3) uint8 RGB windows (scaled to [0, 1] as
+    in training and evaluation)."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+    with torch.inference_mode():
+        logits = net(x)
+    if logits.shape[1] == 1:
+        prob = torch.sigmoid(logits[:, 0])
+    else:
+        prob = torch.softmax(logits, dim=1)[:, 1]
+    return prob.numpy().astype(np.float32, copy=False)
+
+
+def predict_block(
+    net: nn.Module, pixels: np.ndarray, block: Block, window: int, importance: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sums (1, h, w) and weights (h, w) of a block's windows over its box (``pixels``)."""
+    y0, x0, y1, x1 = block.box
+    merger = ArrayMerger((1, y1 - y0, x1 - x0), importance)
+    rel = block.origins - np.array([y0, x0])
+    for start in range(0, len(rel), batch_size):
+        part = rel[start : start + batch_size]
+        batch = np.stack([pixels[y : y + window, x : x + window] for y, x in part])
+        prob = foreground_probability(net, batch)
+        for (y, x), p in zip(part, prob, strict=True):
+            merger.aggregate(p[None], (int(y), int(x)))
+    return merger.sums, merger.weights
+
+
+# -- dask workers: the model arrives as safetensors bytes and is rebuilt once per worker ---------------
+_WORKER_MODELS: dict[str, nn.Module] = {}
+_WORKER_READERS: dict[tuple[str, float | None, float | None], SlideReader] = {}
+
+
+def _worker_model(key: str, blob: bytes, model_cfg: dict[str, Any]) -> nn.Module:
+    net = _WORKER_MODELS.get(key)
+    if net is None:
+        from safetensors.torch import load as st_load
+
+        from pipeline.config import ModelConfig
+        from pipeline.models import build_model
+
+        net = build_model(ModelConfig.model_validate(model_cfg))
+        net.load_state_dict(st_load(blob), strict=True)
+        net.eval()
+        _WORKER_MODELS.clear()
+        _WORKER_MODELS[key] = net
+    return net
+
+
+def _dask_block(
+    reader_args: tuple[str, float | None, float | None],
+    canvas: Canvas,
+    block: Block,
+    model_key: str,
+    model_blob: bytes,
+    model_cfg: dict[str, Any],
+    window: int,
+    importance: np.ndarray,
+    batch_size: int,
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    reader = _WORKER_READERS.get(reader_args)
+    if reader is None:
+        reader = open_slide(*reader_args)
+        _WORKER_READERS[reader_args] = reader
+    net = _worker_model(model_key, model_blob, model_cfg)
+    y0, x0, y1, x1 = block.box
+    pixels = read_canvas(reader, canvas, y0, x0, y1 - y0, x1 - x0)
+    sums, weights = predict_block(net, pixels, block, window, importance, batch_size)
+    return (y0, x0), sums, weights
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what identifies it."""
+
+    path: Path
+    net: nn.Module
+    meta: ModelMeta
+    sha256: str
+    state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+
+def load_inference_model(path: Path) -> LoadedModel:
+    """Load a model file and check it can run on RGB slides (FedpathError naming the file if not)."""
+    path = Path(path)
+    net, meta = load_model(path)
+    if meta.model.in_channels != 3:
+        raise FedpathError(
+            f"{path}: model takes {meta.model.in_channels} input channel(s); slides are RGB (3 channels)"
+        )
+    if meta.model.out_channels < 1:
+        raise FedpathError(f"{path}: model has no output channel")
+    if not (meta.target_mpp and meta.target_mpp > 0):
+        raise FedpathError(f"{path}: model metadata has no valid target_mpp ({meta.target_mpp!r})")
+    state, _ = read_model_file(path)
+    net.eval()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return LoadedModel(path, net, meta, h.hexdigest(), state)
+
+
+def stitch_slide(
+    reader: SlideReader,
+    model: LoadedModel,
+    cfg: InferenceConfig,
+    canvas: Canvas,
+    output: Any,
+    workdir: Path,
+    tissue: Any | None,
+) -> dict[str, Any]:
+    """Run the model over the slide's windows and finalise the blended foreground map into ``output``
+    (a zarr array (1, H, W)). Returns counts and timings."""
+    window = cfg.tile_size or model.meta.tile_size
+    block_size = max(cfg.block_size, window)
+    blocks, total = plan_windows(canvas, window, cfg.overlap, block_size, tissue)
+    importance = importance_map(window, cfg.sigma_scale)
+    merger = ZarrMerger((1, *canvas.shape), workdir, importance=None, chunk=cfg.chunk_size)
+    t0 = time.perf_counter()
+    n_windows = int(sum(len(b.origins) for b in blocks))
+    for loc, sums, weights in _run_blocks(reader, model, cfg, canvas, blocks, window, importance):
+        merger.add_weighted(sums, weights, loc)
+    t_model = time.perf_counter() - t0
+    merger.finalize(output)
+    return {
+        "windows": n_windows,
+        "windows_total": total,
+        "blocks": len(blocks),
+        "window": window,
+        "seconds_predict": round(t_model, 3),
+        "seconds_stitch": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _run_blocks(
+    reader: SlideReader,
+    model: LoadedModel,
+    cfg: InferenceConfig,
+    canvas: Canvas,
+    blocks: list[Block],
+    window: int,
+    importance: np.ndarray,
+) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
+    if cfg.scheduler:
+        yield from _run_blocks_dask(reader, model, cfg, canvas, blocks, window, importance)
+        return
+    if not blocks:
+        return
+
+    def read(b: Block) -> np.ndarray:
+        y0, x0, y1, x1 = b.box
+        return read_canvas(reader, canvas, y0, x0, y1 - y0, x1 - x0)
+
+    # Prefetch the next block's pixels (I/O and resampling release the GIL) while the model runs.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future[np.ndarray] = pool.submit(read, blocks[0])
+        for i, b in enumerate(blocks):
+            pixels = pending.result()
+            if i + 1 < len(blocks):
+                pending = pool.submit(read, blocks[i + 1])
+            sums, weights = predict_block(model.net, pixels, b, window, importance, cfg.batch_size)
+            yield (b.box[0], b.box[1]), sums, weights
+
+
+def _run_blocks_dask(
+    reader: SlideReader,
+    model: LoadedModel,
+    cfg: InferenceConfig,
+    canvas: Canvas,
+    blocks: list[Block],
+    window: int,
+    importance: np.ndarray,
+) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
+    from distributed import Client, as_completed
+    from safetensors.torch import save as st_save
+
+    try:
+        client = Client(cfg.scheduler, timeout="20s", set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise FedpathError(f"dask scheduler {cfg.scheduler}: cannot connect ({exc})") from None
+    try:
+        blob = client.scatter(st_save(model.state), broadcast=True)
+        args = (str(reader.path), reader._mpp_override, reader._default_mpp)
+        cfg_dump = model.meta.model.model_dump()
+        imp = client.scatter(importance, broadcast=True)
+        in_flight = max(2, 2 * sum(client.nthreads().values()))
+        todo = iter(blocks)
+        ac = as_completed(loop=client.loop)
+        for b in todo:
+            ac.add(client.submit(_dask_block, args, canvas, b, model.sha256, blob, cfg_dump, window, imp,
+                                 cfg.batch_size, pure=False))  # fmt: skip
+            if ac.count() >= in_flight:
+                break
+        for fut in ac:
+            loc, sums, weights = fut.result()
+            fut.release()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ac.add(client.submit(_dask_block, args, canvas, nxt, model.sha256, blob, cfg_dump, window,
+                                     imp, cfg.batch_size, pure=False))  # fmt: skip
+            yield loc, sums, weights
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Metrics against ground truth
+# ------------------------------------------------------------------------------------------------------
+def slide_metrics(
+    prob: Any, canvas: Canvas, annotation: Any, threshold: float, aji_max_pixels: int, block: int = 2048
+) -> dict[str, Any]:
+    """Dice, Jaccard and pixel accuracy over the slide and AJI (connected components as instances),
+    at the model's resolution, the ground truth rasterised block by block. AJI is computed over the whole
+    slide up to ``aji_max_pixels`` model pixels, else pooled over blocks (objects cut at block borders)."""
+    from skimage.measure import label
+
+    from pipeline.metrics import aji_sums
+
+    H, W = canvas.shape
+    sx, sy = canvas.scale
+    tp = fp = fn = tn = 0
+    whole = H * W <= aji_max_pixels
+    gt_full = np.zeros((H, W), dtype=bool) if whole else None
+    pr_full = np.zeros((H, W), dtype=bool) if whole else None
+    inter = union = 0.0
+    for y0 in range(0, H, block):
+        for x0 in range(0, W, block):
+            y1, x1 = min(y0 + block, H), min(x0 + block, W)
+            pred = np.asarray(prob[0, y0:y1, x0:x1]) > threshold
+            gt = annotation.rasterize(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy, x1 - x0, y1 - y0) > 0
+            tp += int(np.count_nonzero(pred & gt))
+            fp += int(np.count_nonzero(pred & ~gt))
+            fn += int(np.count_nonzero(~pred & gt))
+            tn += int(np.count_nonzero(~pred & ~gt))
+            if gt_full is not None and pr_full is not None:
+                gt_full[y0:y1, x0:x1] = gt
+                pr_full[y0:y1, x0:x1] = pred
+            else:
+                i, u = aji_sums(label(gt, connectivity=2), label(pred, connectivity=2))
+                inter, union = inter + i, union + u
+    if gt_full is not None and pr_full is not None:
+        inter, union = aji_sums(label(gt_full, connectivity=2), label(pr_full, connectivity=2))
+    denom = 2 * tp + fp + fn
+    return {
+        "dice": 1.0 if denom == 0 else 2 * tp / denom,
+        "jaccard": 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn),
+        "pixel_accuracy": (tp + tn) / max(1, tp + fp + fn + tn),
+        "aji": 1.0 if union == 0 else inter / union,
+        "aji_scope": "slide" if whole else f"blocks of {block} px",
+        "resolution_mpp": canvas.mpp,
+        "pixels": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+# One slide end to end
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class SlideJob:
+    """A slide to run: its id, file, optional MPP override and annotation, and expected checksums."""
+
+    slide_id: str
+    path: Path
+    mpp: float | None = None
+    annotation: Path | None = None
+    split: str | None = None
+    sha256: str | None = None
+    row: Any | None = None  # wsi.manifest.ManifestRow, verified before use
+
+
+def _fingerprint(model: LoadedModel, cfg: ExperimentConfig, job: SlideJob, slide_sha: str) -> dict[str, Any]:
+    inf = cfg.inference.model_dump(exclude={"scheduler"})
+    return {
+        "infer_version": INFER_VERSION,
+        "model_sha256": model.sha256,
+        "slide_sha256": slide_sha,
+        "mpp_override": job.mpp,
+        "default_mpp": cfg.tiling.default_mpp,
+        "mpp_tolerance": cfg.tiling.mpp_tolerance,
+        "tissue": cfg.tiling.tissue.model_dump(),
+        "inference": inf,
+    }
+
+
+def _check_output_dir(out: Path, fingerprint: dict[str, Any]) -> bool:
+    """True when ``out`` already holds this exact run, complete (skip it); FedpathError when it holds a
+    different or unidentifiable run; False when it is free."""
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    run_json = out / "run.json"
+    if not run_json.is_file():
+        raise FedpathError(
+            f"{out}: output folder is not empty and has no run.json; remove it or use another run_dir"
+        )
+    try:
+        prev = json.loads(run_json.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise FedpathError(
+            f"{run_json}: unreadable run record; remove the folder or use another run_dir"
+        ) from None
+    if prev.get("fingerprint") != fingerprint:
+        old = prev.get("fingerprint") or {}
+        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        raise FedpathError(
+            f"{out}: holds a different run (differs in {', '.join(diff) or 'fingerprint'}); "
+            "remove it or use another run_dir"
+        )
+    if prev.get("complete"):
+        return True
+    # The same run, interrupted: start it again from scratch.
+    for child in out.iterdir():
+        if child.name != "run.json":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    return False
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def infer_slide(
+    job: SlideJob, model: LoadedModel, cfg: ExperimentConfig, out_root: Path, data_root: Path | None = None
+) -> dict[str, Any]:
+    """Run one slide and write its outputs; returns its summary entry (raises on failure)."""
+    from wsi.export import (
+        create_prob_zarr,
+        finish_prob_zarr,
+        mask_coverage,
+        write_geojson,
+        write_mask_ome_tiff,
+        write_thumbnail,
+    )
+    from wsi.manifest import sha256_file, verify_row
+    from wsi.tissue import detect_tissue
+
+    t0 = time.perf_counter()
+    inf = cfg.inference
+    if job.row is not None and data_root is not None:
+        verify_row(job.row, data_root)  # existence and sha256 of slide and annotation
+    if not job.path.is_file():
+        raise FedpathError(f"{job.path}: no such slide file")
+    slide_sha = job.sha256 or sha256_file(job.path)
+    out = out_root / job.slide_id
+    fp = _fingerprint(model, cfg, job, slide_sha)
+    if _check_output_dir(out, fp):
+        prev = json.loads((out / "run.json").read_text())
+        log.info("%s: already done with this model and settings, skipped", out)
+        return {**prev.get("summary", {}), "status": "skipped"}
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "fingerprint": fp,
+        "complete": False,
+        "slide": str(job.path),
+        "model": str(model.path),
+    }
+    _write_json(out / "run.json", record)
+
+    with open_slide(job.path, job.mpp, cfg.tiling.default_mpp) as reader:
+        canvas = plan_canvas(reader, model.meta.target_mpp, cfg.tiling.mpp_tolerance, inf.max_upsample)
+        tissue = detect_tissue(reader, cfg.tiling.tissue) if inf.tissue_only else None
+        prob = create_prob_zarr(out / "prob.ome.zarr", (1, *canvas.shape), inf.chunk_size)
+        stats = stitch_slide(reader, model, inf, canvas, prob, out / ".accumulator", tissue)
+        t1 = time.perf_counter()
+        finish_prob_zarr(out / "prob.ome.zarr", canvas.mpp, inf.pyramid_levels, ["foreground"], job.slide_id)
+        levels = write_mask_ome_tiff(
+            out / "mask.ome.tif", prob, channel=0, threshold=inf.threshold, slide_size=reader.dimensions,
+            scale=canvas.scale, mpp=reader.mpp, name=f"{job.slide_id} mask",
+        )  # fmt: skip
+        n_polys = write_geojson(
+            out / "mask.geojson", prob, channel=0, threshold=inf.threshold, scale=canvas.scale,
+            mpp=reader.mpp, object_type=inf.geojson_object_type, class_name=inf.geojson_class,
+            simplify=inf.geojson_simplify,
+        )  # fmt: skip
+        thumb = reader.thumbnail(inf.thumbnail_size)
+        cover = mask_coverage(prob, 0, inf.threshold, thumb.shape[:2])
+        write_thumbnail(out / "thumbnail.png", thumb, cover)
+        t2 = time.perf_counter()
+        metrics = None
+        if job.annotation is not None:
+            from wsi.annotations import load_annotation
+
+            ann = load_annotation(job.annotation, slide_dimensions=reader.dimensions)
+            metrics = slide_metrics(prob, canvas, ann, inf.threshold, inf.aji_max_pixels)
+            metrics["annotation"] = str(job.annotation)
+            _write_json(out / "metrics.json", metrics)
+        slide_info = reader.describe()
+
+    fg = mask_coverage(prob, 0, inf.threshold, (1, 1))[0, 0]
+    summary = {
+        "slide_id": job.slide_id,
+        "status": "ok",
+        "slide": str(job.path),
+        "split": job.split,
+        "output": str(out),
+        "dimensions": list(slide_info["dimensions"]),
+        "slide_mpp": slide_info["mpp"],
+        "mpp_source": slide_info["mpp_source"],
+        "model_mpp": canvas.mpp,
+        "canvas": list(canvas.shape),
+        "level": canvas.level,
+        "resampled": not canvas.exact,
+        "foreground_fraction": float(fg),
+        "polygons": n_polys,
+        "mask_levels": [list(lv) for lv in levels],
+        "metrics": metrics,
+        **stats,
+        "seconds_export": round(t2 - t1, 3),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    record.update(complete=True, summary=summary, reader=slide_info)
+    _write_json(out / "run.json", record)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------------
+def _slide_id(path: Path, taken: set[str]) -> str:
+    name = path.name
+    for suf in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suf):
+            name = name[: -len(suf)]
+            break
+    else:
+        name = path.stem
+    base = "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "slide"
+    sid, i = base, 1
+    while sid in taken:
+        i += 1
+        sid = f"{base}-{i}"
+    taken.add(sid)
+    return sid
+
+
+def latest_global_model(run_dir: Path) -> Path:
+    """The newest ``server/global/round_<r>.safetensors`` of a run (FedpathError when there is none)."""
+    gdir = Path(run_dir) / "server" / "global"
+    found = []
+    for p in gdir.glob("round_*.safetensors"):
+        try:
+            found.append((int(p.stem.split("_", 1)[1]), p))
+        except ValueError:
+            continue
+    if not found:
+        raise FedpathError(f"{gdir}: no global model (round_<r>.safetensors); pass --model")
+    return max(found)[1]
+
+
+def collect_jobs(
+    cfg: ExperimentConfig,
+    slides: list[Path],
+    manifest: Path | None,
+    site: str | None,
+    data_root: Path | None,
+    all_splits: bool,
+) -> tuple[list[SlideJob], Path | None]:
+    """Slides given on the command line, else the test split (or all) of a manifest or of the config's
+    sites' manifests. Returns the jobs and the resolved data root."""
+    from wsi.manifest import read_manifest, resolve_data_root
+
+    taken: set[str] = set()
+    jobs = [SlideJob(_slide_id(Path(p), taken), Path(p)) for p in slides]
+    sources: list[tuple[Path, str | None]] = []
+    if manifest is not None:
+        sources.append((Path(manifest), site))
+    elif site is not None:
+        sources.append((cfg.site(site).manifest, site))
+    elif not slides:
+        sources = [(s.manifest, s.name) for s in cfg.sites]
+        if not sources:
+            raise FedpathError("infer: no --slide, --manifest or --site given and the config lists no sites")
+    root = resolve_data_root(data_root) if sources else data_root
+    for mpath, site_name in sources:
+        for row in read_manifest(mpath, site=site_name):
+            if not all_splits and row.split != "test":
+                continue
+            sid = row.slide_id if row.slide_id not in taken else f"{row.site}-{row.slide_id}"
+            taken.add(sid)
+            assert root is not None
+            jobs.append(
+                SlideJob(
+                    sid, row.slide_path(root), row.mpp, row.annotation_file(root), row.split, row.sha256, row
+                )
+            )
+    return jobs, root
+
+
+def run_infer(
+    cfg: ExperimentConfig,
+    model: Path | None,
+    slides: list[Path],
+    manifest: Path | None,
+    site: str | None,
+    data_root: Path | None,
+    all_splits: bool = False,
+) -> dict[str, Any]:
+    """The ``infer`` stage: every slide's outputs under ``<run_dir>/predictions/``; failures are listed
+    (one line each) and the others go on. Writes the summary's ``infer`` key and returns it."""
+    model_path = Path(model) if model is not None else latest_global_model(cfg.run_dir)
+    loaded = load_inference_model(model_path)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    jobs, root = collect_jobs(cfg, slides, manifest, site, data_root, all_splits)
+    out_root = cfg.run_dir / "predictions"
+    results: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    for job in jobs:
+        try:
+            entry = infer_slide(job, loaded, cfg, out_root, root)
+            results.append(entry)
+            m = entry.get("metrics") or {}
+            log.info(
+                "%s: %s, %d windows, %.1f s%s", job.slide_id, entry["status"], entry.get("windows", 0),
+                entry.get("seconds", 0.0), f", dice {m['dice']:.3f} aji {m['aji']:.3f}" if m else "",
+            )  # fmt: skip
+        except WSIError as exc:
+            log.error("%s", exc)
+            failed.append({"slide_id": job.slide_id, "path": str(job.path), "error": str(exc)})
+        except Exception as exc:  # one slide's unexpected failure must not stop the others
+            log.exception("%s: inference failed", job.path)
+            failed.append({"slide_id": job.slide_id, "path": str(job.path), "error": f"{job.path}: {exc}"})
+    summary = {
+        "model": str(model_path),
+        "model_sha256": loaded.sha256,
+        "model_mpp": loaded.meta.target_mpp,
+        "predictions": str(out_root),
+        "slides": results,
+        "failed": failed,
+        "n_ok": len(results),
+        "n_failed": len(failed),
+    }
+    update_summary(cfg.run_dir, "infer", summary)
+    return summary

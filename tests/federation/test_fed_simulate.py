@@ -1,0 +1,239 @@
+"""Federation end to end over real data: MoNuSeg and GBM40 sites tiled from the data root, trained with
+DP-SGD by ``pipeline.train.train_local``, each site job its own process, the aggregator a TLS process.
+
+Small enough for CI: two sites, a few slides each, 64 px tiles at 1 µm/px, a tiny UNet, two optimiser
+steps per round, two rounds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from federation.strategies import LocalUpdateDP
+from pipeline.config import ExperimentConfig, load_config
+
+pytestmark = pytest.mark.realdata
+
+SITES = {"monuseg_kidney_bladder": "monuseg_kidney_bladder.csv", "gbm40_emory": "gbm40.csv"}
+
+
+def _small_manifest(src: Path, dst: Path, per_split: dict[str, int]) -> Path:
+    """The first few rows of each split of a shipped manifest (same files, same checksums)."""
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep, seen = [], dict.fromkeys(per_split, 0)
+    for r in rows:
+        if r["split"] in per_split and seen[r["split"]] < per_split[r["split"]]:
+            keep.append(r)
+            seen[r["split"]] += 1
+    with open(dst, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    return dst
+
+
+def _config(tmp: Path, data_root: Path, repo_root: Path, run: str, **federation: Any) -> Path:
+    sites = []
+    for name, manifest in SITES.items():
+        m = _small_manifest(repo_root / "data_manifests" / manifest, tmp / manifest, {"train": 3, "val": 1})
+        sites.append({"name": name, "manifest": str(m)})
+    fed = {
+        "strategy": "fedprox",
+        "proximal_mu": 0.01,
+        "rounds": 2,
+        "min_sites": 2,
+        "port": 0,
+        "round_deadline_s": 600,
+        "parallel_sites": 2,
+        "upload_retries": 0,
+        "update_dp": {"mode": "local", "clip_norm": 5.0, "noise_multiplier": 0.05, "delta": 1e-5},
+    }
+    fed.update(federation)
+    data = {
+        "name": "fed-realdata",
+        "run_dir": str(tmp / run),
+        "data_root": str(data_root),
+        "sites": sites,
+        "tiling": {"target_mpp": 1.0, "tile_size": 64, "min_tissue_fraction": 0.0},
+        "model": {"name": "unet", "channels": [8, 16], "strides": [2], "num_res_units": 0, "groups": 4},
+        "train": {
+            "batch_size": 4,
+            "physical_batch_size": 4,
+            "max_steps": 2,
+            "threads": 1,
+            "privacy": {
+                "enabled": True,
+                "target_epsilon": None,
+                "noise_multiplier": 1.0,
+                "max_grad_norm": 1.0,
+            },
+        },
+        "federation": fed,
+    }
+    path = tmp / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory, data_root: Path, repo_root: Path) -> tuple[Path, Path]:
+    """Tile both sites once (wsi.tiling) into a template run directory."""
+    pytest.importorskip("wsi.tiling", reason="wsi.tiling (helper A2) not available yet")
+    pytest.importorskip("pipeline.train", reason="pipeline.train (helper B) not available yet")
+    from wsi.tiling import run_tile_site
+
+    tmp = tmp_path_factory.mktemp("fedreal")
+    cfg = load_config(_config(tmp, data_root, repo_root, "template"))
+    for s in cfg.sites:
+        res = run_tile_site(
+            manifest=s.manifest,
+            data_root=data_root,
+            store=cfg.store_path(s.name),
+            tiling=cfg.tiling,
+            site=s.name,
+            run_dir=cfg.run_dir,
+        )
+        assert not res.get("failed"), res
+    return tmp, cfg.run_dir
+
+
+def _fresh_run(
+    stores: tuple[Path, Path], data_root: Path, repo_root: Path, run: str, **fed: Any
+) -> ExperimentConfig:
+    tmp, template = stores
+    cfg = load_config(_config(tmp, data_root, repo_root, run, **fed))
+    for s in cfg.sites:
+        shutil.copytree(template / "sites" / s.name / "store.zarr", cfg.store_path(s.name))
+    return cfg
+
+
+def test_two_round_simulated_federation_over_real_sites(
+    stores: tuple[Path, Path], data_root: Path, repo_root: Path
+) -> None:
+    from federation.simulate import run_simulation
+    from pipeline.checkpoint import load_model, read_model_file
+    from pipeline.summary import read_summary
+
+    cfg = _fresh_run(stores, data_root, repo_root, "sim")
+    summary = run_simulation(cfg)
+    assert summary["rounds"] == 2
+    assert summary == read_summary(cfg.run_dir)["federation"]
+    for r in ("0", "1"):
+        assert sorted(summary["sites_per_round"][r]) == sorted(SITES)
+    server = cfg.run_dir / "server"
+    g0, _ = read_model_file(server / "global" / "round_0.safetensors")
+    net, meta = load_model(server / "global" / "round_2.safetensors")
+    assert meta.round == 2 and meta.source == "global"
+    g2 = net.state_dict()
+    assert any(not torch.equal(g0[k], g2[k]) for k in g0)  # the sites' training moved the model
+    for site in SITES:
+        for r in (0, 1):
+            done = json.loads((cfg.site_dir(site) / "rounds" / str(r) / "done.json").read_text())
+            assert done["outcome"] == "uploaded" and done["ack"]["round"] == r
+            stored = server / "updates" / str(r) / f"{site}.safetensors"
+            assert (
+                stored.read_bytes()
+                == (cfg.site_dir(site) / "rounds" / str(r) / "update.safetensors").read_bytes()
+            )
+        # update-level DP: two releases, each recorded once, ε from the Gaussian-mechanism accountant
+        ledger = json.loads((cfg.site_dir(site) / "update_privacy.json").read_text())
+        dp = LocalUpdateDP.__new__(LocalUpdateDP)
+        dp.noise_multiplier, dp.delta = 0.05, 1e-5
+        assert [e["round"] for e in ledger["entries"]] == [0, 1]
+        assert ledger["epsilon"] == pytest.approx(LocalUpdateDP.epsilon(dp, 2))
+        assert summary["epsilon_update_level"][site] == ledger["epsilon"]
+        assert summary["epsilon_sample_level"][site] is not None and summary["epsilon_sample_level"][site] > 0
+    audit = [json.loads(x) for x in (server / "audit.jsonl").read_text().splitlines()]
+    assert sum(1 for e in audit if e["outcome"] == "accepted") == 4
+
+
+def test_site_job_rerun_never_trains_twice_nor_double_submits(
+    stores: tuple[Path, Path], data_root: Path, repo_root: Path
+) -> None:
+    """Re-running a finished job does nothing; a job killed after training re-sends, never retrains."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from federation.client import run_site_round
+    from federation.provision import run_provision
+    from federation.simulate import AggregatorProcess, freeze_config
+
+    cfg = _fresh_run(stores, data_root, repo_root, "rerun", rounds=1)
+    run_provision(cfg)
+    frozen = freeze_config(cfg, cfg.run_dir / "frozen.yaml")
+    agg = AggregatorProcess(cfg, frozen, cfg.run_dir / "server.log")
+    url = agg.start()
+    assert agg.proc is not None
+    site_a, site_b = list(SITES)
+    live = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"server_url": url})})
+    try:
+        first = run_site_round(live, site_a)
+        assert first["outcome"] == "uploaded" and first["trained"]
+        train_json = cfg.site_dir(site_a) / "rounds" / "0" / "train.json"
+        stamp = train_json.stat().st_mtime_ns
+        again = run_site_round(live, site_a)
+        assert again["outcome"] == "already_submitted"
+        assert train_json.stat().st_mtime_ns == stamp  # not trained a second time
+
+        # site b's job: freeze the aggregator once b has downloaded the model, so the upload cannot
+        # happen; SIGKILL the job as soon as its update is saved (trained, never acknowledged)
+        audit = cfg.run_dir / "server" / "audit.jsonl"
+        job_dir = cfg.site_dir(site_b) / "rounds" / "0"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "site-round",
+            "--config",
+            str(frozen),
+            "--site",
+            site_b,
+            "--set",
+            f"federation.server_url={url}",
+        ]
+        job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 300
+        while not any(
+            json.loads(x).get("action") == "model" and json.loads(x).get("site") == site_b
+            for x in audit.read_text().splitlines()
+        ):
+            assert job.poll() is None and time.monotonic() < end, "site b job ended before downloading"
+            time.sleep(0.05)
+        os.kill(agg.proc.pid, signal.SIGSTOP)
+        try:
+            while not (job_dir / "update.safetensors").exists():
+                assert job.poll() is None and time.monotonic() < end, "site b job ended before saving"
+                time.sleep(0.05)
+            time.sleep(0.5)
+            job.kill()
+            job.wait()
+        finally:
+            os.kill(agg.proc.pid, signal.SIGCONT)
+        saved = (job_dir / "update.safetensors").read_bytes()
+        assert not (job_dir / "done.json").exists()
+        resumed = run_site_round(live, site_b)
+        assert resumed["outcome"] == "uploaded" and resumed["trained"] is False  # re-sent, not retrained
+        server_copy = cfg.run_dir / "server" / "updates" / "0" / f"{site_b}.safetensors"
+        assert server_copy.read_bytes() == saved
+        ledger = json.loads((cfg.site_dir(site_b) / "update_privacy.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [0]  # the update-level ε was spent once
+
+        end = time.monotonic() + 60
+        while json.loads((cfg.run_dir / "server" / "state.json").read_text())["phase"] != "finished":
+            assert time.monotonic() < end
+            time.sleep(0.1)
+        assert run_site_round(live, site_a)["outcome"] == "finished"
+    finally:
+        agg.stop()
