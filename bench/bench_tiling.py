@@ -54,7 +54,9 @@ def make_slide(size: int, tissue_fraction: float, seed: int = 7, workers: int = 
         t0 = time.perf_counter()
         scene = SlideScene("bench", 0, size, size, 0.5, seed, tissue_fraction=tissue_fraction)
         write_slide(scene, path, path.with_name(path.stem + "_mask.tiff"), quality=85, workers=workers)
-        print(f"generated {path.name} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"generated {path.name} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f} s"
+        )
     return path
 
 

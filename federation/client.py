@@ -223,18 +223,19 @@ def compute_delta(
 
 
 def _train(cfg: ExperimentConfig, site: str, r: int, global_state: dict[str, torch.Tensor], mu: float) -> Any:
+    """Local DP training from the global model (FedProx: with the proximal term towards it)."""
     from pipeline.train import train_local
 
-    fed = cfg.federation.model_copy(update={"proximal_mu": mu})
-    tcfg = cfg.model_copy(update={"federation": fed})
     return train_local(
-        tcfg,
+        cfg,
         [site],
         cfg.run_dir,
         init_state={k: v.clone() for k, v in global_state.items()},
         round_index=r,
         proximal_ref=global_state if mu > 0 else None,
+        proximal_mu=mu,
         job_id=f"round-{r}",
+        progress=False,
     )
 
 

@@ -91,6 +91,8 @@ class TrainConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+    checkpoint_every: int = Field(20, ge=1, description="optimizer steps between resumable checkpoints")
+    max_val_tiles: int | None = Field(None, ge=1, description="cap on validation tiles (evenly spread)")
     stain: StainConfig = StainConfig()
     augment: AugmentConfig = AugmentConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -180,6 +182,7 @@ class AttackConfig(_Strict):
     )
     tile_size: int = Field(32, ge=8, description="size of the attacked MoNuSeg tiles (pixels)")
     target_mpp: float | None = Field(None, gt=0, description="µm/px of attacked tiles (default: tiling.target_mpp)")
+    max_images: int | None = Field(None, ge=2, description="MoNuSeg source images read (default: all 30)")
     batch_size: int = Field(1, ge=1, description="threat model: tiles per observed step (1 = worst case)")
     local_steps: int = Field(2, ge=1, description="threat model: local steps per update (multistep attack)")
     labels_known: bool = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -64,6 +65,10 @@ class Canvas:
     tolerance: float
 
     def to_level0(self, y: int, x: int) -> tuple[float, float]:
+        """Level-0 (x0, y0) of canvas pixel (y, x). For a level read as is, the smallest integer that
+        the reader maps back to level pixel (x, y) (``floor(x0 / ds)``), also for non-integer downsamples."""
+        if self.exact:
+            return math.ceil(x * self.scale[0] - 1e-6), math.ceil(y * self.scale[1] - 1e-6)
         return x * self.scale[0], y * self.scale[1]
 
 
@@ -265,6 +270,8 @@ def stitch_slide(
     window = cfg.tile_size or model.meta.tile_size
     block_size = max(cfg.block_size, window)
     blocks, total = plan_windows(canvas, window, cfg.overlap, block_size, tissue)
+    if not blocks:
+        log.warning("%s: no window touches detected tissue; the mask is empty", reader.path)
     importance = importance_map(window, cfg.sigma_scale)
     merger = ZarrMerger((1, *canvas.shape), workdir, importance=None, chunk=cfg.chunk_size)
     t0 = time.perf_counter()
@@ -420,7 +427,8 @@ class SlideJob:
 
 
 def _fingerprint(model: LoadedModel, cfg: ExperimentConfig, job: SlideJob, slide_sha: str) -> dict[str, Any]:
-    inf = cfg.inference.model_dump(exclude={"scheduler"})
+    # Settings that change the maps; where and how fast they run (scheduler, batch size) do not.
+    inf = cfg.inference.model_dump(exclude={"scheduler", "batch_size"})
     return {
         "infer_version": INFER_VERSION,
         "model_sha256": model.sha256,
@@ -435,7 +443,8 @@ def _fingerprint(model: LoadedModel, cfg: ExperimentConfig, job: SlideJob, slide
 
 def _check_output_dir(out: Path, fingerprint: dict[str, Any]) -> bool:
     """True when ``out`` already holds this exact run, complete (skip it); FedpathError when it holds a
-    different or unidentifiable run; False when it is free."""
+    different complete run or files without a run record; False when it is free (an incomplete earlier
+    attempt is cleared)."""
     if not out.exists() or not any(out.iterdir()):
         return False
     run_json = out / "run.json"
@@ -449,6 +458,12 @@ def _check_output_dir(out: Path, fingerprint: dict[str, Any]) -> bool:
         raise FedpathError(
             f"{run_json}: unreadable run record; remove the folder or use another run_dir"
         ) from None
+    if not prev.get("complete"):
+        # A failed or interrupted attempt (whatever its settings) holds nothing worth keeping: redo it.
+        log.info("%s: clearing an incomplete earlier attempt", out)
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return False
     if prev.get("fingerprint") != fingerprint:
         old = prev.get("fingerprint") or {}
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
@@ -456,13 +471,7 @@ def _check_output_dir(out: Path, fingerprint: dict[str, Any]) -> bool:
             f"{out}: holds a different run (differs in {', '.join(diff) or 'fingerprint'}); "
             "remove it or use another run_dir"
         )
-    if prev.get("complete"):
-        return True
-    # The same run, interrupted: start it again from scratch.
-    for child in out.iterdir():
-        if child.name != "run.json":
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    return False
+    return True
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -653,7 +662,10 @@ def run_infer(
     loaded = load_inference_model(model_path)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    jobs, root = collect_jobs(cfg, slides, manifest, site, data_root, all_splits)
+    try:
+        jobs, root = collect_jobs(cfg, slides, manifest, site, data_root, all_splits)
+    except WSIError as exc:  # an unreadable manifest or data root concerns every slide: stop here
+        raise FedpathError(str(exc)) from None
     out_root = cfg.run_dir / "predictions"
     results: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []

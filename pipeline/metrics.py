@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def aggregated_jaccard_index(gt_labels: np.ndarray, pred_labels: np.ndarray) -> float:
@@ -54,3 +60,43 @@ def aji_sums(gt_labels: np.ndarray, pred_labels: np.ndarray) -> tuple[float, flo
     union_total += float(g_area[g_fg & ~matched_g].sum())
     union_total += float(p_area[p_fg & ~used].sum())
     return inter_total, union_total
+
+
+# -- pixel metrics (FedDP reports Dice, Jaccard and pixel accuracy) -------------------------------------
+def confusion_counts(pred: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
+    """(tp, fp, fn, tn) of foreground (class 1) for integer class maps of equal shape, as int64."""
+    import torch
+
+    p = pred.reshape(-1) == 1
+    t = target.reshape(-1) == 1
+    tp = int(torch.count_nonzero(p & t))
+    fp = int(torch.count_nonzero(p & ~t))
+    fn = int(torch.count_nonzero(~p & t))
+    return torch.tensor([tp, fp, fn, p.numel() - tp - fp - fn], dtype=torch.int64)
+
+
+def dice_from_counts(tp: float, fp: float, fn: float) -> float:
+    """2TP / (2TP + FP + FN); an empty prediction of an empty mask is perfect (1.0)."""
+    denom = 2 * tp + fp + fn
+    return 1.0 if denom == 0 else 2 * tp / denom
+
+
+def jaccard_from_counts(tp: float, fp: float, fn: float) -> float:
+    """TP / (TP + FP + FN); 1.0 when both are empty."""
+    union = tp + fp + fn
+    return 1.0 if union == 0 else tp / union
+
+
+def pixel_accuracy_from_counts(tp: float, fp: float, fn: float, tn: float) -> float:
+    total = tp + fp + fn + tn
+    return 1.0 if total == 0 else (tp + tn) / total
+
+
+def metrics_from_counts(counts: "Sequence[float] | torch.Tensor") -> dict[str, float]:
+    """Dice, Jaccard and pixel accuracy from (tp, fp, fn, tn)."""
+    tp, fp, fn, tn = (float(v) for v in counts)
+    return {
+        "dice": dice_from_counts(tp, fp, fn),
+        "jaccard": jaccard_from_counts(tp, fp, fn),
+        "pixel_accuracy": pixel_accuracy_from_counts(tp, fp, fn, tn),
+    }

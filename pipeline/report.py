@@ -81,6 +81,7 @@ def ledger_row(site: str, ledger: dict[str, Any], source: Path) -> dict[str, Any
         "epsilon_per_tile": eps,
         "epsilon_per_slide": eps_slide,
         "delta": _first(ledger, "delta") or _first(last, "delta"),
+        "delta_per_slide": _first(ledger, "delta_slide") or _first(last, "delta_slide"),
         "budget": _first(ledger, "budget_epsilon", "budget"),
         "noise_multiplier": _first(last, "noise_multiplier", "sigma") or _first(ledger, "noise_multiplier"),
         "clip": _first(last, "max_grad_norm", "clip", "clip_norm") or _first(ledger, "max_grad_norm", "clip"),
@@ -148,10 +149,14 @@ def _plots(results: list[dict[str, Any]]) -> dict[str, str]:
         next(iter(results[i]["attacks"].values()), {}).get("summary", {}).get("mean_prior_ssim_true")
         for i in order
     ]
-    axes[0].plot(xs_sorted, [p if p is not None else float("nan") for p in prior], "k--", label="prior (mean image)")
+    axes[0].plot(
+        xs_sorted, [p if p is not None else float("nan") for p in prior], "k--", label="prior (mean image)"
+    )
     axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
     axes[1].axhline(1.0, color="k", ls="--", lw=1, label="= prior")
-    for ax, title in zip(axes, ("SSIM of reconstruction to true tile", "leakage (SSIM / prior SSIM)"), strict=True):
+    for ax, title in zip(
+        axes, ("SSIM of reconstruction to true tile", "leakage (SSIM / prior SSIM)"), strict=True
+    ):
         ax.set_xscale("log")
         ax.set_xticks(xs_sorted, labels)
         ax.minorticks_off()
@@ -186,7 +191,9 @@ def _verdict(attack: dict[str, Any]) -> dict[str, Any]:
     und = attack.get("undefended_mean_ssim")
     lines = []
     if und is None:
-        lines.append("No undefended Inverting-Gradients run in this sweep: the attack's strength is unmeasured.")
+        lines.append(
+            "No undefended Inverting-Gradients run in this sweep: the attack's strength is unmeasured."
+        )
     elif und >= 0.5:
         lines.append(
             f"Undefended worst case: mean SSIM {und:.3f} at {attack.get('tile_size')}px tiles, at or above the "
@@ -213,7 +220,11 @@ def _verdict(attack: dict[str, Any]) -> dict[str, Any]:
                 f"ε = {eps:g}, {name}: SSIM {s['mean_ssim']:.3f} vs prior {s['mean_prior_ssim_true']:.3f} "
                 f"({'within' if margin <= 0.05 else 'MORE than'} prior + 0.05)."
             )
-    return {"lines": lines, "undefended_target_met": bool(und is not None and und >= 0.5), "dp_within_prior": all(dp_ok) if dp_ok else None}
+    return {
+        "lines": lines,
+        "undefended_target_met": bool(und is not None and und >= 0.5),
+        "dp_within_prior": all(dp_ok) if dp_ok else None,
+    }
 
 
 def _config(run_dir: Path, summary: dict[str, Any]) -> Any:
@@ -291,7 +302,10 @@ def build_report(run_dir: Path | str) -> Path:
                 "png": _b64_png(run_dir / g) if g else None,
             }
         )
-    real = [dict(r, png=_b64_png(run_dir / r["grid"]) if r.get("grid") else None) for r in attack.get("real_updates", [])]
+    real = [
+        dict(r, png=_b64_png(run_dir / r["grid"]) if r.get("grid") else None)
+        for r in attack.get("real_updates", [])
+    ]
     env = Environment(loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = _fmt
     html = env.get_template("report.html").render(

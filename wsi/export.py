@@ -160,11 +160,13 @@ def _source_index(n: int, start: int, f: float, s: float, limit: int) -> np.ndar
 def _sample_mask(
     prob: zarr.Array, channel: int, threshold: float, rows: np.ndarray, cols: np.ndarray
 ) -> np.ndarray:
-    """Boolean ``prob[channel, rows, cols] > threshold`` (orthogonal), reading each row/column once."""
+    """uint8 0/255 of ``prob[channel, rows, cols] > threshold`` (orthogonal): each needed row/column is read
+    once at model resolution, thresholded there, then repeated (nearest upsampling)."""
     ur, ri = np.unique(rows, return_inverse=True)
     uc, ci = np.unique(cols, return_inverse=True)
-    sub = prob.get_orthogonal_selection((channel, ur, uc))
-    return (np.asarray(sub) > threshold)[np.ix_(ri, ci)]
+    sub = np.asarray(prob.get_orthogonal_selection((channel, ur, uc))) > threshold
+    small = sub.view(np.uint8) * np.uint8(255)
+    return np.take(np.take(small, ri, axis=0), ci, axis=1)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -199,7 +201,16 @@ def write_mask_ome_tiff(
         w, h = levels[-1]
         levels.append((math.ceil(w / 2), math.ceil(h / 2)))
 
-    def tiles(f: float, lw: int, lh: int) -> Iterator[np.ndarray]:
+    import imagecodecs
+
+    # Tiles are deflated here (TIFF compression 8, as tifffile's 'zlib'), the all-background and
+    # all-foreground ones once: most of a slide's mask is one or the other.
+    def encode(t: np.ndarray) -> bytes:
+        return bytes(imagecodecs.zlib_encode(t, level=1))
+
+    uniform = {0: encode(np.zeros((tile, tile), np.uint8)), 255: encode(np.full((tile, tile), 255, np.uint8))}
+
+    def tiles(f: float, lw: int, lh: int) -> Iterator[bytes]:
         for ty in range(0, lh, tile):
             rows = _source_index(min(tile, lh - ty), ty, f, sy, hm)
             for tx0 in range(0, lw, tile * segment_tiles):
@@ -207,10 +218,15 @@ def write_mask_ome_tiff(
                 cols = _source_index(seg_w, tx0, f, sx, wm)
                 band = _sample_mask(prob, channel, threshold, rows, cols)
                 for tx in range(0, seg_w, tile):
-                    out = np.zeros((tile, tile), dtype=np.uint8)
                     part = band[:, tx : tx + tile]
-                    out[: part.shape[0], : part.shape[1]] = part.astype(np.uint8) * np.uint8(255)
-                    yield out
+                    full = part.shape == (tile, tile)
+                    lo, hi = int(part.min()), int(part.max())
+                    if lo == hi and (full or lo == 0):
+                        yield uniform[lo]
+                        continue
+                    out = np.zeros((tile, tile), dtype=np.uint8)
+                    out[: part.shape[0], : part.shape[1]] = part
+                    yield encode(out)
 
     tmp = path.with_name(path.name + ".part")
     big = W0 * H0 > 2_000_000_000
@@ -344,34 +360,53 @@ def write_geojson(
     QuPath's ``detection`` (light, many objects) or ``annotation``.
     """
     sx, sy = scale
+
+    def to_level0(xy: np.ndarray) -> np.ndarray:
+        # model-grid coordinate c (pixel centres at integers) -> level-0 edge coordinate (c + 0.5) * s:
+        # a contour between model pixels j and j+1 lands exactly on the level-0 edge (j + 1) * s.
+        return np.round(np.column_stack([(xy[:, 0] + 0.5) * sx, (xy[:, 1] + 0.5) * sy]), 2)
+
+    props_head = json.dumps(
+        {"objectType": object_type, "classification": {"name": class_name, "color": list(color)}}
+    )
     tmp = path.with_name(path.name + ".part")
     n = 0
+
+    def flush(batch: list[ShapelyPolygon], f: Any) -> int:
+        polys = np.asarray(batch, dtype=object)
+        geoms = polys
+        if simplify > 0:
+            # Douglas-Peucker drops the marching-squares staircase; the rare polygon it makes invalid is
+            # simplified again with topology preserved.
+            geoms = shapely.simplify(polys, simplify, preserve_topology=False)
+            bad = ~shapely.is_valid(geoms) | shapely.is_empty(geoms)
+            if bad.any():
+                geoms[bad] = shapely.simplify(polys[bad], simplify, preserve_topology=True)
+        geoms = shapely.transform(geoms, to_level0)
+        texts = shapely.to_geojson(geoms)
+        areas = shapely.area(polys) * sx * sy * mpp * mpp
+        written = 0
+        for text, area, g in zip(texts, areas, geoms, strict=True):
+            if g is None or g.is_empty:
+                continue
+            props = props_head[:-1] + f', "measurements": {{"area_um2": {float(area):.3f}}}}}'
+            f.write(
+                ("," if n + written else "")
+                + f'{{"type":"Feature","geometry":{text},"properties":{props}}}\n'
+            )
+            written += 1
+        return written
+
     with open(tmp, "w") as f:
         f.write('{"type": "FeatureCollection", "features": [\n')
+        batch: list[ShapelyPolygon] = []
         for poly in iter_polygons(prob, channel, threshold, block):
-            g = shapely.simplify(poly, simplify, preserve_topology=True) if simplify > 0 else poly
-            if g.is_empty:
-                continue
-            # model-grid coordinate c (pixel centres at integers) -> level-0 edge coordinate (c + 0.5) * s:
-            # a contour between model pixels j and j+1 lands exactly on the level-0 edge (j + 1) * s.
-            g = shapely.transform(
-                g, lambda xy: np.column_stack([(xy[:, 0] + 0.5) * sx, (xy[:, 1] + 0.5) * sy])
-            )
-            geom = json.loads(shapely.to_geojson(g, indent=None))
-            geom["coordinates"] = [
-                [[round(x, 2), round(y, 2)] for x, y in ring] for ring in geom["coordinates"]
-            ]
-            feature = {
-                "type": "Feature",
-                "geometry": geom,
-                "properties": {
-                    "objectType": object_type,
-                    "classification": {"name": class_name, "color": list(color)},
-                    "measurements": {"area_um2": round(float(poly.area) * sx * sy * mpp * mpp, 3)},
-                },
-            }
-            f.write(("," if n else "") + json.dumps(feature, separators=(",", ":")) + "\n")
-            n += 1
+            batch.append(poly)
+            if len(batch) >= 2000:
+                n += flush(batch, f)
+                batch = []
+        if batch:
+            n += flush(batch, f)
         f.write("]}\n")
     os.replace(tmp, path)
     return n

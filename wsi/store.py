@@ -83,7 +83,11 @@ class _DirectShards:
         inner = list(sh.codecs)
         if not inner or not isinstance(inner[0], BytesCodec):
             return
-        if len(inner) == 2 and isinstance(inner[1], BloscCodec) and inner[1].shuffle == BloscShuffle.noshuffle:
+        if (
+            len(inner) == 2
+            and isinstance(inner[1], BloscCodec)
+            and inner[1].shuffle == BloscShuffle.noshuffle
+        ):
             import numcodecs
 
             b = inner[1]

@@ -32,6 +32,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ SYNTH_VERSION = 1
 TILE = 256
 
 _MASK32 = np.uint64(0xFFFFFFFF)
+_STATISTICAL_DS = 8  # pyramid levels this coarse draw nuclei as their expected coverage
 _OD_STEPS = 1024  # LUT resolution: optical density steps per unit
 _OD_MAX = 6.0
 
@@ -134,6 +136,13 @@ def _vnoise_grid(xs: np.ndarray, ys: np.ndarray, scale: float, salt: int) -> np.
     tx = _fade((gx - ix).astype(np.float32))
     ty = _fade((gy - iy).astype(np.float32))[:, None]
     x0, y0 = int(ix.min()), int(iy.min())
+    if int(ix.max()) - x0 > 2 * len(xs) or int(iy.max()) - y0 > 2 * len(ys):
+        # Noise finer than the sampling (coarse pyramid levels): hash only the lattice points used.
+        one = np.float32(1)
+        ixr, iyc = ix[None, :], iy[:, None]
+        top = _hash(ixr, iyc, salt) * (one - tx) + _hash(ixr + 1, iyc, salt) * tx
+        bot = _hash(ixr, iyc + 1, salt) * (one - tx) + _hash(ixr + 1, iyc + 1, salt) * tx
+        return top * (one - ty) + bot * ty
     lat = _hash(np.arange(x0, int(ix.max()) + 2)[None, :], np.arange(y0, int(iy.max()) + 2)[:, None], salt)
     jx, jy = ix - x0, iy - y0
     r0, r1 = lat[jy], lat[jy + 1]
@@ -328,8 +337,6 @@ class SlideScene:
             ok &= (allx < self.width) & (ally < self.height)
         rmin2 = (1.5 * st.radius_um * p) ** 2
         pos = 0
-        if len(self._cache) > 50_000:
-            self._cache.clear()
         for key, (px, py, r, e, c, s, amp, pcs, dark) in zip(keys, raw, strict=True):
             n = len(px)
             keep = ok[pos : pos + n].copy()
@@ -361,6 +368,8 @@ class SlideScene:
         c0, c1 = math.floor((x0 - m) / self._cell), math.floor((x1 + m) / self._cell)
         r0, r1 = math.floor((y0 - m) / self._cell), math.floor((y1 + m) / self._cell)
         keys = [(cx, cy) for cy in range(max(r0, 0), r1 + 1) for cx in range(max(c0, 0), c1 + 1)]
+        if len(self._cache) + len(keys) > 50_000:
+            self._cache.clear()
         missing = [k for k in keys if k not in self._cache]
         if missing:
             self._make_cells(missing)
@@ -373,10 +382,10 @@ class SlideScene:
 
     def background_flags(self, ds: int, row: int, cols: int) -> np.ndarray:
         """For each of the ``cols`` tiles of tile row ``row`` of level ``ds``: True when no tissue (nor a
-        nucleus' reach) can fall in it. Sound: the field is sampled every 32 level-0 pixels over the row
+        nucleus' reach) can fall in it. Sound: the field is sampled every 32 level-0 pixels (coarser on coarse levels) over the row
         (one vectorised evaluation) and its largest possible change between samples is added."""
         m = self.max_extent
-        step = 32.0
+        step = 32.0 * max(1, ds // 8)
         span = TILE * ds
         x_lo, x_hi = -m, cols * span + m
         y_lo, y_hi = row * span - m, (row + 1) * span + m
@@ -390,6 +399,14 @@ class SlideScene:
             i1 = min(len(xs), math.ceil(((c + 1) * span + m - x_lo) / step) + 1)
             flags[c] = float(colmax[i0:i1].max()) + bound < self._threshold
         return flags
+
+    def tile_is_background(self, ds: int, x: int, y: int) -> bool:
+        """Exact test for one tile of level ``ds``: no pixel (nor any nucleus' reach) has tissue, so
+        :meth:`render` would give exactly :meth:`background_tile`."""
+        e = math.ceil(self.max_extent / ds) + 1
+        xs = (x - e + np.arange(TILE + 2 * e) + 0.5) * ds
+        ys = (y - e + np.arange(TILE + 2 * e) + 0.5) * ds
+        return bool(float(self._tissue_field(xs, ys).max()) <= self._threshold)
 
     def _background_od(self, ds: int, w: int, h: int, x: int, y: int) -> list[np.ndarray]:
         """Background optical density (with a periodic per-pixel grain, so background tiles repeat)."""
@@ -449,6 +466,15 @@ class SlideScene:
         hem = alpha * np.float32(0.05 * st.h_strength) * grain
         mask = np.zeros((h, w), dtype=bool) if want_mask else None
         # Nuclei with chromatin texture (fine value noise on global coordinates: seamless across tiles).
+        if ds >= _STATISTICAL_DS:
+            # Nuclei are (sub-)pixel sized here: draw their expected coverage instead of each of them.
+            r_um = st.radius_um
+            cover = st.density_per_mm2 * math.pi * r_um * r_um / 1e6
+            cell = np.float32(0.35) + np.float32(1.3) * _vnoise_grid(xs, ys, 300.0 * p, self._salts[8])
+            frac = np.clip(alpha * np.float32(cover) * cell, 0, 1)
+            hem += frac * np.float32(0.85 * st.h_strength)
+            eos *= np.float32(1) - np.float32(0.6) * frac
+            return self._compose(bg, hem, eos), None
         nuclei = self.nuclei_in(xs[0] - ds, ys[0] - ds, xs[-1] + ds, ys[-1] + ds)
         if nuclei:
             chrom = np.float32(0.62) + np.float32(0.5) * _vnoise_grid(xs, ys, 0.9 * p, self._salts[12])
@@ -544,7 +570,7 @@ def _render_row(args: tuple[SlideScene, int, int, int, bool]) -> tuple[list[byte
     background = scene.background_flags(ds, row, cols)
     for col in range(cols):
         x = col * TILE
-        if background[col]:
+        if background[col] or scene.tile_is_background(ds, x, y):
             if bg_jpeg is None:
                 bg_jpeg = _encode_jpeg(scene.background_tile(ds), quality)
                 bg_mask = _encode_mask(np.zeros((TILE, TILE), np.uint8))
@@ -570,7 +596,12 @@ def _pyramid(scene: SlideScene) -> list[int]:
 
 
 def write_slide(
-    scene: SlideScene, slide_path: Path, mask_path: Path, quality: int = 85, workers: int = 1
+    scene: SlideScene,
+    slide_path: Path,
+    mask_path: Path,
+    quality: int = 85,
+    workers: int = 1,
+    pool: ProcessPoolExecutor | None = None,
 ) -> None:
     """Write the pyramidal slide TIFF and its level-0 mask TIFF, one row of tiles in memory at a time.
 
@@ -580,7 +611,9 @@ def write_slide(
     slide_path.parent.mkdir(parents=True, exist_ok=True)
     mask_path.parent.mkdir(parents=True, exist_ok=True)
     levels = _pyramid(scene)
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    own_pool = pool is None and workers > 1
+    if own_pool:
+        pool = ProcessPoolExecutor(max_workers=workers)
     desc = (
         f"fedpath synthetic H&E slide|site={scene.site}|index={scene.index}|seed={scene.seed}"
         f"|mpp={scene.mpp}|synth_version={SYNTH_VERSION}"
@@ -645,7 +678,7 @@ def write_slide(
         os.replace(tmp_slide, slide_path)
         os.replace(tmp_mask, mask_path)
     finally:
-        if pool:
+        if own_pool and pool is not None:
             pool.shutdown()
         for t in (tmp_slide, tmp_mask):
             if t.exists():
@@ -720,7 +753,8 @@ def run_synth(cfg: SynthConfig, out: Path, run_dir: Path | None = None) -> dict[
     from rich.progress import Progress
 
     plans = plan_slides(cfg)
-    with Progress(console=Console(stderr=True), transient=True) as progress:
+    pool = ProcessPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else None
+    with pool or nullcontext(), Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("synthesising slides", total=len(plans))
         for plan in plans:
             rel_slide = f"slides/{plan.slide_id}.tiff"
@@ -738,7 +772,7 @@ def run_synth(cfg: SynthConfig, out: Path, run_dir: Path | None = None) -> dict[
                 kept += 1
             else:
                 write_slide(
-                    scene_for(cfg, plan), out / rel_slide, out / rel_mask, cfg.jpeg_quality, cfg.workers
+                    scene_for(cfg, plan), out / rel_slide, out / rel_mask, cfg.jpeg_quality, cfg.workers, pool
                 )
                 rows[plan.site].append(
                     ManifestRow(

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
@@ -21,6 +20,21 @@ from wsi.readers import SlideReader
 
 #: The tissue mask has at least this many pixels along the slide's longer side (small tiles).
 MIN_MASK_SIDE = 64
+#: ... and at most this many pixels: huge slides are detected coarser than ``detect_mpp`` so that the
+#: detection's memory does not grow with slide size (80k x 80k at 0.5 µm/px: ~20 µm/px).
+MAX_MASK_PIXELS = 2048 * 2048
+
+
+def saturation(rgb: np.ndarray, block: int = 512) -> np.ndarray:
+    """HSV saturation ``(max - min) / max`` (skimage's ``rgb2hsv`` S channel) as float32, computed in row
+    blocks so a large thumbnail never has float64 HSV copies in memory."""
+    out = np.zeros(rgb.shape[:2], dtype=np.float32)
+    for r0 in range(0, rgb.shape[0], block):
+        blk = rgb[r0 : r0 + block]
+        mx = blk.max(axis=2).astype(np.float32)
+        mn = blk.min(axis=2).astype(np.float32)
+        np.divide(mx - mn, mx, out=out[r0 : r0 + block], where=mx > 0)
+    return out
 
 
 @dataclass
@@ -84,7 +98,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, cfg: TissueConfig, mask_mpp: float) ->
     twice the floor); otherwise the view is (almost) all tissue and Otsu would split stroma from nuclei,
     so the floor ``cfg.min_saturation`` is used instead.
     """
-    sat = rgb2hsv(rgb)[..., 1]
+    sat = saturation(rgb)
     floor = cfg.min_saturation
     thr = floor
     if sat.size and float(sat.max()) > float(sat.min()):
@@ -112,6 +126,7 @@ def detect_tissue(reader: SlideReader, cfg: TissueConfig | None = None) -> Tissu
     cfg = cfg or TissueConfig()
     W, H = reader.dimensions
     ds = max(1.0, min(cfg.detect_mpp / reader.mpp, max(W, H) / MIN_MASK_SIDE))
+    ds = max(ds, (W * H / MAX_MASK_PIXELS) ** 0.5)
     out_w, out_h = max(1, round(W / ds)), max(1, round(H / ds))
     rgb = reader.read_downsampled(out_w, out_h)
     dsx, dsy = W / out_w, H / out_h

@@ -1,6 +1,6 @@
 """Deep Leakage from Gradients (Zhu et al. 2019) and iDLG (Zhao et al. 2020) for segmentation networks.
 
-DLG matches the observed gradient in Euclidean distance with L-BFGS over dummy images (and dummy
+DLG matches the observed gradient in (relative) Euclidean distance with L-BFGS over dummy images (and dummy
 labels). iDLG's contribution, reading the label off the sign of the last layer's gradient, applies to
 classification with a softmax-CE head (:func:`idlg_infer_label`); for segmentation masks the attacker
 either knows the masks or recovers them jointly as logits through a softmax, as in DLG.
@@ -91,6 +91,7 @@ def _one_restart(
     gen: torch.Generator,
 ) -> tuple[Tensor, Tensor | None, float]:
     b, _, h, w = shape
+    scale = float(sum((t**2).sum() for t in target)) + 1e-30  # relative squared error, well scaled
     z = (0.5 * torch.randn(tuple(shape), generator=gen)).requires_grad_(True)
     opt_vars = [z]
     logits: Tensor | None = None
@@ -109,7 +110,7 @@ def _one_restart(
         tgt = soft_labels(logits) if logits is not None else masks
         assert tgt is not None
         grads = torch.autograd.grad(loss_fn(model(torch.sigmoid(z)), tgt), params, create_graph=True)
-        return euclidean_cost(grads, target)
+        return euclidean_cost(grads, target) / scale
 
     def closure() -> Tensor:
         opt.zero_grad(set_to_none=True)

@@ -115,7 +115,14 @@ def load_attack_tiles(
     mpp = cfg.attack.target_mpp or cfg.tiling.target_mpp
     if monuseg_dir(data_root) is not None:
         assert data_root is not None
-        return load_monuseg_tiles(data_root, tile_size, mpp, per_image=per_image, seed=cfg.attack.seed)
+        return load_monuseg_tiles(
+            data_root,
+            tile_size,
+            mpp,
+            per_image=per_image,
+            max_images=cfg.attack.max_images,
+            seed=cfg.attack.seed,
+        )
     stores = [cfg.store_path(s.name) for s in cfg.sites if (cfg.store_path(s.name) / "zarr.json").exists()]
     if stores:
         parts = [load_store_tiles(p, 64, tile_size, seed=cfg.attack.seed) for p in stores]
@@ -161,12 +168,13 @@ def _score(rec: Reconstruction, truth: Tensor, pool: Tensor, prior: Tensor) -> l
     return [leakage(rec.images[i], truth[i], pool, prior) for i in range(truth.shape[0])]
 
 
-def _grid_png(path: Path, rows: list[tuple[str, Tensor]], scale: int = 3) -> Path:
-    """Rows of tiles (label, (N, 3, H, W) in [0, 1]) as one PNG, upscaled for viewing."""
+def _grid_png(path: Path, rows: list[tuple[str, Tensor]], scale: int | None = None) -> Path:
+    """Rows of tiles (label, (N, 3, H, W) in [0, 1]) as one PNG, upscaled (nearest) to about 128 px."""
     from PIL import Image, ImageDraw
 
     n = max(r[1].shape[0] for r in rows)
     h, w = rows[0][1].shape[-2:]
+    scale = scale or max(1, 128 // max(h, w))
     label_w, pad = 110, 4
     canvas = np.full(
         (len(rows) * (h * scale + pad) + pad, label_w + n * (w * scale + pad) + pad, 3), 255, np.uint8
@@ -184,6 +192,13 @@ def _grid_png(path: Path, rows: list[tuple[str, Tensor]], scale: int = 3) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
     return path
+
+
+def _short(key: str) -> str:
+    """A grid row label: IG / DLG / multi-step N, with the batch size when above 1."""
+    name, _, batch = key.partition("_batch")
+    label = {"inverting_gradients": "IG", "dlg": "DLG"}.get(name, name.replace("multistep_", "multi-step "))
+    return f"{label} (batch {batch})" if batch else label
 
 
 def _threat_batches(a_batch: int) -> list[int]:
@@ -496,7 +511,7 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
                 if recs:
                     if truth_row is None:
                         truth_row = torch.cat(truths)
-                    grid_rows.append((key[:16], torch.cat(recs)))
+                    grid_rows.append((_short(key), torch.cat(recs)))
                 log.info(
                     "attack: ε=%s %s SSIM %.3f",
                     _eps_key(eps),
@@ -565,8 +580,15 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
                 "membership_auc": e["utility"].get("membership", {}).get("auc"),
             }
         )
+    headline = {}
+    for e in result["results"]:
+        ig = e["attacks"].get("inverting_gradients") or next(iter(e["attacks"].values()), None)
+        if ig is not None:
+            label = "no DP" if e["epsilon"] is None else f"ε={e['epsilon']:g}"
+            headline[label] = round(float(ig["summary"].get("mean_ssim", float("nan"))), 3)
     return {
         "attack_json": "attack/attack.json",
+        "headline": headline,
         "tile_size": result["tile_size"],
         "undefended_mean_ssim": result["undefended_mean_ssim"],
         "strength_target_met": result["strength_target_met"],

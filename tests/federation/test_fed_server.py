@@ -310,7 +310,12 @@ def test_recovery_after_a_kill_during_aggregation_and_after_publishing(tmp_path:
 def test_late_update_counts_in_the_next_round_when_configured(tmp_path: Path) -> None:
     cfg = load_config(
         write_config(
-            tmp_path, ["a", "b", "c"], rounds=3, min_sites=2, close_policy="min_sites", late_updates="next_round"
+            tmp_path,
+            ["a", "b", "c"],
+            rounds=3,
+            min_sites=2,
+            close_policy="min_sites",
+            late_updates="next_round",
         )
     )
     run_provision(cfg)
@@ -331,3 +336,35 @@ def test_late_update_counts_in_the_next_round_when_configured(tmp_path: Path) ->
     _submit(agg, "a", update_body(random_delta(g0, 0.01, 11), "a", 1, 4))
     assert agg.close_round()
     assert agg.history[1]["late"] == {"c": 0}
+
+
+def test_server_strategy_state_survives_a_restart(tmp_path: Path) -> None:
+    """FedAdam's moments and the central-DP accountant are durable server state, saved with each model."""
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            ["a", "b"],
+            rounds=2,
+            strategy="fedadam",
+            update_dp={"mode": "central", "clip_norm": 0.5, "noise_multiplier": 1.2, "delta": 1e-5},
+        )
+    )
+    run_provision(cfg)
+    agg = Aggregator(cfg)
+    g0 = agg.global_state
+    for i, s in enumerate("ab"):
+        _submit(agg, s, update_body(random_delta(g0, 0.01, i), s, 0, 4))
+    assert agg.close_round()
+    eps1 = agg.strategy.privacy_report()["epsilon"]  # type: ignore[index]
+    m1 = {k: v.clone() for k, v in agg.strategy.inner.m.items()}  # type: ignore[attr-defined]
+
+    restarted = Aggregator(cfg)
+    report = restarted.strategy.privacy_report()
+    assert report is not None and report["rounds"] == 1 and report["epsilon"] == pytest.approx(eps1)
+    inner = restarted.strategy.inner  # type: ignore[attr-defined]
+    assert m1.keys() == inner.m.keys() and all(torch.equal(m1[k], inner.m[k]) for k in m1)
+    for i, s in enumerate("ab"):
+        _submit(restarted, s, update_body(random_delta(g0, 0.01, 5 + i), s, 1, 4))
+    assert restarted.close_round() and restarted.phase == "finished"
+    state = json.loads(restarted.paths.state.read_text())
+    assert state["central_privacy"]["rounds"] == 2 and state["central_privacy"]["epsilon"] > eps1

@@ -156,6 +156,7 @@ def test_two_round_simulated_federation_over_real_sites(
     assert sum(1 for e in audit if e["outcome"] == "accepted") == 4
 
 
+@pytest.mark.slow  # two more trainings and an aggregator start: ~25 s idle, over a minute on a busy machine
 def test_site_job_rerun_never_trains_twice_nor_double_submits(
     stores: tuple[Path, Path], data_root: Path, repo_root: Path
 ) -> None:

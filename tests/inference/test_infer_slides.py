@@ -154,6 +154,11 @@ def test_bad_inputs_name_the_file_and_the_others_go_on(tmp_path: Path) -> None:
     assert errors["coarse"].startswith(str(coarse)) and "cannot be reached" in errors["coarse"]
     assert read_summary(tmp_path / "run")["infer"]["n_failed"] == 2
 
+    # The failed attempt's folder does not block a corrected run; the finished one is protected.
+    retry = run_infer(cfg_for(tmp_path / "run", max_upsample=10.0), model, [good, coarse], None, None, None)
+    assert [s["slide_id"] for s in retry["slides"]] == ["coarse"]
+    assert "predictions/good: holds a different run (differs in inference)" in retry["failed"][0]["error"]
+
     grey = write_model(tmp_path / "grey.safetensors", cfg=ModelConfig(in_channels=1, channels=[4, 8], strides=[2],
                                                                      num_res_units=0, groups=2))  # fmt: skip
     with pytest.raises(FedpathError, match=r"grey\.safetensors: model takes 1 input channel"):
@@ -175,3 +180,33 @@ def test_dask_cluster_gives_the_local_result(tmp_path: Path) -> None:
     a = zarr.open_group(str(tmp_path / "local/predictions/s/prob.ome.zarr"), mode="r")["0"][:]
     b = zarr.open_group(str(tmp_path / "dask/predictions/s/prob.ome.zarr"), mode="r")["0"][:]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("override", [0.5, 0.37])  # a pyramid level read as is; a resampled read
+def test_blockwise_stitching_equals_monai_full_canvas_inference(tmp_path: Path, data_root: Path, override) -> None:
+    """Oracle: MONAI's in-memory SlidingWindowInferer (same windows, same Gaussian) over the whole canvas
+    read in one go. Small blocks make many block borders, on a level whose downsample is not an integer."""
+    import torch
+    from monai.inferers import SlidingWindowInferer
+
+    from pipeline.infer import plan_canvas, read_canvas
+    from wsi.readers import open_slide
+
+    slide = data_root / "slides" / "CropBreastSlide.tiff"
+    model = write_model(tmp_path / "m.safetensors", tile=64, mpp=2.0)
+    cfg = cfg_for(tmp_path / "run", tissue_only=False, block_size=100, chunk_size=64, overlap=0.25)
+    rows = [make_row(data_root, "a", "slides/CropBreastSlide.tiff", slide_id="b", split="test", mpp=override)]
+    res = run_infer(cfg, model, [], write_manifest(rows, tmp_path / "a.csv"), None, data_root)
+    assert res["n_failed"] == 0 and res["slides"][0]["blocks"] > 4
+    ours = zarr.open_group(str(tmp_path / "run/predictions/b/prob.ome.zarr"), mode="r")["0"][0]
+
+    loaded = load_inference_model(model)
+    with open_slide(slide, override) as reader:
+        canvas = plan_canvas(reader, 2.0, 0.1)
+        assert canvas.exact == (override == 0.5)
+        img = read_canvas(reader, canvas, 0, 0, *canvas.shape)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
+    inferer = SlidingWindowInferer((64, 64), sw_batch_size=4, overlap=0.25, mode="gaussian", sigma_scale=0.125)
+    with torch.inference_mode():
+        ref = inferer(x, lambda t: torch.softmax(loaded.net(t), 1)[:, 1:2])[0, 0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=2e-4)

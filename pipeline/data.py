@@ -1,0 +1,224 @@
+"""Torch datasets over a site's zarr tile store, H&E augmentation and slide-level splits.
+
+Tiles are read one at a time from the store (one tile is one zarr chunk), never the whole store; the zarr
+arrays are opened lazily in whichever process reads them (a DataLoader worker re-opens its own after a
+fork). Splits are by slide, never by tile: tiles of one slide are correlated, so a tile-level split would
+leak near-duplicates of training tiles into validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.config import AugmentConfig
+from pipeline.errors import FedpathError
+from wsi.errors import WSIError
+from wsi.store import SiteStore
+
+StainFn = Callable[[np.ndarray], np.ndarray]
+
+
+# -- augmentation -----------------------------------------------------------------------------------------
+def hed_jitter(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Stain perturbation in HED space (Tellez et al. 2018): per stain channel ``s*(1+a) + b`` with
+    ``a, b ~ N(0, sigma)``; float RGB in [0, 1] in and out (skimage's colour deconvolution)."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(image)
+    alpha = rng.normal(0.0, sigma, size=3)
+    beta = rng.normal(0.0, sigma, size=3)
+    hed = hed * (1.0 + alpha) + beta
+    return np.clip(hed2rgb(hed), 0.0, 1.0)
+
+
+def augment_tile(
+    image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flips, 90-degree rotations (image and mask together), HED stain jitter and brightness.
+
+    ``image``: float32 HWC in [0, 1]; ``mask``: HW. Geometry is exact for H&E (no preferred orientation).
+    """
+    if cfg.flips:
+        if rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        if rng.random() < 0.5:
+            image, mask = image[::-1], mask[::-1]
+    if cfg.rot90:
+        k = int(rng.integers(0, 4))
+        if k:
+            image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k, axes=(0, 1))
+    if cfg.hed_jitter > 0:
+        image = hed_jitter(image, cfg.hed_jitter, rng)
+    if cfg.brightness > 0:
+        image = np.clip(image * (1.0 + rng.uniform(-cfg.brightness, cfg.brightness)), 0.0, 1.0)
+    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask)
+
+
+# -- datasets ---------------------------------------------------------------------------------------------
+class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Tiles and masks of some slides of one store: ``(image float32 (3,H,W) in [0,1], label long (1,H,W))``.
+
+    Only the index (slide id, tile number) is built up front; pixels are read per item.
+    """
+
+    def __init__(
+        self,
+        store_path: Path | str,
+        slide_ids: Sequence[str],
+        augment: AugmentConfig | None = None,
+        stain: StainFn | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.store_path = Path(store_path)
+        store = SiteStore(self.store_path)
+        if not store.exists():
+            raise FedpathError(f"{self.store_path}: no tile store (run `fedpath tile` for this site first)")
+        self.slide_ids = list(slide_ids)
+        self.augment = augment
+        self.stain = stain
+        self.seed = seed
+        index: list[tuple[int, int]] = []
+        self.tiles_per_slide: dict[str, int] = {}
+        for si, sid in enumerate(self.slide_ids):
+            if store.masks(sid) is None:
+                raise FedpathError(f"{self.store_path}: slide {sid!r} has no masks; it cannot be used for training")
+            n = store.n_tiles(sid)
+            self.tiles_per_slide[sid] = n
+            index.extend((si, i) for i in range(n))
+        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 2)
+        self._arrays: dict[int, tuple[object, object]] = {}
+        self._pid: int | None = None
+        self._epoch_draw = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def slide_of(self, item: int) -> str:
+        return self.slide_ids[int(self.index[item, 0])]
+
+    def _open(self, si: int) -> tuple[object, object]:
+        if self._pid != os.getpid():  # after a fork: drop handles opened by the parent
+            self._arrays, self._pid = {}, os.getpid()
+        if si not in self._arrays:
+            store = SiteStore(self.store_path)
+            sid = self.slide_ids[si]
+            self._arrays[si] = (store.images(sid), store.masks(sid))
+        return self._arrays[si]
+
+    def read(self, item: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw tile (uint8 HWC) and mask (uint8 HW) of one item."""
+        si, ti = (int(v) for v in self.index[item])
+        images, masks = self._open(si)
+        try:
+            img = np.asarray(images[ti])  # type: ignore[index]
+            msk = np.asarray(masks[ti])  # type: ignore[index]
+        except Exception as exc:  # noqa: BLE001 - any zarr/codec failure is a bad store
+            raise WSIError(f"{self.store_path}: slide {self.slide_ids[si]!r} tile {ti}: unreadable ({exc})") from None
+        return img, msk
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img, msk = self.read(item)
+        if self.stain is not None:
+            img = self.stain(img)
+        image = img.astype(np.float32) / 255.0
+        mask = (msk > 0).astype(np.int64)
+        if self.augment is not None:
+            # a fresh stream per draw (torch's per-worker seed differs by worker and epoch)
+            rng = np.random.default_rng([self.seed, item, int(torch.randint(0, 2**31 - 1, ()).item())])
+            image, mask = augment_tile(image, mask, self.augment, rng)
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        y = torch.from_numpy(np.ascontiguousarray(mask))[None]
+        return x, y
+
+
+def store_tile_size(store_path: Path | str) -> int:
+    return int(SiteStore(store_path).attrs.get("tile_size", 0))
+
+
+# -- splits -----------------------------------------------------------------------------------------------
+@dataclass
+class SlideSplit:
+    """Slide ids per role; ``source`` says whether the store's manifest split or a seeded split decided."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    source: str
+
+
+def _order_key(seed: int, slide_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{slide_id}".encode()).hexdigest()
+
+
+def split_by_slide(store: SiteStore | Path | str, val_fraction: float, seed: int = 0) -> SlideSplit:
+    """Train/val/test slide ids of a store; a slide's tiles never straddle two roles.
+
+    The manifest's ``split`` (stored per slide) wins when the store has one: ``train``, ``val`` and
+    ``test`` slides keep their roles, and if no slide is marked ``val`` a seeded ``val_fraction`` of the
+    train slides is held out. Without split attributes every slide is a candidate and the seeded,
+    by-slide split is deterministic (a hash of seed and slide id orders the slides).
+    """
+    st = store if isinstance(store, SiteStore) else SiteStore(store)
+    if not st.exists():
+        raise FedpathError(f"{st.path}: no tile store")
+    slides = [s for s in st.slides() if st.masks(s) is not None and st.n_tiles(s) > 0]
+    if not slides:
+        raise FedpathError(f"{st.path}: no complete slide with tiles and masks")
+    explicit = {s: st.slide_attrs(s).get("split") for s in slides}
+    has_split = any(v is not None for v in explicit.values())
+    roles = {s: str(v or "train") for s, v in explicit.items()}
+    train = [s for s in slides if roles[s] == "train"]
+    val = [s for s in slides if roles[s] == "val"]
+    test = [s for s in slides if roles[s] == "test"]
+    if not val and val_fraction > 0 and len(train) >= 2:
+        ordered = sorted(train, key=lambda s: _order_key(seed, s))
+        n_val = min(len(train) - 1, max(1, math.ceil(val_fraction * len(train))))
+        val = sorted(ordered[:n_val])
+        train = sorted(ordered[n_val:])
+        source = "manifest+seeded" if has_split else "seeded"
+    else:
+        source = "manifest" if has_split else "seeded"
+    if not train:
+        raise FedpathError(f"{st.path}: no training slides (splits: {sorted(set(roles.values()))})")
+    return SlideSplit(train=train, val=val, test=test, source=source)
+
+
+# -- slide-level sampling ---------------------------------------------------------------------------------
+class SlidePoissonSampler(Sampler[list[int]]):
+    """Batches for slide-level DP: each slide joins a batch independently with probability ``sample_rate``
+    (Poisson sampling over slides), contributing ``tiles_per_slide`` of its tiles drawn afresh.
+
+    With per-tile clipping to C, a slide moves the summed gradient by at most ``tiles_per_slide * C``, so
+    the accounting unit is the slide (sampling rate over slides, noise relative to that sensitivity).
+    Batches may be empty; ``steps`` batches are drawn per iteration.
+    """
+
+    def __init__(
+        self, slide_items: Sequence[Sequence[int]], sample_rate: float, tiles_per_slide: int, steps: int, seed: int
+    ) -> None:
+        self.slide_items = [np.asarray(v, dtype=np.int64) for v in slide_items]
+        self.sample_rate = sample_rate
+        self.tiles_per_slide = tiles_per_slide
+        self.steps = steps
+        self.generator = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            chosen = self.generator.random(len(self.slide_items)) < self.sample_rate
+            batch: list[int] = []
+            for items in (self.slide_items[i] for i in np.flatnonzero(chosen)):
+                k = min(self.tiles_per_slide, len(items))
+                batch.extend(int(v) for v in self.generator.choice(items, size=k, replace=False))
+            yield batch

@@ -1,0 +1,576 @@
+"""Local training with DP-SGD (Opacus): what every site runs, alone or once per federation round.
+
+One job = :func:`train_local`. Its shape:
+
+1. Data: the site's training slides (split by slide) as a :class:`~pipeline.data.TileDataset`.
+2. Privacy plan: sampling rate q (tile unit: ``batch_size / tiles`` through Opacus' Poisson loader; slide
+   unit: slides sampled with probability q, ``max_tiles_per_slide`` tiles each), noise multiplier σ from the
+   config or from the target ε over the *whole planned training* (every federation round), δ below
+   1/n. The :class:`~pipeline.privacy.PrivacyLedger` refuses the job if it would pass the budget.
+3. Model check (:func:`pipeline.models.check_dp_model`), then Opacus' ``PrivacyEngine.make_private``
+   (hooks mode, with fedpath's grouped-convolution per-sample gradients registered for Conv2d and
+   ConvTranspose2d, see :func:`pipeline.models.register_fast_grad_samplers`) and a ``BatchMemoryManager``:
+   the logical batch is a privacy parameter, the physical batch a memory one.
+4. Loop: DiceCE loss, per-sample clipping and noise by Opacus, the FedProx proximal gradient
+   ``mu * (w - w_global)`` added *after* clipping and noise (it does not depend on any sample, so it
+   needs no clipping and costs no privacy; inside the loss Opacus would not see it per sample and it
+   would vanish from the clipped gradient).
+5. Every ``checkpoint_every`` steps: the ledger first (steps spent so far), then a checkpoint directory
+   (model + optimizer as safetensors), then ``progress.json`` pointing at it (the commit point). A killed
+   job re-run resumes from its last checkpoint; steps the ledger already counted beyond that checkpoint
+   stay counted (conservative), so ε is never spent twice nor under-reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from pipeline.checkpoint import ModelMeta, save_model, strip_wrappers
+from pipeline.config import ExperimentConfig
+from pipeline.data import SlidePoissonSampler, TileDataset, split_by_slide
+from pipeline.errors import FedpathError
+from pipeline.metrics import confusion_counts, metrics_from_counts
+from pipeline.models import build_model, check_dp_model, register_fast_grad_samplers
+from pipeline.privacy import PrivacyLedger, ledger_lock, noise_for_target
+from wsi.store import SiteStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a job produced: the weights (plain names), how much data and privacy it used, its metrics."""
+
+    state: dict[str, torch.Tensor]
+    n_train_tiles: int
+    steps: int
+    epsilon: float | None
+    delta: float | None
+    noise_multiplier: float | None
+    metrics: dict[str, Any]
+    seconds: float
+    sample_rate: float | None = None
+    epsilon_slide: float | None = None
+    job_id: str = "train"
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state as flat tensors (safetensors) plus its JSON-able scalars and param groups."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in info["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def _fingerprint(cfg: ExperimentConfig, sites: list[str], round_index: int | None, init: dict[str, torch.Tensor] | None) -> str:
+    h = hashlib.sha256()
+    h.update(cfg.model.model_dump_json().encode())
+    h.update(cfg.train.model_dump_json(exclude={"threads", "num_workers", "checkpoint_every"}).encode())
+    h.update(json.dumps([sites, round_index]).encode())
+    if init is not None:
+        for k in sorted(init):
+            h.update(k.encode())
+            h.update(init[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate_dataset(net: nn.Module, ds: Dataset[Any], batch_size: int = 16, max_tiles: int | None = None) -> dict[str, Any]:
+    """Dice, Jaccard, pixel accuracy of ``net`` (argmax, class 1 = foreground) over a tile dataset: the
+    mean over slides (FedDP's convention) and pooled over all pixels."""
+    was = net.training
+    net.eval()
+    n = len(ds)  # type: ignore[arg-type]
+    items = np.arange(n) if not max_tiles or n <= max_tiles else np.linspace(0, n - 1, max_tiles).round().astype(int)
+    per_slide: dict[str, torch.Tensor] = {}
+    pooled = torch.zeros(4, dtype=torch.int64)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        xs, ys = zip(*(ds[int(i)] for i in chunk), strict=True)
+        pred = net(torch.stack(xs)).argmax(1)
+        for j, i in enumerate(chunk):
+            c = confusion_counts(pred[j], ys[j][0])
+            sid = _slide_of(ds, int(i))
+            per_slide[sid] = per_slide.get(sid, torch.zeros(4, dtype=torch.int64)) + c
+            pooled += c
+    net.train(was)
+    if not per_slide:
+        return {"n_tiles": 0, "n_slides": 0}
+    slide_m = {s: metrics_from_counts(c) for s, c in per_slide.items()}
+    out: dict[str, Any] = {
+        k: float(np.mean([m[k] for m in slide_m.values()])) for k in ("dice", "jaccard", "pixel_accuracy")
+    }
+    out.update({"pooled": metrics_from_counts(pooled), "n_tiles": len(items), "n_slides": len(per_slide)})
+    return out
+
+
+def _slide_of(ds: Dataset[Any], item: int) -> str:
+    if isinstance(ds, TileDataset):
+        return ds.slide_of(item)
+    if isinstance(ds, ConcatDataset):
+        import bisect
+
+        k = bisect.bisect_right(ds.cumulative_sizes, item)
+        base = 0 if k == 0 else ds.cumulative_sizes[k - 1]
+        sub = ds.datasets[k]
+        return f"{k}:{_slide_of(sub, item - base)}"
+    return "all"
+
+
+def _concat(parts: list[TileDataset]) -> Dataset[Any]:
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+def _site_paths(run_dir: Path, sites: list[str], round_index: int | None) -> tuple[Path, Path]:
+    """(job directory, ledger path): a site's own, or ``central/`` for the pooled baseline."""
+    base = run_dir / "sites" / sites[0] if len(sites) == 1 else run_dir / "central"
+    job = base / "train" if round_index is None else base / "rounds" / str(round_index)
+    return job, base / "privacy.json"
+
+
+# -- the job ----------------------------------------------------------------------------------------------
+def train_local(
+    cfg: ExperimentConfig,
+    sites: list[str],
+    run_dir: Path | str,
+    *,
+    init_state: dict[str, torch.Tensor] | None = None,
+    round_index: int | None = None,
+    proximal_ref: dict[str, torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
+    job_id: str | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on ``sites``' training slides (several = pooled) with DP-SGD when enabled; resumable."""
+    t_start = time.perf_counter()
+    if not sites:
+        raise FedpathError("train: no site given")
+    run_dir = Path(run_dir)
+    tc, pc = cfg.train, cfg.train.privacy
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    job = job_id or ("train" if round_index is None else f"round-{round_index}")
+    job_dir, ledger_path = _site_paths(run_dir, sites, round_index)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    mu = proximal_mu or (cfg.federation.proximal_mu if proximal_ref is not None else 0.0)
+
+    # -- data ------------------------------------------------------------------------------------------
+    train_parts: list[TileDataset] = []
+    val_parts: list[TileDataset] = []
+    split_info: dict[str, Any] = {}
+    ref_tiles: list[np.ndarray] = []
+    for i, site in enumerate(sites):
+        store_path = run_dir / "sites" / site / "store.zarr"
+        split = split_by_slide(SiteStore(store_path), tc.val_fraction, tc.seed)
+        split_info[site] = {"train": split.train, "val": split.val, "source": split.source}
+        train_parts.append(TileDataset(store_path, split.train, tc.augment, None, seed=tc.seed + i))
+        if split.val:
+            val_parts.append(TileDataset(store_path, split.val, None, None, seed=tc.seed + i))
+        if tc.stain.method != "none":
+            ds0 = train_parts[-1]
+            pick = np.linspace(0, len(ds0) - 1, min(tc.stain.reference_tiles, len(ds0))).round().astype(int)
+            ref_tiles += [ds0.read(int(k))[0] for k in pick]
+    stain_ref = None
+    if tc.stain.method != "none":
+        from pipeline.stain import build_stain
+
+        stain_fn, stain_ref = build_stain(tc.stain, ref_tiles)
+        for d in train_parts + val_parts:
+            d.stain = stain_fn
+        _atomic_json(job_dir / "stain.json", stain_ref or {})
+    train_ds = _concat(train_parts)
+    n_train = len(train_ds)  # type: ignore[arg-type]
+    if n_train == 0:
+        raise FedpathError(f"train {sites}: the training slides have no tiles")
+    tiles_per_slide = [n for d in train_parts for n in d.tiles_per_slide.values()]
+    n_slides = len(tiles_per_slide)
+    max_per_slide = max(tiles_per_slide)
+
+    # -- privacy plan ----------------------------------------------------------------------------------
+    dp = pc.enabled
+    slide_unit = dp and pc.unit == "slide"
+    cap = pc.max_tiles_per_slide or max_per_slide
+    if slide_unit:
+        slides_per_batch = max(1.0, tc.batch_size / cap)
+        sample_rate = min(1.0, slides_per_batch / n_slides)
+        n_units = n_slides
+    else:
+        sample_rate = 1.0 / len(DataLoader(range(n_train), batch_size=tc.batch_size))  # Opacus' Poisson rate
+        n_units = n_train
+    steps_per_job = max_steps or tc.max_steps or max(1, math.ceil(tc.epochs / sample_rate))
+    rounds_planned = cfg.federation.rounds if round_index is not None else 1
+    sigma: float | None = None
+    delta: float | None = None
+    ledger: PrivacyLedger | None = None
+    sigma_tiles: float | None = None
+    fingerprint = _fingerprint(cfg, sites, round_index, init_state)
+
+    # -- resume ----------------------------------------------------------------------------------------
+    progress_path = job_dir / "progress.json"
+    prog: dict[str, Any] = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    if prog and prog.get("job") != job:
+        prog = {}  # another job's leftovers in this directory: start over
+    if prog and prog.get("fingerprint") != fingerprint:
+        raise FedpathError(
+            f"{progress_path}: job {job!r} was started with another config or initial model; "
+            "use a new job id or run directory"
+        )
+
+    lock = ledger_lock(ledger_path) if dp else None
+    if lock is not None:
+        lock.__enter__()
+    try:
+        if dp:
+            ledger = PrivacyLedger.load(ledger_path, site="+".join(sites), accountant=pc.accountant, unit=pc.unit)
+            delta = pc.delta or ledger.delta or 1.0 / (10 * n_units)
+            if delta >= 1.0 / n_units:
+                log.warning("delta=%g is not below 1/n=%g: the guarantee is weak", delta, 1.0 / n_units)
+            if pc.target_epsilon is not None and pc.noise_multiplier is None:
+                sigma = noise_for_target(
+                    pc.target_epsilon, delta, sample_rate, rounds_planned * steps_per_job, pc.accountant
+                )
+            elif pc.noise_multiplier is not None:
+                sigma = float(pc.noise_multiplier)
+            else:
+                raise FedpathError("train.privacy: set target_epsilon or noise_multiplier")
+            if slide_unit:
+                sigma_tiles = sigma * cap  # sensitivity of a slide is cap * C
+            else:
+                sigma_tiles = sigma
+            entry = ledger.entry(job)
+            if entry is not None and entry.noise_multiplier != sigma:
+                sigma = entry.noise_multiplier  # a resumed job keeps the σ it started with
+                sigma_tiles = sigma * cap if slide_unit else sigma
+            budget = pc.budget_epsilon or pc.target_epsilon
+            done_ckpt = int(prog.get("step", 0))
+            already = entry.steps if entry is not None else 0
+            offset = max(0, already - done_ckpt)  # steps counted but lost with a kill: stay spent
+            if not prog.get("done"):
+                ledger.check_budget(job, sigma, sample_rate, offset + steps_per_job, delta, budget)
+        result = _run(
+            cfg, sites, job, job_dir, train_ds, val_parts, train_parts, prog, fingerprint, init_state, proximal_ref,
+            mu, steps_per_job, sample_rate, sigma_tiles, cap if slide_unit else None, ledger,
+            delta, round_index, n_units, max_per_slide if not slide_unit else cap, progress,
+        )
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+    result.n_train_tiles = n_train
+    result.seconds = time.perf_counter() - t_start
+    result.extra.update({"split": split_info, "stain": stain_ref, "n_train_slides": n_slides,
+                         "max_tiles_per_slide": max_per_slide, "rounds_planned": rounds_planned,
+                         "unit": pc.unit if dp else None, "proximal_mu": mu})
+    if sigma is not None:
+        result.noise_multiplier = sigma
+    return result
+
+
+def _loader(
+    train_ds: Dataset[Any], train_parts: list[TileDataset], cfg: ExperimentConfig, sample_rate: float,
+    slide_cap: int | None, steps: int, seed: int,
+) -> DataLoader[Any]:
+    tc = cfg.train
+    if slide_cap is None:
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, generator=g, num_workers=tc.num_workers,
+                          drop_last=False)
+    groups: list[list[int]] = []
+    base = 0
+    for d in train_parts:
+        for sid in d.slide_ids:
+            idx = np.flatnonzero(d.index[:, 0] == d.slide_ids.index(sid)) + base
+            groups.append(idx.tolist())
+        base += len(d)
+    sampler = SlidePoissonSampler(groups, sample_rate, slide_cap, steps, seed)
+
+    def collate(batch: list[Any]) -> Any:
+        if not batch:
+            return None
+        return torch.utils.data.default_collate(batch)
+
+    return DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers)
+
+
+def _forever(dl: Any) -> Iterator[Any]:
+    while True:
+        yield from dl
+
+
+def _run(
+    cfg: ExperimentConfig, sites: list[str], job: str, job_dir: Path, train_ds: Dataset[Any], val_parts: list[TileDataset],
+    train_parts: list[TileDataset], prog: dict[str, Any], fingerprint: str, init_state: dict[str, torch.Tensor] | None,
+    proximal_ref: dict[str, torch.Tensor] | None, mu: float, steps_total: int, sample_rate: float,
+    sigma_tiles: float | None, slide_cap: int | None, ledger: PrivacyLedger | None, delta: float | None,
+    round_index: int | None, n_units: int, group_k: int, show_progress: bool,
+) -> TrainResult:
+    from monai.losses import DiceCELoss
+
+    tc, pc = cfg.train, cfg.train.privacy
+    dp = sigma_tiles is not None
+    torch.manual_seed(tc.seed + (round_index or 0))
+    net = build_model(cfg.model)
+    if init_state is not None:
+        net.load_state_dict(strip_wrappers(init_state))
+    params = [p for p in net.parameters() if p.requires_grad]
+    if tc.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
+
+    step = 0
+    if prog.get("checkpoint"):
+        ck = job_dir / prog["checkpoint"]
+        net.load_state_dict(strip_wrappers(load_file(str(ck / "model.safetensors"))))
+        load_optimizer_tensors(opt, load_file(str(ck / "optimizer.safetensors")), json.loads((ck / "optimizer.json").read_text()))
+        step = int(prog["step"])
+        log.info("%s: resuming job %r from step %d", job_dir, job, step)
+    resumed_from = step
+    spent_offset = 0
+    if ledger is not None:
+        e = ledger.entry(job)
+        spent_offset = max(0, (e.steps if e else 0) - step)
+
+    ref = None
+    if proximal_ref is not None and mu > 0:
+        ref = {k: v.detach().clone().float() for k, v in strip_wrappers(proximal_ref).items()}
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True)
+    seed = tc.seed * 1_000_003 + (round_index or 0) * 7919 + step
+    dl = _loader(train_ds, train_parts, cfg, sample_rate, slide_cap, steps_total - step, seed)
+
+    model: nn.Module = net
+    if dp:
+        from opacus import PrivacyEngine
+
+        check_dp_model(net)
+        register_fast_grad_samplers()
+        engine = PrivacyEngine(accountant=pc.accountant)
+        model, opt, dl = engine.make_private(
+            module=net, optimizer=opt, data_loader=dl, noise_multiplier=sigma_tiles, max_grad_norm=pc.max_grad_norm,
+            poisson_sampling=slide_cap is None, grad_sample_mode="hooks",
+        )
+        if slide_cap is None and not math.isclose(dl.sample_rate, sample_rate):  # type: ignore[attr-defined]
+            raise FedpathError(f"train: Opacus sampling rate {dl.sample_rate} differs from the planned {sample_rate}")  # type: ignore[attr-defined]
+        if slide_cap is not None:
+            opt.expected_batch_size = max(1, round(sample_rate * n_units * slide_cap))  # type: ignore[attr-defined]
+        if ref is not None:
+            # FedProx with DP-SGD: the proximal gradient joins *after* clipping, noise and averaging, just
+            # before the inner optimizer's step (Opacus' step hook runs there); it depends on no sample
+            inner_hook = opt.step_hook  # type: ignore[attr-defined]
+
+            def _hook(o: Any) -> None:
+                if inner_hook is not None:
+                    inner_hook(o)
+                _add_proximal_grad(net, ref, mu)  # type: ignore[arg-type]
+
+            opt.step_hook = _hook  # type: ignore[attr-defined]
+
+    def commit(step_now: int, done: bool, metrics: dict[str, Any] | None = None) -> None:
+        # 1. the ledger (steps spent so far), 2. the checkpoint, 3. progress.json pointing at it
+        if ledger is not None and delta is not None and sigma_tiles is not None:
+            sig = sigma_tiles / slide_cap if slide_cap else sigma_tiles
+            ledger.record(job=job, round_index=round_index, sample_rate=sample_rate, noise_multiplier=sig,
+                          max_grad_norm=pc.max_grad_norm, steps=step_now + spent_offset, planned_steps=steps_total,
+                          delta=delta, n_units=n_units, max_tiles_per_slide=group_k, complete=done)
+            ledger.save()
+        name = f"ckpt_{step_now:07d}"
+        tmp = job_dir / (name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in strip_wrappers(net.state_dict()).items()},
+                  str(tmp / "model.safetensors"))
+        ot, oi = optimizer_tensors(opt.original_optimizer if dp else opt)  # type: ignore[attr-defined]
+        save_file(ot, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(oi))
+        final = job_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_json(job_dir / "progress.json", {
+            "job": job, "fingerprint": fingerprint, "step": step_now, "planned_steps": steps_total, "done": done,
+            "checkpoint": name, "sites": sites, "round": round_index, "metrics": metrics or {}, "time": time.time(),
+        })
+        for old in job_dir.glob("ckpt_*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    if prog.get("done"):
+        metrics = prog.get("metrics", {})
+    else:
+        losses: list[float] = []
+        phys = tc.physical_batch_size
+        prog_bar = _progress(show_progress)
+        task = prog_bar.add_task(f"train {'+'.join(sites)} {job}", total=steps_total, completed=step, loss=float("nan"),
+                                 eps=float("nan"))
+        with prog_bar:
+            if dp:
+                from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+                with BatchMemoryManager(data_loader=dl, max_physical_batch_size=phys, optimizer=opt) as mdl:
+                    for batch in _forever(mdl):
+                        if step >= steps_total:
+                            break
+                        _dp_physical_step(model, opt, criterion, batch, losses)
+                        if opt._is_last_step_skipped:  # type: ignore[attr-defined]
+                            continue  # a physical chunk of a larger logical batch
+                        step += 1
+                        step = _after_step(step, steps_total, tc.checkpoint_every, commit, prog_bar, task, losses, ledger, job)
+            else:
+                for x, y in _forever(dl):
+                    if step >= steps_total:
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    n = x.shape[0]
+                    for s in range(0, n, phys):
+                        xb, yb = x[s : s + phys], y[s : s + phys]
+                        loss = criterion(model(xb), yb) * (xb.shape[0] / n)
+                        loss.backward()  # type: ignore[no-untyped-call]
+                        losses.append(float(loss.detach()) * n / xb.shape[0])
+                    if ref is not None:
+                        _add_proximal_grad(net, ref, mu)
+                    opt.step()
+                    step += 1
+                    step = _after_step(step, steps_total, tc.checkpoint_every, commit, prog_bar, task, losses, None, job)
+        val_ds = _concat(val_parts) if val_parts else None
+        metrics = evaluate_dataset(net, val_ds, max_tiles=tc.max_val_tiles) if val_ds is not None else {}
+        metrics = {f"val_{k}" if k in ("dice", "jaccard", "pixel_accuracy") else k: v for k, v in metrics.items()}
+        metrics["train_loss_last"] = float(np.mean(losses[-10:])) if losses else None
+        commit(step, True, metrics)
+    entry = ledger.entry(job) if ledger is not None else None
+    return TrainResult(
+        state={k: v.detach().cpu().clone() for k, v in strip_wrappers(net.state_dict()).items()},
+        n_train_tiles=0, steps=int(prog.get("step", step)) if prog.get("done") else step,
+        epsilon=entry.epsilon if entry else None, delta=delta,
+        noise_multiplier=sigma_tiles, metrics=metrics, seconds=0.0, sample_rate=sample_rate if dp else None,
+        epsilon_slide=entry.epsilon_slide if entry else None, job_id=job, resumed_from=resumed_from,
+        extra={"delta_slide": entry.delta_slide if entry else None, "sigma_tiles": sigma_tiles},
+    )
+
+
+def _dp_physical_step(model: nn.Module, opt: Any, criterion: nn.Module, batch: Any, losses: list[float]) -> None:
+    """Forward/backward of one physical batch, then the DP optimizer's step (a real step on the last
+    chunk of a logical batch). An empty logical batch (Poisson sampling can draw none) still takes its
+    noise-only step: zero per-sample gradients for every parameter, then Opacus adds the noise."""
+    x = None if batch is None else batch[0]
+    if x is None or x.shape[0] == 0:
+        for p in opt.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return
+    loss = criterion(model(x), batch[1])
+    loss.backward()
+    losses.append(float(loss.detach()))
+    opt.step()
+    opt.zero_grad(set_to_none=True)  # clears grad_sample; keeps summed_grad across a skipped (partial) step
+
+
+def _add_proximal_grad(net: nn.Module, ref: dict[str, torch.Tensor], mu: float) -> None:
+    """grad += mu * (w - w_global): the gradient of FedProx's (mu/2)||w - w_global||^2."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.requires_grad and name in ref:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(p.detach() - ref[name], alpha=mu)
+
+
+def _after_step(
+    step: int, total: int, every: int, commit: Any, bar: Any, task: Any, losses: list[float],
+    ledger: PrivacyLedger | None, job: str,
+) -> int:
+    if step % every == 0 and step < total:
+        commit(step, False)
+    eps = float("nan")
+    if ledger is not None and ledger.entry(job) is not None:
+        eps = ledger.entry(job).epsilon  # type: ignore[union-attr]
+    bar.update(task, completed=step, loss=float(np.mean(losses[-5:])) if losses else float("nan"), eps=eps)
+    return step
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("ε {task.fields[eps]:.2f}"), TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled,
+        transient=False,
+    )
+
+
+# -- the CLI stage ----------------------------------------------------------------------------------------
+def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str = "train") -> dict[str, Any]:
+    """``fedpath train``: one site locally, or several pooled (the centralised baseline); writes the model
+    and ``summary.json`` key "train"."""
+    from pipeline.summary import update_summary
+
+    for s in sites:
+        cfg.site(s)  # unknown site: one-line error
+    res = train_local(cfg, sites, cfg.run_dir, job_id=job_id)
+    store = SiteStore(cfg.store_path(sites[0])).attrs
+    out_dir = cfg.site_dir(sites[0]) if len(sites) == 1 else cfg.run_dir / "central"
+    meta = ModelMeta(
+        model=cfg.model, tile_size=int(store.get("tile_size", 0)), target_mpp=float(store.get("target_mpp", 0.0)),
+        source="local" if len(sites) == 1 else "central",
+        extra={"sites": sites, "steps": res.steps, "epsilon": res.epsilon, "delta": res.delta},
+    )
+    path = save_model(out_dir / "model.safetensors", res.state, meta)
+    summary = {
+        "sites": sites, "model": str(path), "steps": res.steps, "n_train_tiles": res.n_train_tiles,
+        "epsilon": res.epsilon, "epsilon_slide": res.epsilon_slide, "delta": res.delta,
+        "noise_multiplier": res.noise_multiplier, "sample_rate": res.sample_rate, "metrics": res.metrics,
+        "seconds": res.seconds, "resumed_from": res.resumed_from, **{k: v for k, v in res.extra.items() if k != "split"},
+        "split": res.extra.get("split"),
+    }
+    key_summary = {"+".join(sites): summary}
+    from pipeline.summary import read_summary
+
+    prev = read_summary(cfg.run_dir).get("train", {})
+    update_summary(cfg.run_dir, "train", {**(prev if isinstance(prev, dict) else {}), **key_summary})
+    log.info("train %s: %d steps, eps=%s, val dice=%s -> %s", sites, res.steps, res.epsilon,
+             res.metrics.get("val_dice"), path)
+    return summary

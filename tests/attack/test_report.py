@@ -1,0 +1,189 @@
+"""The attack sweep and the report on a small real run: MoNuSeg tiles in a site store, a real DP ledger,
+a stored update and global model, the sweep with tiny settings, then every report section."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from federation.attack.common import segmentation_loss
+from federation.attack.multistep import LocalTraining, local_update
+from federation.attack.sweep import run_attack
+from federation.attack.tiles import load_monuseg_tiles
+from federation.wire import UPDATE_META_KEY
+from pipeline.checkpoint import ModelMeta, save_model
+from pipeline.config import ExperimentConfig
+from pipeline.errors import FedpathError
+from pipeline.privacy import PrivacyLedger
+from pipeline.report import build_report
+from pipeline.summary import read_summary
+from wsi.store import SiteStore
+
+TILE = 16
+MODEL = {"channels": [8, 16], "strides": [2], "num_res_units": 1, "groups": 4}
+
+
+def _small_run(tmp: Path, data_root: Path) -> ExperimentConfig:
+    run = tmp / "run"
+    cfg = ExperimentConfig.model_validate(
+        {
+            "name": "tiny",
+            "run_dir": str(run),
+            "sites": [{"name": "a", "manifest": str(tmp / "a.csv")}],
+            "model": MODEL,
+            "train": {"batch_size": 2, "max_steps": 2, "lr": 0.01, "optimizer": "sgd"},
+            "federation": {"rounds": 1},
+            "attack": {
+                "epsilons": [None, 8.0],
+                "tile_size": TILE,
+                "max_images": 6,
+                "iterations": 4,
+                "restarts": 1,
+                "dlg_iterations": 2,
+                "n_targets": 1,
+                "local_steps": 2,
+                "utility_tile_size": 32,
+                "utility_train_tiles": 6,
+                "utility_test_tiles": 6,
+                "utility_steps": 3,
+                "utility_batch_size": 3,
+                "real_iterations": 3,
+                "real_max_images": 2,
+            },
+        }
+    )
+    # site a's store: real MoNuSeg tiles and masks, tiled as wsi.store lays them out
+    tiles = load_monuseg_tiles(data_root, TILE, 0.5, per_image=2, max_images=3, seed=5)
+    n = len(tiles)
+    store = SiteStore.create(cfg.store_path("a"), site="a", target_mpp=0.5, tile_size=TILE, overlap=0)
+    w = store.begin_slide("s1", n, TILE, True)
+    imgs = (tiles.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    w.write(
+        slice(0, n),
+        imgs,
+        np.zeros((n, 4), np.int64),
+        np.ones(n, np.float32),
+        tiles.masks.numpy().astype(np.uint8),
+    )
+    store.commit_slide("s1", {"split": "train"})
+    # the site's real DP ledger
+    ledger = PrivacyLedger.load(cfg.site_dir("a") / "privacy.json", "a")
+    ledger.record(
+        job="round-0",
+        round_index=0,
+        sample_rate=0.5,
+        noise_multiplier=1.2,
+        max_grad_norm=1.0,
+        steps=2,
+        planned_steps=2,
+        delta=1e-3,
+        n_units=n,
+        max_tiles_per_slide=n,
+        complete=True,
+    )
+    ledger.save()
+    # the aggregator's round-0 global model and the update site a uploaded (2 SGD steps on 2 tiles)
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model(cfg.model).eval()
+    save_model(
+        run / "server/global/round_0.safetensors",
+        net.state_dict(),
+        ModelMeta(cfg.model, TILE, 0.5, "global", 0),
+    )
+    upd = local_update(
+        net,
+        tiles.images[:2],
+        tiles.masks[:2],
+        segmentation_loss(),
+        LocalTraining(steps=2, batch_size=2, lr=0.01),
+    )
+    meta = {"site": "a", "round": 0, "n_tiles": 2, "epsilon": ledger.epsilon}
+    (run / "server/updates/0").mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in upd.items()},
+        str(run / "server/updates/0/a.safetensors"),
+        metadata={UPDATE_META_KEY: json.dumps(meta)},
+    )
+    (run / "config.json").write_text(cfg.model_dump_json(indent=2))
+    return cfg
+
+
+@pytest.mark.realdata
+def test_sweep_and_report_on_a_small_real_run(tmp_path: Path, data_root: Path) -> None:
+    cfg = _small_run(tmp_path, data_root)
+    torch.set_num_threads(1)
+    result = run_attack(cfg, data_root)
+    run = cfg.run_dir
+
+    # the sweep: every ε, every attack (worst case), utility + membership, the real stored update
+    assert [e["epsilon"] for e in result["results"]] == [None, 8.0]
+    assert result["results"][0]["noise_multiplier"] == 0.0 and result["results"][1]["noise_multiplier"] > 0
+    for e in result["results"]:
+        assert {"inverting_gradients", "dlg", "multistep_2steps"} <= set(e["attacks"])
+        for a in e["attacks"].values():
+            assert -1 <= a["summary"]["mean_ssim"] <= 1 and a["seconds_per_reconstruction"] > 0
+        assert 0 <= e["utility"]["dice"] <= 1
+        assert 0 <= e["utility"]["membership"]["auc"] <= 1
+        assert (run / e["grid"]).is_file()
+    assert result["results"][1]["utility"]["epsilon_spent"] == pytest.approx(8.0, rel=0.05)
+    real = result["real_updates"]
+    assert len(real) == 1 and real[0]["site"] == "a" and real[0]["local_steps_assumed"] == 2
+    assert "mean_nearest_ssim" in real[0]
+    assert (run / "attack/attack.json").is_file()
+    assert read_summary(run)["attack"]["per_epsilon"][1]["epsilon"] == 8.0
+
+    # the report: self-contained HTML with every section, and report.json
+    html_path = build_report(run)
+    html = html_path.read_text()
+    for section in (
+        "verdict",
+        "threat-model",
+        "ledger",
+        "reconstructions",
+        "curves",
+        "utility",
+        "membership",
+        "real-updates",
+        "configuration",
+    ):
+        assert f'id="{section}"' in html, section
+    assert len(re.findall(r'src="data:image/png;base64,', html)) >= 2 + 2 + 1  # grids, curves, real update
+    assert 'src="http' not in html and "<link" not in html  # nothing fetched from outside
+    ledger = json.loads((run / "sites/a/privacy.json").read_text())
+    assert f"{ledger['epsilon']:.3g}" in html and f"{ledger['epsilon_slide']:.3g}" in html
+    report = json.loads((run / "report/report.json").read_text())
+    assert report["ledger"][0]["site"] == "a" and report["ledger"][0]["noise_multiplier"] == 1.2
+    assert report["stored_updates"] == 1 and report["config"]["name"] == "tiny"
+    assert "honest-but-curious" in report["threat_model"]
+
+
+def test_report_refuses_a_run_without_ledgers_or_attack_results(tmp_path: Path) -> None:
+    with pytest.raises(FedpathError, match="privacy.json"):
+        build_report(tmp_path)
+    ledger = PrivacyLedger.load(tmp_path / "sites/a/privacy.json", "a")
+    ledger.record(
+        job="j",
+        round_index=None,
+        sample_rate=0.1,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        steps=1,
+        planned_steps=1,
+        delta=1e-5,
+        n_units=10,
+        max_tiles_per_slide=1,
+        complete=True,
+    )
+    ledger.save()
+    with pytest.raises(FedpathError, match="attack.json"):
+        build_report(tmp_path)
+    with pytest.raises(FedpathError, match="not found"):
+        build_report(tmp_path / "nope")

@@ -1,0 +1,78 @@
+"""Per-sample clipping and noise against oracles: a batch-of-1 autograd loop and the closed form σ·C."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.models import build_model, register_fast_grad_samplers
+
+
+def _net(upsample: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name="unet", channels=[8, 16], strides=[2], groups=4, upsample=upsample))
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y, reduction="sum")
+
+
+def _oracle_clipped_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> list[torch.Tensor]:
+    """Σ_i clip(∇ℓ_i, C), each ∇ℓ_i from its own backward pass (batch of one)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(_loss(net(x[i : i + 1]), y[i : i + 1]), params)
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for t, g in zip(total, grads, strict=True):
+            t += g * factor
+    return total
+
+
+@pytest.mark.parametrize("upsample", ["nontrainable", "deconv"])
+def test_clipped_sum_matches_batch_of_one_loop(upsample: str) -> None:
+    register_fast_grad_samplers()  # fedpath's grouped-conv per-sample gradients (Conv2d, ConvTranspose2d)
+    net = _net(upsample)
+    x = torch.rand(6, 3, 16, 16)
+    y = (torch.rand(6, 16, 16) > 0.6).long()
+    clip = 0.05  # small enough that every sample is clipped
+    oracle = _oracle_clipped_sum(net, x, y, clip)
+    params0 = [p for p in net.parameters() if p.requires_grad]
+    ref = {i: torch.autograd.grad(_loss(net(x[i : i + 1]), y[i : i + 1]), params0) for i in (0, 5)}
+
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    opt = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+                      expected_batch_size=6, loss_reduction="sum")
+    _loss(gsm(x), y).backward()
+    # per-sample gradients themselves against the oracle
+    for i in (0, 5):
+        for p, r in zip(params, ref[i], strict=True):
+            torch.testing.assert_close(p.grad_sample[i], r, rtol=1e-4, atol=1e-5)
+    opt.pre_step()
+    for p, o in zip(params, oracle, strict=True):
+        torch.testing.assert_close(p.summed_grad, o, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad, o, rtol=1e-4, atol=1e-6)  # σ = 0: no noise
+
+
+def test_noise_std_is_sigma_times_clip() -> None:
+    torch.manual_seed(1)
+    lin = nn.Linear(400, 250)  # 100,250 noise draws per step
+    gsm = GradSampleModule(lin, loss_reduction="sum")
+    sigma, clip = 1.7, 0.3
+    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=sigma, max_grad_norm=clip,
+                      expected_batch_size=4, loss_reduction="sum")
+    x = torch.randn(4, 400)
+    gsm(x).sum().backward()
+    opt.pre_step()
+    noise = torch.cat([(p.grad - p.summed_grad).flatten() for p in gsm.parameters()])
+    n = noise.numel()
+    std = float(noise.std())
+    # std of a sample std of n Gaussians ≈ σC / sqrt(2n): 5 of those is a safe band
+    assert abs(std - sigma * clip) < 5 * sigma * clip / (2 * n) ** 0.5
+    assert abs(float(noise.mean())) < 5 * sigma * clip / n**0.5

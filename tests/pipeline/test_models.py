@@ -1,0 +1,60 @@
+"""The model factory builds DP-ready networks, and the DP check rejects what Opacus cannot train, saying why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.checkpoint import ModelMeta, load_model, save_model
+from pipeline.config import ModelConfig
+from pipeline.errors import FedpathError
+from pipeline.models import build_model, check_dp_model, dp_model_problems, functorch_layers, register_fast_grad_samplers
+
+
+@pytest.mark.parametrize("name", ["unet", "basicunet", "segresnet", "attentionunet"])
+def test_models_are_dp_ready(name: str) -> None:
+    net = build_model(ModelConfig(name=name, channels=[8, 16, 32], strides=[2, 2], groups=4))
+    y = net(torch.rand(2, 3, 32, 32))
+    assert y.shape == (2, 2, 32, 32)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert not any(getattr(m, "inplace", False) for m in net.modules())
+    check_dp_model(net)  # passes
+    assert functorch_layers(net) == []  # every trainable layer has Opacus per-sample code
+
+
+def test_deconv_needs_the_registered_sampler() -> None:
+    net = build_model(ModelConfig(name="unet", channels=[8, 16], strides=[2], upsample="deconv"))
+    register_fast_grad_samplers()
+    assert functorch_layers(net) == []
+    check_dp_model(net, allow_functorch=False)
+
+
+def test_check_rejects_batchnorm_naming_the_module() -> None:
+    from monai.networks.nets import AttentionUnet
+
+    net = AttentionUnet(spatial_dims=2, in_channels=3, out_channels=2, channels=[8, 16], strides=[2])
+    with pytest.raises(FedpathError) as err:
+        check_dp_model(net)
+    msg = str(err.value)
+    assert "model.0.conv.0.adn.N (BatchNorm2d)" in msg and "batch" in msg.lower() and "\n" not in msg
+
+
+def test_check_rejects_inplace_activation_and_untracked_batchnorm() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4, affine=False))
+    problems = dp_model_problems(net)
+    assert any(p.startswith("1 (ReLU): in-place activation") for p in problems)
+    assert any(p.startswith("2 (BatchNorm2d)") for p in problems)
+
+
+def test_model_file_round_trip(tmp_path: Path) -> None:
+    cfg = ModelConfig(name="attentionunet", channels=[8, 16, 32], strides=[2, 2], groups=4)
+    net = build_model(cfg)
+    path = save_model(tmp_path / "m.safetensors", net.state_dict(), ModelMeta(model=cfg, tile_size=64, target_mpp=0.5))
+    net2, meta = load_model(path)
+    x = torch.rand(1, 3, 32, 32)
+    net.eval()
+    net2.eval()
+    assert torch.equal(net(x), net2(x)) and meta.model == cfg
