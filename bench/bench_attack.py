@@ -55,7 +55,9 @@ def main() -> None:
     tgt = tgt[: args.targets]
     model, source = target_model(cfg)
     loss_fn = segmentation_loss(a.loss)
-    settings = InversionSettings(iterations=iters, restarts=restarts, lr=a.lr, tv_weight=a.tv_weight)
+    settings = InversionSettings(
+        iterations=iters, restarts=restarts, lr=a.lr, tv_weight=a.tv_weight, scales=tuple(a.scales)
+    )
 
     # the floor: one plain forward + backward of the victim at this tile size
     x0, m0 = pool.images[tgt[:1]], pool.masks[tgt[:1]]

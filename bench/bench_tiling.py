@@ -171,13 +171,13 @@ def bench_memory(work: Path, small: int, big: int) -> dict[str, Any]:
         store = work / f"mem_{size}.zarr"
         shutil.rmtree(store, ignore_errors=True)
         code = (
-            "import sys, json; from pathlib import Path; sys.path.insert(0, %r);"
+            f"import sys, json; from pathlib import Path; sys.path.insert(0, {str(REPO)!r});"
             "from wsi.config import TilingConfig;"
             "from wsi.tiling import run_tile_site;"
             "cfg = TilingConfig(target_mpp=0.5, tile_size=256, min_tissue_fraction=0.5);"
-            "r = run_tile_site(Path(%r), Path(%r), Path(%r), cfg, 'bench', None, None, 1);"
+            f"r = run_tile_site(Path({str(mf)!r}), Path({str(slide.parent)!r}), Path({str(store)!r}), cfg, 'bench', None, None, 1);"
             "sys.exit(1 if r['failed'] else 0)"
-        ) % (str(REPO), str(mf), str(slide.parent), str(store))
+        )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         rss, dt = peak_rss_mb([sys.executable, "-c", code], env)
         n = SiteStore(store).n_tiles(slide.stem)

@@ -288,6 +288,10 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
             extra: dict[str, Any] = {
                 "steps": int(getattr(result, "steps", 0)),
                 "sample_delta": getattr(result, "delta", None),
+                "epsilon_slide": getattr(result, "epsilon_slide", None),
+                "noise_multiplier": getattr(result, "noise_multiplier", None),
+                "sample_rate": getattr(result, "sample_rate", None),
+                "proximal_mu": mu,
                 "strategy": strategy.describe(),
             }
             if cu.privacy is not None and isinstance(strategy, LocalUpdateDP):

@@ -134,8 +134,11 @@ def _parse_update_meta(metadata: dict[str, str], what: str) -> dict[str, Any]:
         raise WireError(f"{what}: metadata 'round' must be a non-negative integer (got {rnd!r})")
     if not isinstance(n_tiles, int) or isinstance(n_tiles, bool) or n_tiles < 1:
         raise WireError(f"{what}: metadata 'n_tiles' must be a positive integer (got {n_tiles!r})")
-    if eps is not None and (not isinstance(eps, int | float) or not math.isfinite(eps) or eps < 0):
-        raise WireError(f"{what}: metadata 'epsilon' must be a non-negative number or null (got {eps!r})")
+    # inf is legitimate (DP-SGD without noise: no guarantee); NaN and negatives are not
+    if eps is not None and (not isinstance(eps, int | float) or math.isnan(eps) or eps < 0):
+        raise WireError(
+            f"{what}: metadata 'epsilon' must be a non-negative number, inf or null (got {eps!r})"
+        )
     meta.setdefault("update_id", "")
     if not isinstance(meta["update_id"], str):
         raise WireError(f"{what}: metadata 'update_id' must be a string")

@@ -56,10 +56,15 @@ def synth(
     out: Annotated[Path | None, typer.Option(help="default: <run_dir>/synthetic")] = None,
 ) -> None:
     """Generate the synthetic H&E default: pyramidal TIFF slides, exact masks and per-site manifests."""
+    from wsi.errors import WSIError
     from wsi.synth import run_synth
 
     cfg = _cfg(config, set_)
-    run_synth(cfg.synth, out or cfg.run_dir / "synthetic", run_dir=cfg.run_dir)
+    try:
+        # the config's own data_root (not FEDPATH_DATA_ROOT, which may be read-only real data)
+        run_synth(cfg.synth, out or cfg.data_root or cfg.run_dir / "synthetic", run_dir=cfg.run_dir)
+    except WSIError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -72,6 +77,7 @@ def tile(
     workers: Annotated[int | None, typer.Option(help="local dask workers")] = None,
 ) -> None:
     """Tile one site's slides (tissue only, target MPP) into sites/<site>/store.zarr."""
+    from wsi.errors import WSIError
     from wsi.tiling import run_tile_site
 
     cfg = _cfg(config, set_)
@@ -79,17 +85,20 @@ def tile(
     failed = 0
     for name in sites:
         s = cfg.site(name)
-        result = run_tile_site(
-            manifest=s.manifest,
-            data_root=cfg.resolved_data_root(data_root),
-            store=cfg.store_path(name),
-            tiling=cfg.tiling,
-            site=name,
-            run_dir=cfg.run_dir,
-            scheduler=scheduler or cfg.tiling.scheduler,
-            workers=workers or cfg.tiling.workers,
-        )
-        failed += len(result.get("failed", []))
+        try:
+            result = run_tile_site(
+                manifest=s.manifest,
+                data_root=cfg.resolved_data_root(data_root),
+                store=cfg.store_path(name),
+                tiling=cfg.tiling,
+                site=name,
+                run_dir=cfg.run_dir,
+                scheduler=scheduler or cfg.tiling.scheduler,
+                workers=workers or cfg.tiling.workers,
+            )
+        except WSIError as exc:  # the site as a whole cannot be tiled (manifest, store): one line, exit 2
+            _fail(str(exc))
+        failed += len(result.get("failed", []))  # each already logged in one line
     if failed:
         raise typer.Exit(1)
 
@@ -221,7 +230,9 @@ def experiment(config: ConfigOpt = None, set_: SetOpt = None, data_root: DataRoo
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns (not raises) a command's typer.Exit code here
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except (ConfigError, FedpathError) as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)

@@ -39,9 +39,10 @@ class ModelConfig(_Strict):
     num_res_units: int = 1
     groups: int = Field(8, ge=1, description="GroupNorm groups")
     dropout: float = Field(0.0, ge=0, lt=1)
-    upsample: Literal["nontrainable", "deconv"] = Field(
-        "nontrainable",
-        description="decoder upsampling: nearest resize + conv (Opacus per-sample code) or transposed conv",
+    upsample: Literal["deconv", "nontrainable"] = Field(
+        "deconv",
+        description="decoder upsampling: MONAI's transposed conv (fastest, per-sample code registered by "
+        "pipeline.models) or nearest resize + conv",
     )
 
 
@@ -172,6 +173,10 @@ class InferenceConfig(_Strict):
     aji_max_pixels: int = Field(
         64_000_000, ge=1, description="AJI over the whole slide up to this many model pixels, else per block"
     )
+    tile_cache: int = Field(64, ge=1, description="decoded slide tiles kept in memory (tifffile reader)")
+    tissue_max_side: int = Field(
+        1024, ge=64, description="longest side of the tissue mask (detect_mpp is raised for larger slides)"
+    )
 
 
 class AttackConfig(_Strict):
@@ -185,12 +190,18 @@ class AttackConfig(_Strict):
     max_images: int | None = Field(None, ge=2, description="MoNuSeg source images read (default: all 30)")
     batch_size: int = Field(1, ge=1, description="threat model: tiles per observed step (1 = worst case)")
     local_steps: int = Field(2, ge=1, description="threat model: local steps per update (multistep attack)")
+    local_optimizer: Literal["sgd", "adam"] | None = Field(
+        "sgd", description="victim's local optimiser in the multistep threat model (null: train.optimizer)"
+    )
     labels_known: bool = True
     loss: Literal["dicece", "ce"] = "dicece"
     restarts: int = Field(2, ge=1)
     iterations: int = Field(300, ge=1)
     lr: float = Field(0.1, gt=0, description="Adam step on signed gradients, pixels in [0, 1]")
-    tv_weight: float = Field(0.3, ge=0)
+    tv_weight: float = Field(1.0, ge=0, description="total-variation prior weight (cosine cost is in [0, 2])")
+    scales: list[int] = Field(
+        default_factory=lambda: [2, 1], description="coarse-to-fine stages (downsampling factors)"
+    )
     dlg_iterations: int = Field(60, ge=1, description="L-BFGS steps of DLG")
     n_targets: int = Field(4, ge=1, description="attacked tiles (or batches) per ε and attack")
     attacks: list[Literal["inverting_gradients", "dlg", "multistep"]] = Field(
@@ -211,8 +222,9 @@ class AttackConfig(_Strict):
     utility_lr: float = Field(2e-3, gt=0)
     real_updates: bool = Field(True, description="also invert the updates stored under server/updates")
     real_max_updates: int = Field(2, ge=0, description="stored updates attacked (earliest rounds first)")
-    real_max_images: int = Field(8, ge=1, description="cap on dummy tiles simulated per stored update")
-    real_iterations: int = Field(100, ge=1)
+    real_max_images: int = Field(4, ge=1, description="cap on dummy tiles simulated per stored update")
+    real_max_steps: int = Field(2, ge=1, description="cap on local steps simulated per stored update")
+    real_iterations: int = Field(50, ge=1)
     threads: int | None = Field(None, ge=1, description="torch threads (default: train.threads or all)")
     seed: int = 0
 

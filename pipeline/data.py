@@ -90,7 +90,9 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.tiles_per_slide: dict[str, int] = {}
         for si, sid in enumerate(self.slide_ids):
             if store.masks(sid) is None:
-                raise FedpathError(f"{self.store_path}: slide {sid!r} has no masks; it cannot be used for training")
+                raise FedpathError(
+                    f"{self.store_path}: slide {sid!r} has no masks; it cannot be used for training"
+                )
             n = store.n_tiles(sid)
             self.tiles_per_slide[sid] = n
             index.extend((si, i) for i in range(n))
@@ -122,7 +124,9 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             img = np.asarray(images[ti])  # type: ignore[index]
             msk = np.asarray(masks[ti])  # type: ignore[index]
         except Exception as exc:  # noqa: BLE001 - any zarr/codec failure is a bad store
-            raise WSIError(f"{self.store_path}: slide {self.slide_ids[si]!r} tile {ti}: unreadable ({exc})") from None
+            raise WSIError(
+                f"{self.store_path}: slide {self.slide_ids[si]!r} tile {ti}: unreadable ({exc})"
+            ) from None
         return img, msk
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +207,12 @@ class SlidePoissonSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, slide_items: Sequence[Sequence[int]], sample_rate: float, tiles_per_slide: int, steps: int, seed: int
+        self,
+        slide_items: Sequence[Sequence[int]],
+        sample_rate: float,
+        tiles_per_slide: int,
+        steps: int,
+        seed: int,
     ) -> None:
         self.slide_items = [np.asarray(v, dtype=np.int64) for v in slide_items]
         self.sample_rate = sample_rate

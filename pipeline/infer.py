@@ -427,8 +427,8 @@ class SlideJob:
 
 
 def _fingerprint(model: LoadedModel, cfg: ExperimentConfig, job: SlideJob, slide_sha: str) -> dict[str, Any]:
-    # Settings that change the maps; where and how fast they run (scheduler, batch size) do not.
-    inf = cfg.inference.model_dump(exclude={"scheduler", "batch_size"})
+    # Settings that change the maps; where and how fast they run (scheduler, batch, cache) do not.
+    inf = cfg.inference.model_dump(exclude={"scheduler", "batch_size", "tile_cache"})
     return {
         "infer_version": INFER_VERSION,
         "model_sha256": model.sha256,
@@ -480,6 +480,28 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _open_for_inference(job: SlideJob, cfg: ExperimentConfig) -> SlideReader:
+    """The slide's reader; a tifffile reader gets a small decoded-tile cache (each block is read whole,
+    once, so a large cache only costs memory)."""
+    from wsi.readers import TiffSlideReader
+
+    reader = open_slide(job.path, job.mpp, cfg.tiling.default_mpp)
+    if isinstance(reader, TiffSlideReader):
+        reader.close()
+        reader = TiffSlideReader(
+            job.path, job.mpp, cfg.tiling.default_mpp, tile_cache=cfg.inference.tile_cache
+        )
+    return reader
+
+
+def _tissue_config(reader: SlideReader, cfg: ExperimentConfig) -> Any:
+    """The tiling's tissue settings, at a resolution coarse enough that the mask has at most
+    ``inference.tissue_max_side`` pixels on the slide's longer side (its memory stays bounded)."""
+    tcfg = cfg.tiling.tissue
+    floor = reader.mpp * max(reader.dimensions) / cfg.inference.tissue_max_side
+    return tcfg.model_copy(update={"detect_mpp": max(tcfg.detect_mpp, floor)})
+
+
 def infer_slide(
     job: SlideJob, model: LoadedModel, cfg: ExperimentConfig, out_root: Path, data_root: Path | None = None
 ) -> dict[str, Any]:
@@ -517,9 +539,9 @@ def infer_slide(
     }
     _write_json(out / "run.json", record)
 
-    with open_slide(job.path, job.mpp, cfg.tiling.default_mpp) as reader:
+    with _open_for_inference(job, cfg) as reader:
         canvas = plan_canvas(reader, model.meta.target_mpp, cfg.tiling.mpp_tolerance, inf.max_upsample)
-        tissue = detect_tissue(reader, cfg.tiling.tissue) if inf.tissue_only else None
+        tissue = detect_tissue(reader, _tissue_config(reader, cfg)) if inf.tissue_only else None
         prob = create_prob_zarr(out / "prob.ome.zarr", (1, *canvas.shape), inf.chunk_size)
         stats = stitch_slide(reader, model, inf, canvas, prob, out / ".accumulator", tissue)
         t1 = time.perf_counter()

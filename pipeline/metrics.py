@@ -63,7 +63,7 @@ def aji_sums(gt_labels: np.ndarray, pred_labels: np.ndarray) -> tuple[float, flo
 
 
 # -- pixel metrics (FedDP reports Dice, Jaccard and pixel accuracy) -------------------------------------
-def confusion_counts(pred: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
+def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(tp, fp, fn, tn) of foreground (class 1) for integer class maps of equal shape, as int64."""
     import torch
 
@@ -92,7 +92,7 @@ def pixel_accuracy_from_counts(tp: float, fp: float, fn: float, tn: float) -> fl
     return 1.0 if total == 0 else (tp + tn) / total
 
 
-def metrics_from_counts(counts: "Sequence[float] | torch.Tensor") -> dict[str, float]:
+def metrics_from_counts(counts: Sequence[float] | torch.Tensor) -> dict[str, float]:
     """Dice, Jaccard and pixel accuracy from (tp, fp, fn, tn)."""
     tp, fp, fn, tn = (float(v) for v in counts)
     return {

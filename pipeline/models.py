@@ -2,10 +2,12 @@
 
 The norm, activation and upsampling are chosen at construction (MONAI's own ``norm``/``act`` arguments
 and blocks), not patched afterwards, so the network that trains privately is exactly the one that was
-configured. Upsampling defaults to nearest-neighbour resize followed by a convolution: Opacus has its own
-per-sample gradient code for ``Conv2d`` and ``GroupNorm`` but none for ``ConvTranspose2d``, which would
-send every decoder layer through the slower functorch fallback (``upsample: deconv`` keeps MONAI's
-transposed convolutions for comparison).
+configured. Decoder upsampling: Opacus 1.6 has per-sample gradient code for ``Conv2d`` and ``GroupNorm``
+but none for ``ConvTranspose2d`` (it would fall back to functorch), so fedpath registers its own for both
+convolutions with Opacus' registry (:func:`register_fast_grad_samplers`: one grouped convolution backward
+per layer). Measured on this CPU (bench/bench_dp.py) MONAI's transposed convolutions are then both the
+fastest network and the fastest DP path, so ``upsample: deconv`` is the default; ``nontrainable``
+(nearest resize + Conv2d, :class:`DPUNet`) stays available and needs nothing but Opacus' own layers.
 
 :func:`check_dp_model` is the gate before private training: it runs Opacus' own validator (BatchNorm,
 running statistics, unsupported layers) plus fedpath's checks (in-place activations, layers that would
@@ -50,7 +52,13 @@ def _norm(groups: int) -> tuple[str, dict[str, int | bool]]:
 
 
 def _resize_conv(
-    in_channels: int, out_channels: int, scale: int, kernel_size: int, act: Any, norm: Any, dropout: float,
+    in_channels: int,
+    out_channels: int,
+    scale: int,
+    kernel_size: int,
+    act: Any,
+    norm: Any,
+    dropout: float,
     conv_only: bool = False,
 ) -> nn.Sequential:
     """Nearest-neighbour upsampling by ``scale`` then a stride-1 MONAI convolution (no checkerboard, and
@@ -58,8 +66,15 @@ def _resize_conv(
     return nn.Sequential(
         nn.Upsample(scale_factor=scale, mode="nearest"),
         Convolution(
-            2, in_channels, out_channels, strides=1, kernel_size=kernel_size, act=act, norm=norm,
-            dropout=dropout, conv_only=conv_only,
+            2,
+            in_channels,
+            out_channels,
+            strides=1,
+            kernel_size=kernel_size,
+            act=act,
+            norm=norm,
+            dropout=dropout,
+            conv_only=conv_only,
         ),
     )
 
@@ -69,13 +84,28 @@ class DPUNet(UNet):
 
     def _get_up_layer(self, in_channels: int, out_channels: int, strides: int, is_top: bool) -> nn.Module:
         conv: nn.Module = _resize_conv(
-            in_channels, out_channels, int(strides), int(self.up_kernel_size), self.act, self.norm,  # type: ignore[arg-type]
-            float(self.dropout) if self.dropout else 0.0, conv_only=is_top and self.num_res_units == 0,
+            in_channels,
+            out_channels,
+            int(strides),
+            int(self.up_kernel_size),  # type: ignore[arg-type]
+            self.act,
+            self.norm,
+            float(self.dropout) if self.dropout else 0.0,
+            conv_only=is_top and self.num_res_units == 0,
         )
         if self.num_res_units > 0:
             ru = ResidualUnit(
-                self.dimensions, out_channels, out_channels, strides=1, kernel_size=self.kernel_size, subunits=1,
-                act=self.act, norm=self.norm, dropout=self.dropout, bias=self.bias, last_conv_only=is_top,
+                self.dimensions,
+                out_channels,
+                out_channels,
+                strides=1,
+                kernel_size=self.kernel_size,
+                subunits=1,
+                act=self.act,
+                norm=self.norm,
+                dropout=self.dropout,
+                bias=self.bias,
+                last_conv_only=is_top,
                 adn_ordering=self.adn_ordering,
             )
             conv = nn.Sequential(conv, ru)
@@ -89,8 +119,13 @@ class DPUNet(UNet):
 class _ConvBlock(nn.Module):
     def __init__(self, cin: int, cout: int, strides: int, groups: int, dropout: float, kernel_size: int = 3):
         super().__init__()
-        kw: dict[str, Any] = {"kernel_size": kernel_size, "act": _ACT, "norm": _norm(groups), "dropout": dropout,
-                              "adn_ordering": "NDA"}
+        kw: dict[str, Any] = {
+            "kernel_size": kernel_size,
+            "act": _ACT,
+            "norm": _norm(groups),
+            "dropout": dropout,
+            "adn_ordering": "NDA",
+        }
         self.conv = nn.Sequential(
             Convolution(2, cin, cout, strides=strides, **kw), Convolution(2, cout, cout, strides=1, **kw)
         )
@@ -103,10 +138,16 @@ class _ConvBlock(nn.Module):
 class _AttentionBlock(nn.Module):
     def __init__(self, f_int: int, f_g: int, f_l: int, groups: int):
         super().__init__()
-        self.W_g = nn.Sequential(Convolution(2, f_g, f_int, kernel_size=1, conv_only=True), group_norm(groups, f_int))
-        self.W_x = nn.Sequential(Convolution(2, f_l, f_int, kernel_size=1, conv_only=True), group_norm(groups, f_int))
+        self.W_g = nn.Sequential(
+            Convolution(2, f_g, f_int, kernel_size=1, conv_only=True), group_norm(groups, f_int)
+        )
+        self.W_x = nn.Sequential(
+            Convolution(2, f_l, f_int, kernel_size=1, conv_only=True), group_norm(groups, f_int)
+        )
         # one attention channel: GroupNorm(1, 1) normalises it per sample (BatchNorm did it over the batch)
-        self.psi = nn.Sequential(Convolution(2, f_int, 1, kernel_size=1, conv_only=True), group_norm(1, 1), nn.Sigmoid())
+        self.psi = nn.Sequential(
+            Convolution(2, f_int, 1, kernel_size=1, conv_only=True), group_norm(1, 1), nn.Sigmoid()
+        )
         self.relu = nn.ReLU(inplace=False)
 
     def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -116,14 +157,29 @@ class _AttentionBlock(nn.Module):
 
 class _AttentionLayer(nn.Module):
     def __init__(
-        self, cin: int, cout: int, submodule: nn.Module, strides: int, groups: int, dropout: float, upsample: str
+        self,
+        cin: int,
+        cout: int,
+        submodule: nn.Module,
+        strides: int,
+        groups: int,
+        dropout: float,
+        upsample: str,
     ):
         super().__init__()
         self.attention = _AttentionBlock(f_int=max(cin // 2, 1), f_g=cin, f_l=cin, groups=groups)
         if upsample == "deconv":
             self.upconv: nn.Module = Convolution(
-                2, cout, cin, strides=strides, kernel_size=3, act=_ACT, norm=_norm(groups), adn_ordering="NDA",
-                dropout=dropout, is_transposed=True,
+                2,
+                cout,
+                cin,
+                strides=strides,
+                kernel_size=3,
+                act=_ACT,
+                norm=_norm(groups),
+                adn_ordering="NDA",
+                dropout=dropout,
+                is_transposed=True,
             )
         else:
             self.upconv = _resize_conv(cout, cin, strides, 3, _ACT, _norm(groups), dropout)
@@ -141,8 +197,14 @@ class DPAttentionUnet(nn.Module):
     """Attention U-Net from MONAI's building blocks, GroupNorm and non-in-place activations throughout."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, channels: Sequence[int], strides: Sequence[int], groups: int,
-        dropout: float = 0.0, upsample: str = "nontrainable",
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        groups: int,
+        dropout: float = 0.0,
+        upsample: str = "nontrainable",
     ):
         super().__init__()
         if len(channels) < 2 or len(strides) != len(channels) - 1:
@@ -208,15 +270,36 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         )
     if cfg.name == "attentionunet":
         return DPAttentionUnet(
-            cfg.in_channels, cfg.out_channels, cfg.channels, cfg.strides, cfg.groups, cfg.dropout, cfg.upsample
+            cfg.in_channels,
+            cfg.out_channels,
+            cfg.channels,
+            cfg.strides,
+            cfg.groups,
+            cfg.dropout,
+            cfg.upsample,
         )
     raise FedpathError(f"model {cfg.name!r}: not supported (unet, basicunet, segresnet, attentionunet)")
 
 
 # -- the pre-training check ----------------------------------------------------------------------------
-_INPLACE_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardtanh, nn.Hardswish,
-                  nn.Hardsigmoid, nn.SiLU, nn.Mish, nn.Threshold, nn.Dropout, nn.Dropout2d, nn.Dropout3d,
-                  nn.AlphaDropout)
+_INPLACE_TYPES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.SiLU,
+    nn.Mish,
+    nn.Threshold,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
 
 
 def dp_model_problems(model: nn.Module, allow_functorch: bool = True) -> list[str]:
@@ -270,6 +353,7 @@ def _first_sentences(text: str, n: int = 2) -> str:
 
 def check_dp_model(model: nn.Module, allow_functorch: bool = True) -> None:
     """Refuse a model that cannot be trained with DP-SGD, naming the first offending module and why."""
+    register_fast_grad_samplers()
     problems = dp_model_problems(model, allow_functorch=allow_functorch)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -283,7 +367,8 @@ def functorch_layers(model: nn.Module) -> list[str]:
     return [
         f"{n} ({type(m).__name__})"
         for n, m in model.named_modules()
-        if any(p.requires_grad for p in m.parameters(recurse=False)) and type(m) not in GradSampleModule.GRAD_SAMPLERS
+        if any(p.requires_grad for p in m.parameters(recurse=False))
+        and type(m) not in GradSampleModule.GRAD_SAMPLERS
     ]
 
 
@@ -310,12 +395,21 @@ def _grouped_conv_grad_sample(
         w_rep = w.repeat(n, 1, 1, 1)
         out_pad = list(layer.output_padding) if transposed else [0, 0]
         _, gw, _ = torch.ops.aten.convolution_backward(
-            gi, xi, w_rep, None, list(layer.stride), list(layer.padding), list(layer.dilation),  # type: ignore[arg-type]
-            transposed, out_pad, n * layer.groups, [False, True, False],
+            gi,
+            xi,
+            w_rep,
+            None,
+            list(layer.stride),
+            list(layer.padding),
+            list(layer.dilation),  # type: ignore[arg-type]
+            transposed,
+            out_pad,
+            n * layer.groups,
+            [False, True, False],
         )
-        ret[layer.weight] = gw.view(n, *w.shape)
+        ret[layer.weight] = gw.view(n, *w.shape)  # type: ignore[index]
     if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = backprops.sum(dim=(2, 3))
+        ret[layer.bias] = backprops.sum(dim=(2, 3))  # type: ignore[index]
     return ret
 
 
@@ -353,3 +447,35 @@ def register_fast_grad_samplers() -> None:
     register_grad_sampler(nn.Conv2d)(_fast_conv2d)
     register_grad_sampler(nn.ConvTranspose2d)(_grouped_conv_grad_sample)
     _FAST_REGISTERED = True
+
+
+def per_sample_only(model: nn.Module) -> list[Any]:
+    """Stop autograd from computing the *summed* weight gradient of convolutions under DP-SGD.
+
+    Opacus' hooks compute every per-sample gradient from the layer's input and output gradient, and DP-SGD
+    only uses those (clipped, summed, noised); the ordinary ``weight.grad`` autograd also computes is
+    thrown away, yet it costs as much as the per-sample ones. A forward pre-hook lets the convolution run
+    with its parameters detached from the graph (only the input gradient is propagated), and a forward
+    hook re-enables them before Opacus' own forward hook records the activations. Register BEFORE the
+    model is wrapped by Opacus (hook order). Layers whose input needs no gradient (the first) are left
+    alone, so their backward still runs and Opacus still sees their output gradient. Returns the hook
+    handles (``.remove()`` them to undo).
+    """
+    handles: list[Any] = []
+
+    def pre(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if mod.training and torch.is_grad_enabled() and inputs[0].requires_grad:
+            mod._fedpath_frozen = [p for p in mod.parameters(recurse=False) if p.requires_grad]  # type: ignore[assignment]
+            for p in mod._fedpath_frozen:  # type: ignore[union-attr]
+                p.requires_grad_(False)
+
+    def post(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        for p in getattr(mod, "_fedpath_frozen", []):
+            p.requires_grad_(True)
+        mod._fedpath_frozen = []  # type: ignore[assignment]
+
+    for m in model.modules():
+        if type(m) in (nn.Conv2d, nn.ConvTranspose2d):
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+    return handles

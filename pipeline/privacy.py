@@ -85,8 +85,12 @@ def noise_for_target(
 
     return float(
         get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-            accountant=accountant, epsilon_tolerance=0.01,
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
         )
     )
 
@@ -119,7 +123,13 @@ class PrivacyLedger:
     """``sites/<site>/privacy.json``: entries per job and the accountant state, saved atomically."""
 
     def __init__(
-        self, path: Path, site: str, accountant: str, delta: float | None, unit: str, entries: list[LedgerEntry]
+        self,
+        path: Path,
+        site: str,
+        accountant: str,
+        delta: float | None,
+        unit: str,
+        entries: list[LedgerEntry],
     ) -> None:
         self.path = Path(path)
         self.site = site
@@ -130,7 +140,9 @@ class PrivacyLedger:
 
     # -- persistence ------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: Path | str, site: str | None = None, accountant: str = "prv", unit: str = "tile") -> PrivacyLedger:
+    def load(
+        cls, path: Path | str, site: str | None = None, accountant: str = "prv", unit: str = "tile"
+    ) -> PrivacyLedger:
         """Read the ledger (a missing file is an empty ledger for ``site``)."""
         path = Path(path)
         site = site or path.parent.name
@@ -140,7 +152,9 @@ class PrivacyLedger:
             data = json.loads(path.read_text())
             entries = [LedgerEntry(**e) for e in data.get("entries", [])]
         except (json.JSONDecodeError, TypeError, KeyError) as exc:
-            raise FedpathError(f"{path}: privacy ledger is not readable ({exc}); refusing to reset ε") from None
+            raise FedpathError(
+                f"{path}: privacy ledger is not readable ({exc}); refusing to reset ε"
+            ) from None
         if data.get("site") not in (None, site):
             raise FedpathError(f"{path}: ledger belongs to site {data.get('site')!r}, not {site!r}")
         for key, want in (("accountant", accountant), ("unit", unit)):
@@ -150,7 +164,9 @@ class PrivacyLedger:
                     f"{path}: the site's ε was accounted with {key}={have!r}; this job asks for {want!r} "
                     "(one site keeps one accountant and unit for its whole history)"
                 )
-        return cls(path, site, data.get("accountant", accountant), data.get("delta"), data.get("unit", unit), entries)
+        return cls(
+            path, site, data.get("accountant", accountant), data.get("delta"), data.get("unit", unit), entries
+        )
 
     def history(self, exclude_job: str | None = None) -> History:
         """The accountant state: every entry's (σ, q, steps spent), in order."""
@@ -192,13 +208,21 @@ class PrivacyLedger:
     def entry(self, job: str) -> LedgerEntry | None:
         return next((e for e in self.entries if e.job == job), None)
 
-    def planned_epsilon(self, job: str, noise_multiplier: float, sample_rate: float, steps_total: int, delta: float) -> float:
+    def planned_epsilon(
+        self, job: str, noise_multiplier: float, sample_rate: float, steps_total: int, delta: float
+    ) -> float:
         """ε after ``job`` has spent ``steps_total`` steps (its already recorded steps included)."""
         others = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries if e.job != job]
         return epsilon_of(others + [(noise_multiplier, sample_rate, steps_total)], delta, self.accountant)
 
     def check_budget(
-        self, job: str, noise_multiplier: float, sample_rate: float, steps_total: int, delta: float, budget: float | None
+        self,
+        job: str,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps_total: int,
+        delta: float,
+        budget: float | None,
     ) -> float:
         """Refuse (:class:`PrivacyBudgetExceeded`) a job whose planned steps would push ε past ``budget``."""
         if self.delta is not None and not math.isclose(self.delta, delta):
@@ -214,8 +238,19 @@ class PrivacyLedger:
         return planned
 
     def record(
-        self, *, job: str, round_index: int | None, sample_rate: float, noise_multiplier: float, max_grad_norm: float,
-        steps: int, planned_steps: int, delta: float, n_units: int, max_tiles_per_slide: int, complete: bool,
+        self,
+        *,
+        job: str,
+        round_index: int | None,
+        sample_rate: float,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        steps: int,
+        planned_steps: int,
+        delta: float,
+        n_units: int,
+        max_tiles_per_slide: int,
+        complete: bool,
     ) -> LedgerEntry:
         """Record (or update) ``job``'s spend to ``steps`` steps and recompute ε; call :meth:`save` after."""
         if self.delta is None:
@@ -228,9 +263,19 @@ class PrivacyLedger:
             )
         if e is None:
             e = LedgerEntry(
-                job=job, round=round_index, sample_rate=sample_rate, noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm, steps=0, planned_steps=planned_steps, accountant=self.accountant,
-                delta=delta, unit=self.unit, n_units=n_units, max_tiles_per_slide=max_tiles_per_slide, epsilon=0.0,
+                job=job,
+                round=round_index,
+                sample_rate=sample_rate,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                steps=0,
+                planned_steps=planned_steps,
+                accountant=self.accountant,
+                delta=delta,
+                unit=self.unit,
+                n_units=n_units,
+                max_tiles_per_slide=max_tiles_per_slide,
+                epsilon=0.0,
             )
             self.entries.append(e)
         e.steps = max(e.steps, int(steps))  # steps spent never decrease (a resumed job continues its entry)
@@ -238,7 +283,9 @@ class PrivacyLedger:
         e.updated = time.time()
         # ε after this job: every entry up to and including it
         upto = self.entries[: self.entries.index(e) + 1]
-        e.epsilon = epsilon_of([(x.noise_multiplier, x.sample_rate, x.steps) for x in upto], delta, self.accountant)
+        e.epsilon = epsilon_of(
+            [(x.noise_multiplier, x.sample_rate, x.steps) for x in upto], delta, self.accountant
+        )
         if self.unit == "tile":
             e.epsilon_slide, e.delta_slide = group_epsilon(e.epsilon, delta, max_tiles_per_slide)
         else:

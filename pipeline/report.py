@@ -118,6 +118,15 @@ def _eps_x(eps: float | None, finite: list[float]) -> float:
     return (max(finite) if finite else 1.0) * 10
 
 
+def _prior_ssim(entry: dict[str, Any]) -> float | None:
+    """The prior baseline of one ε row: SSIM of the dataset-mean image to the attacked tiles."""
+    for a in entry["attacks"].values():
+        v = a.get("summary", {}).get("mean_prior_ssim_true")
+        if v is not None:
+            return float(v)
+    return None
+
+
 def _plots(results: list[dict[str, Any]]) -> dict[str, str]:
     """ε-vs-SSIM/leakage and ε-vs-Dice/membership curves, as base64 PNGs (matplotlib, Agg)."""
     import matplotlib
@@ -145,10 +154,7 @@ def _plots(results: list[dict[str, Any]]) -> dict[str, str]:
         ls = [results[i]["attacks"].get(name, {}).get("summary", {}).get("mean_leakage") for i in order]
         axes[0].plot(xs_sorted, [y if y is not None else float("nan") for y in ys], "o-", label=name)
         axes[1].plot(xs_sorted, [v if v is not None else float("nan") for v in ls], "o-", label=name)
-    prior = [
-        next(iter(results[i]["attacks"].values()), {}).get("summary", {}).get("mean_prior_ssim_true")
-        for i in order
-    ]
+    prior = [_prior_ssim(results[i]) for i in order]
     axes[0].plot(
         xs_sorted, [p if p is not None else float("nan") for p in prior], "k--", label="prior (mean image)"
     )

@@ -59,7 +59,9 @@ class StainNormalizer:
         if ref["method"] == "macenko":
             from monai.apps.pathology.transforms import NormalizeHEStains
 
-            return NormalizeHEStains(target_he=np.asarray(ref["target_he"]), max_cref=np.asarray(ref["max_cref"]))
+            return NormalizeHEStains(
+                target_he=np.asarray(ref["target_he"]), max_cref=np.asarray(ref["max_cref"])
+            )
         mean, std = np.asarray(ref["mean"]), np.asarray(ref["std"])
 
         def reinhard(img: np.ndarray) -> np.ndarray:
@@ -85,7 +87,9 @@ class StainNormalizer:
         return {"reference": self.reference, "_fn": None}
 
 
-def build_stain(cfg: StainConfig, tiles: Sequence[np.ndarray]) -> tuple[StainNormalizer | None, dict[str, Any] | None]:
+def build_stain(
+    cfg: StainConfig, tiles: Sequence[np.ndarray]
+) -> tuple[StainNormalizer | None, dict[str, Any] | None]:
     """The transform and its reference for the config (``none``: no transform)."""
     if cfg.method == "none":
         return None, None

@@ -9,7 +9,8 @@ One job = :func:`train_local`. Its shape:
    1/n. The :class:`~pipeline.privacy.PrivacyLedger` refuses the job if it would pass the budget.
 3. Model check (:func:`pipeline.models.check_dp_model`), then Opacus' ``PrivacyEngine.make_private``
    (hooks mode, with fedpath's grouped-convolution per-sample gradients registered for Conv2d and
-   ConvTranspose2d, see :func:`pipeline.models.register_fast_grad_samplers`) and a ``BatchMemoryManager``:
+   ConvTranspose2d, see :func:`pipeline.models.register_fast_grad_samplers`, and autograd's discarded
+   summed conv weight gradients skipped, :func:`pipeline.models.per_sample_only`) and a ``BatchMemoryManager``:
    the logical batch is a privacy parameter, the physical batch a memory one.
 4. Loop: DiceCE loss, per-sample clipping and noise by Opacus, the FedProx proximal gradient
    ``mu * (w - w_global)`` added *after* clipping and noise (it does not depend on any sample, so it
@@ -46,7 +47,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.data import SlidePoissonSampler, TileDataset, split_by_slide
 from pipeline.errors import FedpathError
 from pipeline.metrics import confusion_counts, metrics_from_counts
-from pipeline.models import build_model, check_dp_model, register_fast_grad_samplers
+from pipeline.models import build_model, check_dp_model, per_sample_only, register_fast_grad_samplers
 from pipeline.privacy import PrivacyLedger, ledger_lock, noise_for_target
 from wsi.store import SiteStore
 
@@ -93,7 +94,9 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
 
 
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+def load_optimizer_tensors(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         pid, k = key.split(".", 1)
@@ -104,7 +107,9 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
-def _fingerprint(cfg: ExperimentConfig, sites: list[str], round_index: int | None, init: dict[str, torch.Tensor] | None) -> str:
+def _fingerprint(
+    cfg: ExperimentConfig, sites: list[str], round_index: int | None, init: dict[str, torch.Tensor] | None
+) -> str:
     h = hashlib.sha256()
     h.update(cfg.model.model_dump_json().encode())
     h.update(cfg.train.model_dump_json(exclude={"threads", "num_workers", "checkpoint_every"}).encode())
@@ -117,13 +122,19 @@ def _fingerprint(cfg: ExperimentConfig, sites: list[str], round_index: int | Non
 
 
 @torch.no_grad()
-def evaluate_dataset(net: nn.Module, ds: Dataset[Any], batch_size: int = 16, max_tiles: int | None = None) -> dict[str, Any]:
+def evaluate_dataset(
+    net: nn.Module, ds: Dataset[Any], batch_size: int = 16, max_tiles: int | None = None
+) -> dict[str, Any]:
     """Dice, Jaccard, pixel accuracy of ``net`` (argmax, class 1 = foreground) over a tile dataset: the
     mean over slides (FedDP's convention) and pooled over all pixels."""
     was = net.training
     net.eval()
     n = len(ds)  # type: ignore[arg-type]
-    items = np.arange(n) if not max_tiles or n <= max_tiles else np.linspace(0, n - 1, max_tiles).round().astype(int)
+    items = (
+        np.arange(n)
+        if not max_tiles or n <= max_tiles
+        else np.linspace(0, n - 1, max_tiles).round().astype(int)
+    )
     per_slide: dict[str, torch.Tensor] = {}
     pooled = torch.zeros(4, dtype=torch.int64)
     for start in range(0, len(items), batch_size):
@@ -238,7 +249,7 @@ def train_local(
         sample_rate = min(1.0, slides_per_batch / n_slides)
         n_units = n_slides
     else:
-        sample_rate = 1.0 / len(DataLoader(range(n_train), batch_size=tc.batch_size))  # Opacus' Poisson rate
+        sample_rate = 1.0 / math.ceil(n_train / tc.batch_size)  # Opacus' Poisson rate: 1 / len(loader)
         n_units = n_train
     steps_per_job = max_steps or tc.max_steps or max(1, math.ceil(tc.epochs / sample_rate))
     rounds_planned = cfg.federation.rounds if round_index is not None else 1
@@ -264,7 +275,9 @@ def train_local(
         lock.__enter__()
     try:
         if dp:
-            ledger = PrivacyLedger.load(ledger_path, site="+".join(sites), accountant=pc.accountant, unit=pc.unit)
+            ledger = PrivacyLedger.load(
+                ledger_path, site="+".join(sites), accountant=pc.accountant, unit=pc.unit
+            )
             delta = pc.delta or ledger.delta or 1.0 / (10 * n_units)
             if delta >= 1.0 / n_units:
                 log.warning("delta=%g is not below 1/n=%g: the guarantee is weak", delta, 1.0 / n_units)
@@ -291,32 +304,70 @@ def train_local(
             if not prog.get("done"):
                 ledger.check_budget(job, sigma, sample_rate, offset + steps_per_job, delta, budget)
         result = _run(
-            cfg, sites, job, job_dir, train_ds, val_parts, train_parts, prog, fingerprint, init_state, proximal_ref,
-            mu, steps_per_job, sample_rate, sigma_tiles, cap if slide_unit else None, ledger,
-            delta, round_index, n_units, max_per_slide if not slide_unit else cap, progress,
+            cfg,
+            sites,
+            job,
+            job_dir,
+            train_ds,
+            val_parts,
+            train_parts,
+            prog,
+            fingerprint,
+            init_state,
+            proximal_ref,
+            mu,
+            steps_per_job,
+            sample_rate,
+            sigma_tiles,
+            cap if slide_unit else None,
+            ledger,
+            delta,
+            round_index,
+            n_units,
+            max_per_slide if not slide_unit else cap,
+            progress,
         )
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
     result.n_train_tiles = n_train
     result.seconds = time.perf_counter() - t_start
-    result.extra.update({"split": split_info, "stain": stain_ref, "n_train_slides": n_slides,
-                         "max_tiles_per_slide": max_per_slide, "rounds_planned": rounds_planned,
-                         "unit": pc.unit if dp else None, "proximal_mu": mu})
+    result.extra.update(
+        {
+            "split": split_info,
+            "stain": stain_ref,
+            "n_train_slides": n_slides,
+            "max_tiles_per_slide": max_per_slide,
+            "rounds_planned": rounds_planned,
+            "unit": pc.unit if dp else None,
+            "proximal_mu": mu,
+        }
+    )
     if sigma is not None:
         result.noise_multiplier = sigma
     return result
 
 
 def _loader(
-    train_ds: Dataset[Any], train_parts: list[TileDataset], cfg: ExperimentConfig, sample_rate: float,
-    slide_cap: int | None, steps: int, seed: int,
+    train_ds: Dataset[Any],
+    train_parts: list[TileDataset],
+    cfg: ExperimentConfig,
+    sample_rate: float,
+    slide_cap: int | None,
+    steps: int,
+    seed: int,
 ) -> DataLoader[Any]:
     tc = cfg.train
     if slide_cap is None:
         g = torch.Generator().manual_seed(seed)
-        return DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, generator=g, num_workers=tc.num_workers,
-                          drop_last=False)
+        return DataLoader(
+            train_ds,
+            batch_size=tc.batch_size,
+            shuffle=True,
+            generator=g,
+            num_workers=tc.num_workers,
+            drop_last=False,
+        )
     groups: list[list[int]] = []
     base = 0
     for d in train_parts:
@@ -340,11 +391,28 @@ def _forever(dl: Any) -> Iterator[Any]:
 
 
 def _run(
-    cfg: ExperimentConfig, sites: list[str], job: str, job_dir: Path, train_ds: Dataset[Any], val_parts: list[TileDataset],
-    train_parts: list[TileDataset], prog: dict[str, Any], fingerprint: str, init_state: dict[str, torch.Tensor] | None,
-    proximal_ref: dict[str, torch.Tensor] | None, mu: float, steps_total: int, sample_rate: float,
-    sigma_tiles: float | None, slide_cap: int | None, ledger: PrivacyLedger | None, delta: float | None,
-    round_index: int | None, n_units: int, group_k: int, show_progress: bool,
+    cfg: ExperimentConfig,
+    sites: list[str],
+    job: str,
+    job_dir: Path,
+    train_ds: Dataset[Any],
+    val_parts: list[TileDataset],
+    train_parts: list[TileDataset],
+    prog: dict[str, Any],
+    fingerprint: str,
+    init_state: dict[str, torch.Tensor] | None,
+    proximal_ref: dict[str, torch.Tensor] | None,
+    mu: float,
+    steps_total: int,
+    sample_rate: float,
+    sigma_tiles: float | None,
+    slide_cap: int | None,
+    ledger: PrivacyLedger | None,
+    delta: float | None,
+    round_index: int | None,
+    n_units: int,
+    group_k: int,
+    show_progress: bool,
 ) -> TrainResult:
     from monai.losses import DiceCELoss
 
@@ -364,7 +432,9 @@ def _run(
     if prog.get("checkpoint"):
         ck = job_dir / prog["checkpoint"]
         net.load_state_dict(strip_wrappers(load_file(str(ck / "model.safetensors"))))
-        load_optimizer_tensors(opt, load_file(str(ck / "optimizer.safetensors")), json.loads((ck / "optimizer.json").read_text()))
+        load_optimizer_tensors(
+            opt, load_file(str(ck / "optimizer.safetensors")), json.loads((ck / "optimizer.json").read_text())
+        )
         step = int(prog["step"])
         log.info("%s: resuming job %r from step %d", job_dir, job, step)
     resumed_from = step
@@ -386,13 +456,21 @@ def _run(
 
         check_dp_model(net)
         register_fast_grad_samplers()
+        per_sample_only(net)  # before Opacus' hooks: skip the summed conv weight gradients DP-SGD discards
         engine = PrivacyEngine(accountant=pc.accountant)
         model, opt, dl = engine.make_private(
-            module=net, optimizer=opt, data_loader=dl, noise_multiplier=sigma_tiles, max_grad_norm=pc.max_grad_norm,
-            poisson_sampling=slide_cap is None, grad_sample_mode="hooks",
+            module=net,
+            optimizer=opt,
+            data_loader=dl,
+            noise_multiplier=sigma_tiles,
+            max_grad_norm=pc.max_grad_norm,
+            poisson_sampling=slide_cap is None,
+            grad_sample_mode="hooks",
         )
         if slide_cap is None and not math.isclose(dl.sample_rate, sample_rate):  # type: ignore[attr-defined]
-            raise FedpathError(f"train: Opacus sampling rate {dl.sample_rate} differs from the planned {sample_rate}")  # type: ignore[attr-defined]
+            raise FedpathError(
+                f"train: Opacus sampling rate {dl.sample_rate} differs from the planned {sample_rate}"
+            )  # type: ignore[attr-defined]
         if slide_cap is not None:
             opt.expected_batch_size = max(1, round(sample_rate * n_units * slide_cap))  # type: ignore[attr-defined]
         if ref is not None:
@@ -411,17 +489,29 @@ def _run(
         # 1. the ledger (steps spent so far), 2. the checkpoint, 3. progress.json pointing at it
         if ledger is not None and delta is not None and sigma_tiles is not None:
             sig = sigma_tiles / slide_cap if slide_cap else sigma_tiles
-            ledger.record(job=job, round_index=round_index, sample_rate=sample_rate, noise_multiplier=sig,
-                          max_grad_norm=pc.max_grad_norm, steps=step_now + spent_offset, planned_steps=steps_total,
-                          delta=delta, n_units=n_units, max_tiles_per_slide=group_k, complete=done)
+            ledger.record(
+                job=job,
+                round_index=round_index,
+                sample_rate=sample_rate,
+                noise_multiplier=sig,
+                max_grad_norm=pc.max_grad_norm,
+                steps=step_now + spent_offset,
+                planned_steps=steps_total,
+                delta=delta,
+                n_units=n_units,
+                max_tiles_per_slide=group_k,
+                complete=done,
+            )
             ledger.save()
         name = f"ckpt_{step_now:07d}"
         tmp = job_dir / (name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in strip_wrappers(net.state_dict()).items()},
-                  str(tmp / "model.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in strip_wrappers(net.state_dict()).items()},
+            str(tmp / "model.safetensors"),
+        )
         ot, oi = optimizer_tensors(opt.original_optimizer if dp else opt)  # type: ignore[attr-defined]
         save_file(ot, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(oi))
@@ -429,10 +519,21 @@ def _run(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_json(job_dir / "progress.json", {
-            "job": job, "fingerprint": fingerprint, "step": step_now, "planned_steps": steps_total, "done": done,
-            "checkpoint": name, "sites": sites, "round": round_index, "metrics": metrics or {}, "time": time.time(),
-        })
+        _atomic_json(
+            job_dir / "progress.json",
+            {
+                "job": job,
+                "fingerprint": fingerprint,
+                "step": step_now,
+                "planned_steps": steps_total,
+                "done": done,
+                "checkpoint": name,
+                "sites": sites,
+                "round": round_index,
+                "metrics": metrics or {},
+                "time": time.time(),
+            },
+        )
         for old in job_dir.glob("ckpt_*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -443,8 +544,13 @@ def _run(
         losses: list[float] = []
         phys = tc.physical_batch_size
         prog_bar = _progress(show_progress)
-        task = prog_bar.add_task(f"train {'+'.join(sites)} {job}", total=steps_total, completed=step, loss=float("nan"),
-                                 eps=float("nan"))
+        task = prog_bar.add_task(
+            f"train {'+'.join(sites)} {job}",
+            total=steps_total,
+            completed=step,
+            loss=float("nan"),
+            eps=float("nan"),
+        )
         with prog_bar:
             if dp:
                 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -457,7 +563,17 @@ def _run(
                         if opt._is_last_step_skipped:  # type: ignore[attr-defined]
                             continue  # a physical chunk of a larger logical batch
                         step += 1
-                        step = _after_step(step, steps_total, tc.checkpoint_every, commit, prog_bar, task, losses, ledger, job)
+                        step = _after_step(
+                            step,
+                            steps_total,
+                            tc.checkpoint_every,
+                            commit,
+                            prog_bar,
+                            task,
+                            losses,
+                            ledger,
+                            job,
+                        )
             else:
                 for x, y in _forever(dl):
                     if step >= steps_total:
@@ -473,24 +589,37 @@ def _run(
                         _add_proximal_grad(net, ref, mu)
                     opt.step()
                     step += 1
-                    step = _after_step(step, steps_total, tc.checkpoint_every, commit, prog_bar, task, losses, None, job)
+                    step = _after_step(
+                        step, steps_total, tc.checkpoint_every, commit, prog_bar, task, losses, None, job
+                    )
         val_ds = _concat(val_parts) if val_parts else None
         metrics = evaluate_dataset(net, val_ds, max_tiles=tc.max_val_tiles) if val_ds is not None else {}
-        metrics = {f"val_{k}" if k in ("dice", "jaccard", "pixel_accuracy") else k: v for k, v in metrics.items()}
+        metrics = {
+            f"val_{k}" if k in ("dice", "jaccard", "pixel_accuracy") else k: v for k, v in metrics.items()
+        }
         metrics["train_loss_last"] = float(np.mean(losses[-10:])) if losses else None
         commit(step, True, metrics)
     entry = ledger.entry(job) if ledger is not None else None
     return TrainResult(
         state={k: v.detach().cpu().clone() for k, v in strip_wrappers(net.state_dict()).items()},
-        n_train_tiles=0, steps=int(prog.get("step", step)) if prog.get("done") else step,
-        epsilon=entry.epsilon if entry else None, delta=delta,
-        noise_multiplier=sigma_tiles, metrics=metrics, seconds=0.0, sample_rate=sample_rate if dp else None,
-        epsilon_slide=entry.epsilon_slide if entry else None, job_id=job, resumed_from=resumed_from,
+        n_train_tiles=0,
+        steps=int(prog.get("step", step)) if prog.get("done") else step,
+        epsilon=entry.epsilon if entry else None,
+        delta=delta,
+        noise_multiplier=sigma_tiles,
+        metrics=metrics,
+        seconds=0.0,
+        sample_rate=sample_rate if dp else None,
+        epsilon_slide=entry.epsilon_slide if entry else None,
+        job_id=job,
+        resumed_from=resumed_from,
         extra={"delta_slide": entry.delta_slide if entry else None, "sigma_tiles": sigma_tiles},
     )
 
 
-def _dp_physical_step(model: nn.Module, opt: Any, criterion: nn.Module, batch: Any, losses: list[float]) -> None:
+def _dp_physical_step(
+    model: nn.Module, opt: Any, criterion: nn.Module, batch: Any, losses: list[float]
+) -> None:
     """Forward/backward of one physical batch, then the DP optimizer's step (a real step on the last
     chunk of a logical batch). An empty logical batch (Poisson sampling can draw none) still takes its
     noise-only step: zero per-sample gradients for every parameter, then Opacus adds the noise."""
@@ -519,8 +648,15 @@ def _add_proximal_grad(net: nn.Module, ref: dict[str, torch.Tensor], mu: float) 
 
 
 def _after_step(
-    step: int, total: int, every: int, commit: Any, bar: Any, task: Any, losses: list[float],
-    ledger: PrivacyLedger | None, job: str,
+    step: int,
+    total: int,
+    every: int,
+    commit: Any,
+    bar: Any,
+    task: Any,
+    losses: list[float],
+    ledger: PrivacyLedger | None,
+    job: str,
 ) -> int:
     if step % every == 0 and step < total:
         commit(step, False)
@@ -536,8 +672,14 @@ def _progress(enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("ε {task.fields[eps]:.2f}"), TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("ε {task.fields[eps]:.2f}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
         transient=False,
     )
 
@@ -554,16 +696,27 @@ def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str = "train") ->
     store = SiteStore(cfg.store_path(sites[0])).attrs
     out_dir = cfg.site_dir(sites[0]) if len(sites) == 1 else cfg.run_dir / "central"
     meta = ModelMeta(
-        model=cfg.model, tile_size=int(store.get("tile_size", 0)), target_mpp=float(store.get("target_mpp", 0.0)),
+        model=cfg.model,
+        tile_size=int(store.get("tile_size", 0)),
+        target_mpp=float(store.get("target_mpp", 0.0)),
         source="local" if len(sites) == 1 else "central",
         extra={"sites": sites, "steps": res.steps, "epsilon": res.epsilon, "delta": res.delta},
     )
     path = save_model(out_dir / "model.safetensors", res.state, meta)
     summary = {
-        "sites": sites, "model": str(path), "steps": res.steps, "n_train_tiles": res.n_train_tiles,
-        "epsilon": res.epsilon, "epsilon_slide": res.epsilon_slide, "delta": res.delta,
-        "noise_multiplier": res.noise_multiplier, "sample_rate": res.sample_rate, "metrics": res.metrics,
-        "seconds": res.seconds, "resumed_from": res.resumed_from, **{k: v for k, v in res.extra.items() if k != "split"},
+        "sites": sites,
+        "model": str(path),
+        "steps": res.steps,
+        "n_train_tiles": res.n_train_tiles,
+        "epsilon": res.epsilon,
+        "epsilon_slide": res.epsilon_slide,
+        "delta": res.delta,
+        "noise_multiplier": res.noise_multiplier,
+        "sample_rate": res.sample_rate,
+        "metrics": res.metrics,
+        "seconds": res.seconds,
+        "resumed_from": res.resumed_from,
+        **{k: v for k, v in res.extra.items() if k != "split"},
         "split": res.extra.get("split"),
     }
     key_summary = {"+".join(sites): summary}
@@ -571,6 +724,12 @@ def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str = "train") ->
 
     prev = read_summary(cfg.run_dir).get("train", {})
     update_summary(cfg.run_dir, "train", {**(prev if isinstance(prev, dict) else {}), **key_summary})
-    log.info("train %s: %d steps, eps=%s, val dice=%s -> %s", sites, res.steps, res.epsilon,
-             res.metrics.get("val_dice"), path)
+    log.info(
+        "train %s: %d steps, eps=%s, val dice=%s -> %s",
+        sites,
+        res.steps,
+        res.epsilon,
+        res.metrics.get("val_dice"),
+        path,
+    )
     return summary

@@ -206,7 +206,7 @@ def write_mask_ome_tiff(
     # Tiles are deflated here (TIFF compression 8, as tifffile's 'zlib'), the all-background and
     # all-foreground ones once: most of a slide's mask is one or the other.
     def encode(t: np.ndarray) -> bytes:
-        return bytes(imagecodecs.zlib_encode(t, level=1))
+        return bytes(imagecodecs.zlib_encode(t, level=1))  # type: ignore[arg-type]  # takes arrays
 
     uniform = {0: encode(np.zeros((tile, tile), np.uint8)), 255: encode(np.full((tile, tile), 255, np.uint8))}
 

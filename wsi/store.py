@@ -35,7 +35,7 @@ def _compressor(cname: str = "lz4", clevel: int = 1) -> BloscCodec | None:
     (lz4) or several times (zstd) the JPEG decode itself, so image tiles default to raw chunks."""
     if cname == "none":
         return None
-    return BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle.noshuffle)
+    return BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle.noshuffle)  # type: ignore[arg-type]
 
 
 _MAX_U64 = 2**64 - 1
@@ -111,7 +111,7 @@ class _DirectShards:
         offset = 0
         for k in range(len(tiles)):
             tile = np.ascontiguousarray(tiles[k])
-            data = self._blosc.encode(tile) if self._blosc is not None else memoryview(tile).cast("B")
+            data: Any = self._blosc.encode(tile) if self._blosc is not None else memoryview(tile).cast("B")  # type: ignore[arg-type]
             index[k] = (offset, len(data))
             offset += len(data)
             parts.append(data)
@@ -129,14 +129,14 @@ class SlideWriter:
 
     def __init__(self, group_path: Path) -> None:
         self.path = Path(group_path)
-        self._g: zarr.Group | None = None
+        self._g: Any = None
         self._direct: dict[str, _DirectShards] = {}
 
     def _put(self, name: str, index: slice, values: np.ndarray) -> None:
-        arr = self._group()[name]
+        arr: Any = self._group()[name]
         d = self._direct.get(name)
         if d is None:
-            d = self._direct[name] = _DirectShards(arr)  # type: ignore[arg-type]
+            d = self._direct[name] = _DirectShards(arr)
         start, stop, step = index.indices(arr.shape[0])
         whole = d.ok and step == 1 and start % d.shard_len == 0 and stop - start == len(values)
         if whole and (stop - start == d.shard_len or stop == arr.shape[0]):
@@ -147,9 +147,9 @@ class SlideWriter:
     @property
     def shard_len(self) -> int:
         """Tiles per shard: writes of whole shards (``write_tiles`` at multiples of it) are the fast path."""
-        return int(self._group()["images"].shards[0])  # type: ignore[index]
+        return int(self._group()["images"].shards[0])
 
-    def _group(self) -> zarr.Group:
+    def _group(self) -> Any:
         if self._g is None:
             self._g = zarr.open_group(str(self.path), mode="r+")
         return self._g
@@ -227,7 +227,7 @@ class SiteStore:
             "overlap": int(overlap),
         }
         if (path / "zarr.json").exists():
-            root = zarr.open_group(str(path), mode="r+")
+            root: Any = zarr.open_group(str(path), mode="r+")
             old = dict(root.attrs)
             for key in ("site", "target_mpp", "tile_size", "overlap"):
                 if key in old and old[key] != attrs[key]:
@@ -271,12 +271,12 @@ class SiteStore:
         pending = self.path / _PENDING / slide_id
         if pending.exists():
             shutil.rmtree(pending)
-        g = zarr.open_group(str(self.path), mode="r+")[_PENDING].create_group(slide_id)
+        g: Any = zarr.open_group(str(self.path), mode="r+")[_PENDING].create_group(slide_id)  # type: ignore[union-attr]
         n = max(int(n_tiles), 0)
         t = int(tile_size)
         spec = {"cname": "none", "clevel": compressor_level, **(compressor or {})}
         comp = _compressor(str(spec["cname"]), int(spec["clevel"]))
-        flat = {"name": "default", "separator": "."}  # shard files side by side: no directory per shard
+        flat: Any = {"name": "default", "separator": "."}  # shard files side by side: no directory per shard
         S = int(shard_tiles or tiles_per_shard(t))
         g.create_array(
             "images",
@@ -305,7 +305,7 @@ class SiteStore:
     def commit_slide(self, slide_id: str, attrs: dict[str, Any]) -> None:
         """Mark a pending slide complete and move it into ``slides/`` in one rename."""
         pending = self.path / _PENDING / slide_id
-        g = zarr.open_group(str(pending), mode="r+")
+        g: Any = zarr.open_group(str(pending), mode="r+")
         g.attrs.update({**attrs, "n_tiles": int(g["images"].shape[0]), "complete": True})
         final = self.path / _SLIDES / slide_id
         if final.exists():
@@ -348,7 +348,7 @@ class SiteStore:
         base = self.path / _PENDING
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
-    def _slide(self, slide_id: str) -> zarr.Group:
+    def _slide(self, slide_id: str) -> Any:
         p = self.path / _SLIDES / slide_id
         if not (p / "zarr.json").exists():
             raise WSIError(f"{self.path}: no complete slide {slide_id!r}")

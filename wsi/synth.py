@@ -520,7 +520,7 @@ class SlideScene:
                 c2, s2 = c1h * c1h - s1h * s1h, np.float32(2) * c1h * s1h
                 c3, s3 = c2 * c1h - s2 * s1h, s2 * c1h + c2 * s1h
                 c4, s4 = c2 * c2 - s2 * s2, np.float32(2) * c2 * s2
-                jit = one
+                jit: Any = one
                 for k, (ck, sk) in enumerate(((c2, s2), (c3, s3), (c4, s4))):
                     am = np.float32(g.amp[i, k])
                     jit = jit + am * (ck * np.float32(g.pc[i, k]) - sk * np.float32(g.ps[i, k]))
@@ -554,7 +554,7 @@ def _encode_jpeg(tile: np.ndarray, quality: int) -> bytes:
 
 
 def _encode_mask(tile: np.ndarray) -> bytes:
-    return bytes(imagecodecs.zlib_encode(np.ascontiguousarray(tile), level=6))
+    return bytes(imagecodecs.zlib_encode(np.ascontiguousarray(tile), level=6))  # type: ignore[arg-type]
 
 
 def _render_row(args: tuple[SlideScene, int, int, int, bool]) -> tuple[list[bytes], list[bytes] | None]:

@@ -452,8 +452,6 @@ def run_tile_site(
         "scheduler": scheduler,
         "slides": results,
     }
-    for f in failed:
-        log.error("%s", f["reason"])
     log.info(
         "tile %s: %d done, %d skipped, %d failed, %d tiles in %.1f s",
         site,
@@ -573,6 +571,8 @@ class _Runner:
         from distributed import Client, LocalCluster, as_completed
 
         cluster = None
+        for name in ("distributed", "bokeh", "tornado"):  # cluster chatter is not the stage's log
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
         if scheduler:
             client = Client(scheduler)
         else:

@@ -35,14 +35,14 @@ class InversionSettings:
     iterations: int = 300
     restarts: int = 2
     lr: float = 0.1
-    tv_weight: float = 1e-2
+    tv_weight: float = 1.0
     labels_known: bool = True
     signed: bool = True
     boxed: bool = True
     seed: int = 0
     n_classes: int = 2
     layerwise: bool = False
-    scales: tuple[int, ...] = (4, 2, 1)
+    scales: tuple[int, ...] = (2, 1)
     chroma_tv_weight: float = 0.0
 
 

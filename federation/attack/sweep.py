@@ -223,6 +223,7 @@ def _attack_one(
         restarts=a.restarts,
         lr=a.lr,
         tv_weight=a.tv_weight,
+        scales=tuple(a.scales),
         labels_known=a.labels_known,
         seed=seed,
         n_classes=cfg.model.out_channels,
@@ -243,7 +244,10 @@ def _attack_one(
         return dlg_attack(model, g, x.shape, loss_fn, s, masks=known)
     if name == "multistep":
         sched = LocalTraining(
-            steps=a.local_steps, batch_size=x.shape[0], lr=cfg.train.lr, optimizer=cfg.train.optimizer
+            steps=a.local_steps,
+            batch_size=x.shape[0],
+            lr=cfg.train.lr,
+            optimizer=a.local_optimizer or cfg.train.optimizer,
         )
         upd = local_update(model, x, m, loss_fn, sched, dp, gen)
         return invert_update(
@@ -367,7 +371,9 @@ def attack_stored_updates(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str
 
     The attacker knows the round's global model, the local schedule (steps from the update's metadata
     or the config, batch size, lr, optimiser) but neither the tiles nor their masks, so masks are
-    recovered jointly. Dummy tiles are capped at ``attack.real_max_images`` for compute.
+    recovered jointly. For compute, dummy tiles are capped at ``attack.real_max_images`` and simulated
+    steps at ``attack.real_max_steps`` (a capped simulation is a mis-specified, hence weaker, attack;
+    both the assumed and the simulated schedule are reported).
     """
     from safetensors import safe_open
 
@@ -395,12 +401,14 @@ def attack_stored_updates(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str
         store = cfg.store_path(site)
         truth = load_store_tiles(store, 256, None, seed=a.seed) if (store / "zarr.json").exists() else None
         size = int(truth.images.shape[-1]) if truth is not None else int(meta.tile_size)
-        sched = LocalTraining(steps=steps, batch_size=n_dummy, lr=tr.lr, optimizer=tr.optimizer)
+        sim_steps = min(steps, a.real_max_steps)
+        sched = LocalTraining(steps=sim_steps, batch_size=n_dummy, lr=tr.lr, optimizer=tr.optimizer)
         settings = InversionSettings(
             iterations=a.real_iterations,
             restarts=1,
             lr=a.lr,
             tv_weight=a.tv_weight,
+            scales=tuple(a.scales),
             labels_known=False,
             seed=a.seed,
             n_classes=meta.model.out_channels,
@@ -424,6 +432,8 @@ def attack_stored_updates(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str
             "n_tiles": n_tiles,
             "epsilon_reported": umeta.get("epsilon"),
             "local_steps_assumed": steps,
+            "local_steps_simulated": sim_steps,
+            "optimizer_simulated": tr.optimizer,
             "batch_size_assumed": batch,
             "dummy_tiles": n_dummy,
             "tile_size": size,
@@ -508,7 +518,7 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
                     "per_tile": [r.as_dict() for r in rows],
                     "seconds_per_reconstruction": float(np.mean(secs)) if secs else None,
                 }
-                if recs:
+                if recs and bsz == 1:  # grid columns are the batch-1 targets, the same for every attack
                     if truth_row is None:
                         truth_row = torch.cat(truths)
                     grid_rows.append((_short(key), torch.cat(recs)))
@@ -540,6 +550,7 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
         "threat_model": {
             "batch_sizes": _threat_batches(a.batch_size),
             "local_steps": a.local_steps,
+            "local_optimizer": a.local_optimizer or cfg.train.optimizer,
             "labels_known": a.labels_known,
             "loss": a.loss,
         },

@@ -187,3 +187,9 @@ def test_report_refuses_a_run_without_ledgers_or_attack_results(tmp_path: Path) 
         build_report(tmp_path)
     with pytest.raises(FedpathError, match="not found"):
         build_report(tmp_path / "nope")
+
+
+def test_attack_refuses_without_real_tiles(tmp_path: Path) -> None:
+    cfg = ExperimentConfig.model_validate({"run_dir": str(tmp_path / "run")})
+    with pytest.raises(FedpathError, match="monuseg-train"):
+        run_attack(cfg, tmp_path)

@@ -37,6 +37,7 @@ class Fed:
         self.paths = server_paths(self.cfg)
         self.proc = AggregatorProcess(self.cfg, self.config_path, tmp / "server.log")
         self.url = self.proc.start()
+        self.opened0 = float(json.loads(self.paths.state.read_text())["opened_at"])
         self.clients = {s: self.client(s) for s in sites}
         self.global0, _ = read_model_file(self.paths.global_model(0))
 
@@ -368,3 +369,16 @@ def test_server_strategy_state_survives_a_restart(tmp_path: Path) -> None:
     assert restarted.close_round() and restarted.phase == "finished"
     state = json.loads(restarted.paths.state.read_text())
     assert state["central_privacy"]["rounds"] == 2 and state["central_privacy"]["epsilon"] > eps1
+
+
+def test_a_site_that_never_arrives_does_not_stop_a_round_with_k_sites(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, ["a", "b", "c"], rounds=1, min_sites=2, round_deadline_s=4.0)
+    try:
+        for i, s in enumerate("ab"):
+            fed.clients[s].upload(update_body(random_delta(fed.global0, 0.01, i), s, 0, 3))
+        state = fed.wait_round(1, timeout=60)
+        assert state["phase"] == "finished" and state["history"][0]["sites"] == ["a", "b"]
+        # all_or_deadline: with k of n reported it waited for c until the deadline, then closed without it
+        assert state["history"][0]["closed_at"] >= fed.opened0 + 4.0
+    finally:
+        fed.close()

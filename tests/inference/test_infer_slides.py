@@ -183,7 +183,9 @@ def test_dask_cluster_gives_the_local_result(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("override", [0.5, 0.37])  # a pyramid level read as is; a resampled read
-def test_blockwise_stitching_equals_monai_full_canvas_inference(tmp_path: Path, data_root: Path, override) -> None:
+def test_blockwise_stitching_equals_monai_full_canvas_inference(
+    tmp_path: Path, data_root: Path, override
+) -> None:
     """Oracle: MONAI's in-memory SlidingWindowInferer (same windows, same Gaussian) over the whole canvas
     read in one go. Small blocks make many block borders, on a level whose downsample is not an integer."""
     import torch
@@ -206,7 +208,9 @@ def test_blockwise_stitching_equals_monai_full_canvas_inference(tmp_path: Path, 
         assert canvas.exact == (override == 0.5)
         img = read_canvas(reader, canvas, 0, 0, *canvas.shape)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
-    inferer = SlidingWindowInferer((64, 64), sw_batch_size=4, overlap=0.25, mode="gaussian", sigma_scale=0.125)
+    inferer = SlidingWindowInferer(
+        (64, 64), sw_batch_size=4, overlap=0.25, mode="gaussian", sigma_scale=0.125
+    )
     with torch.inference_mode():
         ref = inferer(x, lambda t: torch.softmax(loaded.net(t), 1)[:, 1:2])[0, 0].numpy()
     np.testing.assert_allclose(ours, ref, atol=2e-4)

@@ -11,7 +11,13 @@ from torch import nn
 from pipeline.checkpoint import ModelMeta, load_model, save_model
 from pipeline.config import ModelConfig
 from pipeline.errors import FedpathError
-from pipeline.models import build_model, check_dp_model, dp_model_problems, functorch_layers, register_fast_grad_samplers
+from pipeline.models import (
+    build_model,
+    check_dp_model,
+    dp_model_problems,
+    functorch_layers,
+    register_fast_grad_samplers,
+)
 
 
 @pytest.mark.parametrize("name", ["unet", "basicunet", "segresnet", "attentionunet"])
@@ -52,7 +58,9 @@ def test_check_rejects_inplace_activation_and_untracked_batchnorm() -> None:
 def test_model_file_round_trip(tmp_path: Path) -> None:
     cfg = ModelConfig(name="attentionunet", channels=[8, 16, 32], strides=[2, 2], groups=4)
     net = build_model(cfg)
-    path = save_model(tmp_path / "m.safetensors", net.state_dict(), ModelMeta(model=cfg, tile_size=64, target_mpp=0.5))
+    path = save_model(
+        tmp_path / "m.safetensors", net.state_dict(), ModelMeta(model=cfg, tile_size=64, target_mpp=0.5)
+    )
     net2, meta = load_model(path)
     x = torch.rand(1, 3, 32, 32)
     net.eval()

@@ -1,0 +1,180 @@
+"""DP-SGD throughput: images/s without DP and with DP-SGD (Opacus), on the same model, tiles and batch.
+
+Paths compared in one run, interleaved round-robin so a busy machine slows them alike:
+  * ``no_dp``            plain training step (forward, backward, Adam);
+  * ``dp_opacus_hooks``  Opacus 1.6 default: GradSampleModule hooks with Opacus' own im2col Conv2d code;
+  * ``dp_fedpath``       the path fedpath trains with: the same hooks, with per-sample gradients of Conv2d
+                         and ConvTranspose2d as one grouped-convolution backward
+                         (``pipeline.models.register_fast_grad_samplers``), and autograd's summed conv
+                         weight gradients, which DP-SGD discards, not computed (``per_sample_only``).
+Each DP step is a full DP-SGD step: per-sample gradients, clipping, Gaussian noise, Adam. Reported: the
+best-of-N wall time and process CPU time per step (CPU time is robust to other processes sharing the
+cores), images/s, the ratio to no-DP, and the peak RSS growth while the path ran (psutil, sampled).
+
+    .venv/bin/python bench/bench_dp.py [--tile 128] [--batch 16] [--reps 5] [--threads 2] [--model unet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+from monai.losses import DiceCELoss  # noqa: E402
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.grad_sample import GradSampleModule  # noqa: E402
+
+from pipeline.config import ModelConfig  # noqa: E402
+from pipeline.models import build_model, per_sample_only, register_fast_grad_samplers  # noqa: E402
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 5 ms."""
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.proc.memory_info().rss
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.t.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="unet")
+    ap.add_argument("--upsample", default="deconv")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    mcfg = ModelConfig(name=args.model, upsample=args.upsample)
+    x = torch.rand(args.batch, 3, args.tile, args.tile)
+    y = (torch.rand(args.batch, 1, args.tile, args.tile) > 0.7).long()
+
+    register_fast_grad_samplers()
+    fast = {t: GradSampleModule.GRAD_SAMPLERS[t] for t in (nn.Conv2d, nn.ConvTranspose2d)}
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    opacus_default = {nn.Conv2d: compute_conv_grad_sample}  # ConvTranspose2d: none (functorch fallback)
+
+    def use(samplers: dict[type, Any] | None) -> None:
+        if samplers is None:
+            return
+        GradSampleModule.GRAD_SAMPLERS.pop(nn.ConvTranspose2d, None)
+        GradSampleModule.GRAD_SAMPLERS.update(samplers)
+
+    def make(mode: str) -> Any:
+        torch.manual_seed(0)
+        net = build_model(mcfg)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        crit = DiceCELoss(to_onehot_y=True, softmax=True)
+        model: nn.Module = net
+        if mode == "dp_fedpath":
+            per_sample_only(net)
+        if mode != "no_dp":
+            dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch)
+            model, opt, _ = PrivacyEngine(accountant="prv").make_private(
+                module=net,
+                optimizer=opt,
+                data_loader=dl,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                poisson_sampling=False,
+                grad_sample_mode="hooks",
+            )
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            crit(model(x), y).backward()
+            opt.step()
+
+        return step
+
+    modes = {"no_dp": None, "dp_opacus_hooks": opacus_default, "dp_fedpath": fast}
+    steps = {}
+    for m, s in modes.items():
+        use(s)
+        steps[m] = make(m)
+        steps[m]()  # warm-up (allocations, oneDNN kernels)
+    wall = {m: float("inf") for m in modes}
+    cpu = {m: float("inf") for m in modes}
+    peak = {m: 0 for m in modes}
+    for _ in range(args.reps):
+        for m, s in modes.items():
+            use(s)
+            with PeakRSS() as pk:
+                t0, c0 = time.perf_counter(), time.process_time()
+                steps[m]()
+                wall[m] = min(wall[m], time.perf_counter() - t0)
+                cpu[m] = min(cpu[m], (time.process_time() - c0) / args.threads)
+            peak[m] = max(peak[m], pk.peak)
+    use(fast)
+    res: dict[str, Any] = {
+        "model": mcfg.model_dump(),
+        "tile": args.tile,
+        "batch": args.batch,
+        "threads": args.threads,
+        "reps": args.reps,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "paths": {},
+    }
+    print(
+        f"UNet {args.model}/{args.upsample}, tile {args.tile}, batch {args.batch}, {args.threads} threads, "
+        f"best of {args.reps} (load avg {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        f"{'path':18s} {'img/s wall':>11s} {'ratio':>6s} {'img/s cpu':>10s} {'ratio':>6s} {'peak RSS MB':>12s}"
+    )
+    for m in modes:
+        r = {
+            "images_per_s_wall": args.batch / wall[m],
+            "ratio_wall": wall["no_dp"] / wall[m],
+            "images_per_s_cpu": args.batch / cpu[m],
+            "ratio_cpu": cpu["no_dp"] / cpu[m],
+            "peak_rss_mb": peak[m] / 2**20,
+        }
+        res["paths"][m] = r
+        print(
+            f"{m:18s} {r['images_per_s_wall']:11.1f} {r['ratio_wall']:6.2f} {r['images_per_s_cpu']:10.1f} "
+            f"{r['ratio_cpu']:6.2f} {r['peak_rss_mb']:12.0f}"
+        )
+    out = Path(__file__).resolve().parent / "out" / "dp.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

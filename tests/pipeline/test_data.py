@@ -1,0 +1,90 @@
+"""Tile datasets over a real MoNuSeg store: lazy reads, H&E augmentation, splits by slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ptrain_utils import tile_monuseg
+
+from pipeline.config import AugmentConfig
+from pipeline.data import TileDataset, augment_tile, split_by_slide
+from wsi.store import SiteStore
+
+
+@pytest.fixture(scope="module")
+def store(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tile_monuseg(data_root, tmp_path_factory.mktemp("data_run"), tile_size=64)
+
+
+def test_split_respects_manifest_and_never_straddles(store: Path) -> None:
+    st = SiteStore(store)
+    split = split_by_slide(st, val_fraction=0.2, seed=0)
+    assert split.source == "manifest"
+    assert set(split.val) == {s for s in st.slides() if st.split(s) == "val"}
+    assert set(split.test) == {s for s in st.slides() if st.split(s) == "test"}
+    train_ds, val_ds = TileDataset(store, split.train), TileDataset(store, split.val)
+    train_slides = {train_ds.slide_of(i) for i in range(len(train_ds))}
+    val_slides = {val_ds.slide_of(i) for i in range(len(val_ds))}
+    assert train_slides and val_slides and not train_slides & val_slides
+    assert len(train_ds) == sum(st.n_tiles(s) for s in split.train)
+
+
+def test_seeded_split_without_manifest_split(store: Path) -> None:
+    st = SiteStore(store)
+    for sid in st.slides():  # forget the manifest split
+        import zarr
+
+        g = zarr.open_group(str(store / "slides" / sid), mode="r+")
+        old = g.attrs.get("split")
+        g.attrs.pop("split", None) if hasattr(g.attrs, "pop") else None
+        if "split" in g.attrs:
+            del g.attrs["split"]
+        g.attrs["_old_split"] = old
+    try:
+        a = split_by_slide(st, val_fraction=0.3, seed=7)
+        b = split_by_slide(st, val_fraction=0.3, seed=7)
+        c = split_by_slide(st, val_fraction=0.3, seed=8)
+        assert a == b and a.source == "seeded" and not a.test
+        assert (
+            len(a.val) == 3
+            and not set(a.val) & set(a.train)
+            and set(a.val) | set(a.train) == set(st.slides())
+        )
+        assert a.val != c.val or a.train != c.train or len(st.slides()) < 3
+    finally:
+        for sid in st.slides():
+            st.set_slide_attrs(sid, {"split": st.slide_attrs(sid)["_old_split"]})
+
+
+def test_items_are_read_lazily_and_well_formed(store: Path) -> None:
+    st = SiteStore(store)
+    ds = TileDataset(store, st.slides()[:2])
+    assert ds._arrays == {}  # nothing read at construction
+    x, y = ds[3]
+    assert x.dtype == torch.float32 and x.shape == (3, 64, 64) and 0 <= float(x.min()) <= float(x.max()) <= 1
+    assert y.dtype == torch.int64 and y.shape == (1, 64, 64) and set(torch.unique(y).tolist()) <= {0, 1}
+    img, msk = ds.read(3)
+    np.testing.assert_array_equal(x.numpy().transpose(1, 2, 0), img.astype(np.float32) / 255)
+    np.testing.assert_array_equal(y[0].numpy(), (msk > 0).astype(np.int64))
+    assert len(ds._arrays) == 1  # only the slide that was touched is open
+
+
+def test_augmentation_moves_mask_with_image() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.random((32, 32, 3)).astype(np.float32)
+    mask = (img[..., 0] > 0.5).astype(np.int64)
+    cfg = AugmentConfig(flips=True, rot90=True, hed_jitter=0.0, brightness=0.0)
+    for seed in range(8):
+        a, m = augment_tile(img, mask, cfg, np.random.default_rng(seed))
+        np.testing.assert_array_equal(m, (a[..., 0] > 0.5).astype(np.int64))  # geometry identical
+    jit, m2 = augment_tile(
+        img,
+        mask,
+        AugmentConfig(flips=False, rot90=False, hed_jitter=0.05, brightness=0.1),
+        np.random.default_rng(1),
+    )
+    np.testing.assert_array_equal(m2, mask)
+    assert jit.dtype == np.float32 and 0 <= jit.min() and jit.max() <= 1 and not np.allclose(jit, img)
