@@ -27,7 +27,7 @@ from federation.attack.dlg import DLGSettings, dlg_attack
 from federation.attack.inverting import InversionSettings, invert_gradients
 from federation.attack.metrics import ssim
 from federation.attack.multistep import LocalTraining, invert_update, local_update
-from federation.attack.sweep import DPParams, split_by_source, target_model
+from federation.attack.sweep import DPParams, pick_targets, target_model
 from federation.attack.tiles import load_monuseg_tiles
 from pipeline.config import ExperimentConfig
 
@@ -51,8 +51,7 @@ def main() -> None:
     restarts = args.restarts or a.restarts
     pool = load_monuseg_tiles(args.data_root, a.tile_size, cfg.tiling.target_mpp, per_image=4, seed=a.seed)
     prior = pool.images.mean(0)
-    tgt, _ = split_by_source(pool, args.targets, a.seed)
-    tgt = tgt[: args.targets]
+    tgt = pick_targets(pool, args.targets, a.seed)
     model, source = target_model(cfg)
     loss_fn = segmentation_loss(a.loss)
     settings = InversionSettings(

@@ -179,6 +179,10 @@ class InferenceConfig(_Strict):
     )
 
 
+AttackName = Literal["inverting_gradients", "dlg", "multistep"]
+_ALL_ATTACKS: tuple[AttackName, ...] = ("inverting_gradients", "dlg", "multistep")
+
+
 class AttackConfig(_Strict):
     """The privacy audit (federation.attack): gradient inversion and membership inference over ε."""
 
@@ -204,9 +208,7 @@ class AttackConfig(_Strict):
     )
     dlg_iterations: int = Field(60, ge=1, description="L-BFGS steps of DLG")
     n_targets: int = Field(4, ge=1, description="attacked tiles (or batches) per ε and attack")
-    attacks: list[Literal["inverting_gradients", "dlg", "multistep"]] = Field(
-        default_factory=lambda: ["inverting_gradients", "dlg", "multistep"]
-    )
+    attacks: list[AttackName] = Field(default_factory=lambda: list(_ALL_ATTACKS))
     clip: float | None = Field(None, gt=0, description="DP-SGD clipping norm (default: train.privacy)")
     dp_sample_rate: float | None = Field(
         None, gt=0, le=1, description="sampling rate for ε -> σ (default: train.batch_size / site tiles)"

@@ -293,7 +293,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
 
 def build_report(run_dir: Path | str) -> Path:
     """Write report/index.html (self-contained) and report/report.json; return the HTML path."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     run_dir = Path(run_dir)
     data = collect(run_dir)
@@ -312,7 +312,8 @@ def build_report(run_dir: Path | str) -> Path:
         dict(r, png=_b64_png(run_dir / r["grid"]) if r.get("grid") else None)
         for r in attack.get("real_updates", [])
     ]
-    env = Environment(loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["html"]))
+    templates = Path(__file__).resolve().parent / "templates"
+    env = Environment(loader=FileSystemLoader(templates), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = _fmt
     html = env.get_template("report.html").render(
         d=data,

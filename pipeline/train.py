@@ -661,8 +661,9 @@ def _after_step(
     if step % every == 0 and step < total:
         commit(step, False)
     eps = float("nan")
-    if ledger is not None and ledger.entry(job) is not None:
-        eps = ledger.entry(job).epsilon  # type: ignore[union-attr]
+    if ledger is not None:  # ε as of the last checkpoint (the ledger is written with each one)
+        e = ledger.entry(job)
+        eps = e.epsilon if e is not None else ledger.epsilon
     bar.update(task, completed=step, loss=float(np.mean(losses[-5:])) if losses else float("nan"), eps=eps)
     return step
 
@@ -685,13 +686,15 @@ def _progress(enabled: bool) -> Any:
 
 
 # -- the CLI stage ----------------------------------------------------------------------------------------
-def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str = "train") -> dict[str, Any]:
+def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str | None = None) -> dict[str, Any]:
     """``fedpath train``: one site locally, or several pooled (the centralised baseline); writes the model
-    and ``summary.json`` key "train"."""
+    and ``summary.json`` key "train". The job id derives from the config, so re-running the same command
+    resumes (or returns) the same job, and a changed config is a new job whose ε adds to the ledger."""
     from pipeline.summary import update_summary
 
     for s in sites:
         cfg.site(s)  # unknown site: one-line error
+    job_id = job_id or f"train-{_fingerprint(cfg, sites, None, None)[:8]}"
     res = train_local(cfg, sites, cfg.run_dir, job_id=job_id)
     store = SiteStore(cfg.store_path(sites[0])).attrs
     out_dir = cfg.site_dir(sites[0]) if len(sites) == 1 else cfg.run_dir / "central"

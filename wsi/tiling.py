@@ -294,7 +294,7 @@ def tile_batch(
 ) -> dict[str, Any]:
     """Read the tiles of ``runs`` (consecutive index ranges making up one store shard) and write them as
     that shard; returns counts only. ``grid`` holds the (column, row) of the first tile of each run."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r = _reader(job)
     ann = _annotation(job, r.dimensions)
     writer = SlideWriter(Path(pending))
@@ -320,12 +320,23 @@ def tile_batch(
                 masks[start - first + i] = m[:, i * stride : i * stride + T]
             fg += int(m.sum())
     writer.write_tiles(slice(first, last), images, masks)
-    return {"tiles": last - first, "mask_pixels": fg, "seconds": time.perf_counter() - t0}
+    return {
+        "tiles": last - first,
+        "mask_pixels": fg,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
 # The stage
 # ------------------------------------------------------------------------------------------------------
+def _warm_worker() -> bool:
+    import wsi.tiling  # noqa: F401  (readers, tissue, annotations, store, zarr, openslide, tifffile)
+
+    return True
+
+
 class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
@@ -420,8 +431,8 @@ def run_tile_site(
     for sid in st.pending():
         if sid not in {j.slide_id for j in todo}:
             st.remove_slide_pending(sid)
-    runner = _Runner(st, params, tiling.batch_tiles, results)
-    runner.configure(tiling)
+    compressor = {"cname": tiling.compressor, "clevel": tiling.compressor_level}
+    runner = _Runner(st, params, tiling.batch_tiles, results, compressor)
     if todo:
         if scheduler or workers > 1:
             runner.run_distributed(todo, scheduler, workers)
@@ -445,6 +456,8 @@ def run_tile_site(
         "seconds": round(seconds, 2),
         "tiling_seconds": round(runner.tiling_seconds, 2),
         "plan_seconds": round(runner.plan_seconds, 2),
+        "task_seconds": round(runner.task_seconds, 2),
+        "task_cpu_seconds": round(runner.task_cpu_seconds, 2),
         "tiles_per_second": round(tiles_new / runner.tiling_seconds, 1)
         if runner.tiling_seconds > 0
         else None,
@@ -471,13 +484,23 @@ def run_tile_site(
 class _Runner:
     """Drives plan and batch tasks for the slides to tile, in process or on a dask cluster."""
 
-    def __init__(self, store: SiteStore, params: dict[str, Any], batch_tiles: int, results: dict[str, Any]):
+    def __init__(
+        self,
+        store: SiteStore,
+        params: dict[str, Any],
+        batch_tiles: int,
+        results: dict[str, Any],
+        compressor: dict[str, Any],
+    ):
         self.store = store
+        self.compressor = compressor
         self.params = params
         self.batch_tiles = batch_tiles
         self.results = results
         self.tiling_seconds = 0.0
         self.plan_seconds = 0.0
+        self.task_seconds = 0.0  # wall time inside batch tasks, summed over tasks
+        self.task_cpu_seconds = 0.0  # CPU time of batch tasks: contention shows as task_seconds >> this
         self._progress = Progress(
             TextColumn("[bold]tiling {task.fields[site]}"),
             BarColumn(),
@@ -491,6 +514,10 @@ class _Runner:
         )
 
     # -- bookkeeping shared by both paths -------------------------------------------------------------
+    def _account(self, out: dict[str, Any]) -> None:
+        self.task_seconds += out["seconds"]
+        self.task_cpu_seconds += out["cpu_seconds"]
+
     def _fail(self, job: SlideJob, exc: BaseException) -> None:
         reason = _one_line(exc, job)
         if self.results.get(job.slide_id, {}).get("status") != "failed":
@@ -507,7 +534,7 @@ class _Runner:
             len(plan.coords),
             job.tile_size,
             with_masks=job.annotation is not None,
-            compressor=self._compressor,
+            compressor=self.compressor,
             shard_tiles=tiles_per_shard(job.tile_size, self.batch_tiles),
         )
         writer.write_index(plan.coords, plan.tissue)
@@ -530,13 +557,6 @@ class _Runner:
             "tile_seconds": round(seconds, 3),
         }
 
-    @property
-    def _compressor(self) -> dict[str, Any]:
-        return self._compressor_spec
-
-    def configure(self, tiling: TilingConfig) -> None:
-        self._compressor_spec = {"cname": tiling.compressor, "clevel": tiling.compressor_level}
-
     # -- in process -------------------------------------------------------------------------------------
     def run_local(self, jobs: list[SlideJob]) -> None:
         with self._progress as progress:
@@ -554,7 +574,9 @@ class _Runner:
                         n = 0
                         for runs in plan.batches:
                             firsts = plan.grid[[s for s, _ in runs]]
-                            n += tile_batch(job, pending, runs, firsts, plan.scale)["tiles"]
+                            out = tile_batch(job, pending, runs, firsts, plan.scale)
+                            n += out["tiles"]
+                            self._account(out)
                             progress.advance(task, sum(b - a for a, b in runs))
                         dt = time.perf_counter() - t1
                         self.tiling_seconds += dt
@@ -576,15 +598,22 @@ class _Runner:
         if scheduler:
             client = Client(scheduler)
         else:
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.WARNING,
-            )
+            import dask
+
+            # The workers' statistical profiler samples every thread every 10 ms: pure overhead here.
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                cluster = LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.WARNING,
+                )
             client = Client(cluster)
         try:
+            # Import the tiling stack on every worker up front (seconds per process), not inside the
+            # first tasks, so per-slide timings measure tiling.
+            client.run(_warm_worker)
             self._drive(client, as_completed, jobs)
         finally:
             client.close()
@@ -647,6 +676,7 @@ class _Runner:
                         futures[bf.key] = ("batch", sid, sum(b - a for a, b in runs))
                         ac.add(bf)
                 else:
+                    self._account(out)
                     tiles_done[sid] += out["tiles"]
                     remaining[sid] -= 1
                     progress.advance(task, ntiles)

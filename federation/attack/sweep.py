@@ -148,6 +148,21 @@ def split_by_source(tiles: TileSet, n_first: int, seed: int) -> tuple[list[int],
     return a, b
 
 
+def pick_targets(tiles: TileSet, n: int, seed: int) -> list[int]:
+    """``n`` tile indices, one per source image in a shuffled order (round-robin when there are fewer
+    images than targets), so the attacked tiles are not crops of one slide."""
+    rng = np.random.default_rng(seed)
+    srcs = sorted(set(tiles.sources))
+    order = [srcs[i] for i in rng.permutation(len(srcs))]
+    by_src = {s: [i for i, t in enumerate(tiles.sources) if t == s] for s in order}
+    out: list[int] = []
+    depth = 0
+    while len(out) < n and depth < max(len(v) for v in by_src.values()):
+        out += [by_src[s][depth] for s in order if depth < len(by_src[s])][: n - len(out)]
+        depth += 1
+    return out
+
+
 def target_model(cfg: ExperimentConfig) -> tuple[nn.Module, str]:
     """The attacked network: the run's round-0 global model when it exists, else the config's network
     initialised with the federation seed (the same initial model the aggregator would publish)."""
@@ -462,6 +477,36 @@ def attack_stored_updates(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str
     return results
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    tmp.replace(path)
+
+
+def _run_training_results(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's own training results (summary.json "train", pipeline.train), next to the sweep's DP
+    training: sites, ε spent and validation Dice of each training job, when the run has them."""
+    from pipeline.summary import read_summary
+
+    train = read_summary(run_dir).get("train")
+    rows: list[dict[str, Any]] = []
+    if isinstance(train, dict):
+        for key, t in sorted(train.items()):
+            if isinstance(t, dict):
+                m = t.get("metrics")
+                metrics: dict[str, Any] = m if isinstance(m, dict) else {}
+                rows.append(
+                    {
+                        "sites": key,
+                        "epsilon": t.get("epsilon"),
+                        "epsilon_slide": t.get("epsilon_slide"),
+                        "val_dice": metrics.get("val_dice", metrics.get("dice")),
+                        "steps": t.get("steps"),
+                    }
+                )
+    return rows
+
+
 def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
     """The CLI stage: the whole sweep; returns (and writes) the attack.json content."""
     a = cfg.attack
@@ -472,7 +517,7 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     pool = load_attack_tiles(cfg, data_root, a.tile_size, per_image=4)
-    tgt_idx, _ = split_by_source(pool, max(1, a.n_targets * max(_threat_batches(a.batch_size))), a.seed)
+    tgt_idx = pick_targets(pool, a.n_targets * max(_threat_batches(a.batch_size)), a.seed)
     prior = pool.images.mean(0)
     model, model_src = target_model(cfg)
     dpp = dp_params(cfg, len(pool))
@@ -483,6 +528,43 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
     held_out = util_tiles.subset(held_idx[: a.utility_test_tiles])
     if len(members) < 2 or len(held_out) < 2:
         raise FedpathError(f"{data_root}: too few tiles for the utility/membership split ({len(util_tiles)})")
+
+    def assemble(per_eps: list[dict[str, Any]], real: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+        run_utility = _run_training_results(cfg.run_dir)
+        ig = next((e["attacks"].get("inverting_gradients") for e in per_eps if e["epsilon"] is None), None)
+        undefended = ig["summary"]["mean_ssim"] if ig else None
+        result: dict[str, Any] = {
+            "version": ATTACK_JSON_VERSION,
+            "tile_size": a.tile_size,
+            "target_mpp": a.target_mpp or cfg.tiling.target_mpp,
+            "tile_source": "monuseg-train (data root)" if monuseg_dir(data_root) else "site stores",
+            "n_pool_tiles": len(pool),
+            "model": {"source": model_src, "config": cfg.model.model_dump()},
+            "threat_model": {
+                "batch_sizes": _threat_batches(a.batch_size),
+                "local_steps": a.local_steps,
+                "local_optimizer": a.local_optimizer or cfg.train.optimizer,
+                "labels_known": a.labels_known,
+                "loss": a.loss,
+            },
+            "settings": a.model_dump(),
+            "dp_accounting": {
+                "sample_rate": dpp.sample_rate,
+                "steps": dpp.steps,
+                "delta": dpp.delta,
+                "clip": dpp.clip,
+                "accountant": dpp.accountant,
+                "from": dpp.source,
+            },
+            "results": per_eps,
+            "real_updates": real,
+            "run_utility": run_utility,
+            "undefended_mean_ssim": undefended,
+            "strength_target_met": (undefended is not None and undefended >= 0.5),
+            "seconds": time.perf_counter() - t_start,
+            "complete": complete,
+        }
+        return result
 
     per_eps: list[dict[str, Any]] = []
     for k, eps in enumerate(a.epsilons):
@@ -533,46 +615,13 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
             entry["grid"] = str(png.relative_to(cfg.run_dir))
         entry["utility"] = dp_train_and_evaluate(cfg, members, held_out, eps, a.seed + k)
         per_eps.append(entry)
+        _write_json(out_dir / "attack.json", assemble(per_eps, [], complete=False))  # partial, per ε
 
     real: list[dict[str, Any]] = []
     if a.real_updates and "multistep" in a.attacks:
         real = attack_stored_updates(cfg, out_dir)
-
-    ig = next((e["attacks"].get("inverting_gradients") for e in per_eps if e["epsilon"] is None), None)
-    undefended = ig["summary"]["mean_ssim"] if ig else None
-    result: dict[str, Any] = {
-        "version": ATTACK_JSON_VERSION,
-        "tile_size": a.tile_size,
-        "target_mpp": a.target_mpp or cfg.tiling.target_mpp,
-        "tile_source": "monuseg-train (data root)" if monuseg_dir(data_root) else "site stores",
-        "n_pool_tiles": len(pool),
-        "model": {"source": model_src, "config": cfg.model.model_dump()},
-        "threat_model": {
-            "batch_sizes": _threat_batches(a.batch_size),
-            "local_steps": a.local_steps,
-            "local_optimizer": a.local_optimizer or cfg.train.optimizer,
-            "labels_known": a.labels_known,
-            "loss": a.loss,
-        },
-        "settings": a.model_dump(),
-        "dp_accounting": {
-            "sample_rate": dpp.sample_rate,
-            "steps": dpp.steps,
-            "delta": dpp.delta,
-            "clip": dpp.clip,
-            "accountant": dpp.accountant,
-            "from": dpp.source,
-        },
-        "results": per_eps,
-        "real_updates": real,
-        "undefended_mean_ssim": undefended,
-        "strength_target_met": (undefended is not None and undefended >= 0.5),
-        "seconds": time.perf_counter() - t_start,
-    }
-    path = out_dir / "attack.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(path)
+    result = assemble(per_eps, real, complete=True)
+    _write_json(out_dir / "attack.json", result)
     update_summary(cfg.run_dir, "attack", _summary(result))
     return result
 

@@ -17,7 +17,7 @@ import torch
 from federation.attack.common import DPSGD, observed_gradient, segmentation_loss
 from federation.attack.inverting import InversionSettings, invert_gradients
 from federation.attack.metrics import ssim
-from federation.attack.sweep import DPParams, split_by_source, target_model
+from federation.attack.sweep import DPParams, pick_targets, target_model
 from federation.attack.tiles import load_monuseg_tiles
 from pipeline.config import ExperimentConfig
 
@@ -30,21 +30,29 @@ def test_inverting_gradients_beats_the_prior_undefended_and_not_under_dp(data_ro
     a = cfg.attack
     pool = load_monuseg_tiles(data_root, a.tile_size, cfg.tiling.target_mpp, per_image=4, seed=a.seed)
     prior = pool.images.mean(0)
-    targets = split_by_source(pool, 4, a.seed)[0][:4]
+    targets = pick_targets(pool, 4, a.seed)
     model, _ = target_model(cfg)
     loss_fn = segmentation_loss(a.loss)
-    s = InversionSettings(iterations=a.iterations, restarts=1, lr=a.lr, tv_weight=a.tv_weight, scales=tuple(a.scales))
+    s = InversionSettings(
+        iterations=a.iterations, restarts=1, lr=a.lr, tv_weight=a.tv_weight, scales=tuple(a.scales)
+    )
     n = len(pool)
     q = cfg.train.batch_size / n
-    sigma8 = DPParams(q, int(np.ceil(1 / q)) * cfg.federation.rounds, 1 / (10 * n), 1.0, "prv", "test").sigma(8.0)
+    sigma8 = DPParams(q, int(np.ceil(1 / q)) * cfg.federation.rounds, 1 / (10 * n), 1.0, "prv", "test").sigma(
+        8.0
+    )
     gen = torch.Generator().manual_seed(0)
     und, dp8, base = [], [], []
     for i in targets:
         x, m = pool.images[[i]], pool.masks[[i]]
         g = observed_gradient(model, x, m, loss_fn)
-        und.append(ssim(invert_gradients(model, g, x.shape, loss_fn, s, masks=m, prior=prior).images[0], x[0]))
+        und.append(
+            ssim(invert_gradients(model, g, x.shape, loss_fn, s, masks=m, prior=prior).images[0], x[0])
+        )
         g8 = observed_gradient(model, x, m, loss_fn, DPSGD(1.0, sigma8), gen)
-        dp8.append(ssim(invert_gradients(model, g8, x.shape, loss_fn, s, masks=m, prior=prior).images[0], x[0]))
+        dp8.append(
+            ssim(invert_gradients(model, g8, x.shape, loss_fn, s, masks=m, prior=prior).images[0], x[0])
+        )
         base.append(ssim(prior, x[0]))
     assert np.mean(und) > np.mean(base) + 0.05
     assert np.mean(dp8) <= np.mean(base) + 0.05

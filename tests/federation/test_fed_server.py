@@ -216,48 +216,50 @@ def test_rounds_idempotent_resubmit_late_updates_and_fedavg(fed: Fed) -> None:
 
 def test_sigkill_mid_round_and_mid_upload_then_restart_finishes_the_round(tmp_path: Path) -> None:
     fed = Fed(tmp_path, ["a", "b", "c"], rounds=1, min_sites=3)
-    g0 = fed.global0
-    deltas = {s: random_delta(g0, 0.01, i) for i, s in enumerate("abc")}
-    tiles = {"a": 3, "b": 5, "c": 8}
-    bodies = {s: update_body(deltas[s], s, 0, tiles[s]) for s in "abc"}
-    acks = {s: fed.clients[s].upload(bodies[s]) for s in "ab"}
+    try:
+        g0 = fed.global0
+        deltas = {s: random_delta(g0, 0.01, i) for i, s in enumerate("abc")}
+        tiles = {"a": 3, "b": 5, "c": 8}
+        bodies = {s: update_body(deltas[s], s, 0, tiles[s]) for s in "abc"}
+        acks = {s: fed.clients[s].upload(bodies[s]) for s in "ab"}
 
-    # an upload in flight when the server dies must not count
-    release = threading.Event()
+        # an upload in flight when the server dies must not count
+        release = threading.Event()
 
-    def slow_body() -> Iterator[bytes]:
-        yield bodies["c"][:1000]
-        release.wait(30)
-        yield bodies["c"][1000:]
+        def slow_body() -> Iterator[bytes]:
+            yield bodies["c"][:1000]
+            release.wait(30)
+            yield bodies["c"][1000:]
 
-    t = threading.Thread(target=lambda: _swallow(lambda: fed.raw("c", fed.token("c"), slow_body())))
-    t.start()
-    end = time.monotonic() + 20
-    while not list(fed.paths.updates(0).glob(".incoming-*")) and time.monotonic() < end:
-        time.sleep(0.05)
-    assert list(fed.paths.updates(0).glob(".incoming-*")), "the in-flight upload never started"
-    for c in fed.clients.values():
-        c.close()
-    assert fed.proc.proc is not None
-    fed.proc.proc.kill()  # SIGKILL
-    fed.proc.proc.wait()
-    release.set()
-    t.join(30)
+        t = threading.Thread(target=lambda: _swallow(lambda: fed.raw("c", fed.token("c"), slow_body())))
+        t.start()
+        end = time.monotonic() + 20
+        while not list(fed.paths.updates(0).glob(".incoming-*")) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert list(fed.paths.updates(0).glob(".incoming-*")), "the in-flight upload never started"
+        for c in fed.clients.values():
+            c.close()
+        assert fed.proc.proc is not None
+        fed.proc.proc.kill()  # SIGKILL
+        fed.proc.proc.wait()
+        release.set()
+        t.join(30)
 
-    fed.url = fed.proc.start()  # a fresh ephemeral port
-    fed.clients = {s: fed.client(s) for s in "abc"}
-    st = fed.clients["c"].status()
-    assert st["round"] == 0 and st["sites_reported"] == ["a", "b"] and st["submitted"] is False
-    assert not list(fed.paths.updates(0).glob(".incoming-*"))
-    assert fed.clients["a"].upload(bodies["a"]) == acks["a"]  # idempotent across the restart
-    fed.clients["c"].upload(bodies["c"])
-    state = fed.wait_round(1)
-    assert state["phase"] == "finished" and state["history"][0]["sites"] == ["a", "b", "c"]
-    g1, _ = read_model_file(fed.paths.global_model(1))
-    for k in g0:
-        want = g0[k] + sum(tiles[s] * deltas[s][k] for s in "abc") / sum(tiles.values())
-        torch.testing.assert_close(g1[k], want, rtol=1e-5, atol=1e-6)
-    fed.close()
+        fed.url = fed.proc.start()  # a fresh ephemeral port
+        fed.clients = {s: fed.client(s) for s in "abc"}
+        st = fed.clients["c"].status()
+        assert st["round"] == 0 and st["sites_reported"] == ["a", "b"] and st["submitted"] is False
+        assert not list(fed.paths.updates(0).glob(".incoming-*"))
+        assert fed.clients["a"].upload(bodies["a"]) == acks["a"]  # idempotent across the restart
+        fed.clients["c"].upload(bodies["c"])
+        state = fed.wait_round(1)
+        assert state["phase"] == "finished" and state["history"][0]["sites"] == ["a", "b", "c"]
+        g1, _ = read_model_file(fed.paths.global_model(1))
+        for k in g0:
+            want = g0[k] + sum(tiles[s] * deltas[s][k] for s in "abc") / sum(tiles.values())
+            torch.testing.assert_close(g1[k], want, rtol=1e-5, atol=1e-6)
+    finally:
+        fed.close()
 
 
 def _swallow(fn: Any) -> None:
