@@ -70,8 +70,9 @@ attack: install
 report: install
 	$(BIN)/fedpath report --config $(CONFIG)
 
+EPSILONS ?= inf,8,4,1
 experiment: install
-	$(BIN)/fedpath experiment --config $(CONFIG)
+	$(BIN)/fedpath experiment --config $(CONFIG) --epsilons $(EPSILONS)
 
 bench: install
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -220,12 +220,23 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def experiment(config: ConfigOpt = None, set_: SetOpt = None, data_root: DataRootOpt = None) -> None:
+def experiment(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_root: DataRootOpt = None,
+    epsilons: Annotated[
+        str, typer.Option(help="comma-separated FedDP ε targets over the whole training; 'inf' = clip, no noise")
+    ] = "inf,8,4,1",
+) -> None:
     """The real-data experiment: local, centralised, FedAvg, FedProx and FedDP at several ε, tabulated."""
     from pipeline.experiment import run_experiment
 
     cfg = _cfg(config, set_)
-    run_experiment(cfg, data_root=cfg.resolved_data_root(data_root))
+    try:
+        eps = [float(e) for e in epsilons.split(",") if e.strip()]
+    except ValueError:
+        raise ConfigError(f"--epsilons: expected comma-separated numbers or 'inf', got {epsilons!r}") from None
+    run_experiment(cfg, data_root=cfg.resolved_data_root(data_root), epsilons=eps)
 
 
 def main() -> None:

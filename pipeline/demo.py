@@ -143,7 +143,12 @@ def run_demo(cfg: ExperimentConfig) -> dict[str, Any]:
             if isinstance(tile_eps, (int, float))
             else str(tile_eps),
         )
-    table.add_row("attack SSIM by ε", json.dumps(head["attack_ssim"]))
+    ssim = head["attack_ssim"]
+    if isinstance(ssim, dict):
+        ssim_text = ", ".join(f"{k}: {v:.2f}" if isinstance(v, (int, float)) else f"{k}: {v}" for k, v in ssim.items())
+    else:
+        ssim_text = str(ssim)
+    table.add_row("gradient-inversion SSIM by ε", ssim_text)
     table.add_row("wall time", f"{sum(timings.values()):.0f} s")
     console.print(table)
     console.print(f"report: [bold]{report}[/]")

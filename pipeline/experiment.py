@@ -92,8 +92,24 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def run_experiment(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
-    """Tile every site once, train every variant, evaluate on every site's held-out tiles, tabulate."""
+DEFAULT_EPSILONS: tuple[float, ...] = (math.inf, 8.0, 4.0, 1.0)
+
+
+def _config_key(cfg: ExperimentConfig, epsilons: list[float]) -> str:
+    import hashlib
+
+    blob = cfg.model_dump_json(exclude={"run_dir", "name"}) + json.dumps([str(e) for e in epsilons])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_experiment(
+    cfg: ExperimentConfig, data_root: Path | None, epsilons: list[float] | None = None
+) -> dict[str, Any]:
+    """Tile every site once, train every variant, evaluate on every site's held-out tiles, tabulate.
+
+    Resumable: a variant already evaluated under the same config (``experiment.json``) is not rerun, and
+    training jobs themselves resume from their checkpoints.
+    """
     from federation.simulate import run_simulation
     from pipeline.train import train_local
     from wsi.tiling import run_tile_site
@@ -116,32 +132,49 @@ def run_experiment(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, A
     if steps is None:
         raise FedpathError("experiment: set train.max_steps (local steps per round) so every variant has the same budget")
     names = [s.name for s in cfg.sites]
+    eps_list: list[float] = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
+    key = _config_key(cfg, eps_list)
+    state_file = base_dir / "experiment.json"
     rows: dict[str, dict[str, Any]] = {}
-    eps_list: list[float] = [math.inf, 8.0, 4.0, 1.0]
+    if state_file.exists():
+        try:
+            previous = json.loads(state_file.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        if previous.get("config_key") == key:
+            rows = previous.get("rows", {})
+            log.info("experiment: resuming, %d variants already done: %s", len(rows), ", ".join(rows))
 
     def record(name: str, kind: str, state: dict[str, torch.Tensor], seconds: float, run_dir: Path, extra: dict[str, Any]) -> None:
         ev = _evaluate(cfg, state)
         rows[name] = {"kind": kind, "seconds": seconds, "eval": ev, "ledger": _ledger_eps(run_dir), **extra}
         log.info("experiment: %s done in %.0f s: %s", name, seconds, {k: round(v.get("dice", float("nan")), 3) for k, v in ev.items()})
-        (base_dir / "experiment.json").write_text(json.dumps(rows, indent=2, default=str))
+        tmp = state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"config_key": key, "rows": rows}, indent=2, default=str))
+        os.replace(tmp, state_file)
 
     no_dp = {"train__privacy__enabled": False}
     for site in names:
+        if f"local:{site}" in rows:
+            continue
         vdir = base_dir / "variants" / f"local_{site}"
         vcfg = _variant_cfg(cfg, f"local_{site}", vdir, **no_dp)
         _link_stores(cfg, vcfg)
         t0 = time.perf_counter()
-        res = train_local(vcfg, [site], vdir, max_steps=rounds * steps, job_id="experiment")
-        record(f"local:{site}", "local", res.state, time.perf_counter() - t0, vdir, {"site": site})
+        local = train_local(vcfg, [site], vdir, max_steps=rounds * steps, job_id="experiment")
+        record(f"local:{site}", "local", local.state, time.perf_counter() - t0, vdir, {"site": site})
 
-    vdir = base_dir / "variants" / "centralised"
-    vcfg = _variant_cfg(cfg, "centralised", vdir, **no_dp)
-    _link_stores(cfg, vcfg)
-    t0 = time.perf_counter()
-    res = train_local(vcfg, names, vdir, max_steps=rounds * steps * len(names), job_id="experiment")
-    record("centralised", "centralised", res.state, time.perf_counter() - t0, vdir, {})
+    if "centralised" not in rows:
+        vdir = base_dir / "variants" / "centralised"
+        vcfg = _variant_cfg(cfg, "centralised", vdir, **no_dp)
+        _link_stores(cfg, vcfg)
+        t0 = time.perf_counter()
+        pooled = train_local(vcfg, names, vdir, max_steps=rounds * steps * len(names), job_id="experiment")
+        record("centralised", "centralised", pooled.state, time.perf_counter() - t0, vdir, {})
 
     for strat in FED_VARIANTS:
+        if strat in rows:
+            continue
         vdir = base_dir / "variants" / strat
         vcfg = _variant_cfg(cfg, strat, vdir, federation__strategy=strat, **no_dp)
         _link_stores(cfg, vcfg)
@@ -151,6 +184,8 @@ def run_experiment(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, A
 
     for eps in eps_list:
         tag = "inf" if math.isinf(eps) else f"{eps:g}"
+        if f"feddp eps={tag}" in rows:
+            continue
         vdir = base_dir / "variants" / f"feddp_eps_{tag}"
         privacy = {
             "train__privacy__enabled": True,
@@ -166,7 +201,7 @@ def run_experiment(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, A
 
     table = tabulate(rows, names)
     (base_dir / "experiment.md").write_text(table)
-    summary = {"rows": rows, "table_markdown": table}
+    summary = {"rows": rows, "table_markdown": table, "epsilons": [str(e) for e in eps_list]}
     update_summary(base_dir, "experiment", summary)
     print(table)
     return summary

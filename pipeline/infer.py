@@ -38,7 +38,7 @@ from torch import nn
 from pipeline.checkpoint import ModelMeta, load_model, read_model_file
 from pipeline.config import ExperimentConfig, InferenceConfig
 from pipeline.errors import FedpathError
-from pipeline.summary import update_summary
+from pipeline.summary import read_summary, update_summary
 from wsi.errors import WSIError
 from wsi.readers import SlideReader, open_slide
 from wsi.stitch import ArrayMerger, ZarrMerger, window_positions
@@ -716,5 +716,14 @@ def run_infer(
         "n_ok": len(results),
         "n_failed": len(failed),
     }
-    update_summary(cfg.run_dir, "infer", summary)
+    # Per-site jobs (``fedpath infer --site a``, then ``--site b``) accumulate in one summary entry as long
+    # as they used the same model (a new model starts afresh); the return value is this call's slides only.
+    merged = dict(summary)
+    prev = read_summary(cfg.run_dir).get("infer", {})
+    if isinstance(prev, dict) and prev.get("model_sha256") == loaded.sha256:
+        done = {r["slide_id"] for r in results} | {f["slide_id"] for f in failed}
+        merged["slides"] = [r for r in prev.get("slides", []) if r.get("slide_id") not in done] + results
+        merged["failed"] = [f for f in prev.get("failed", []) if f.get("slide_id") not in done] + failed
+        merged["n_ok"], merged["n_failed"] = len(merged["slides"]), len(merged["failed"])
+    update_summary(cfg.run_dir, "infer", merged)
     return summary
