@@ -13,7 +13,7 @@ export FEDPATH_DATA_ROOT := $(abspath $(DATA_ROOT))
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test test-slow demo synth tile tile-all train provision serve site-round simulate \
+.PHONY: install lint test test-slow demo synth tile train provision serve site-round simulate \
         infer attack report experiment bench clean
 
 install: $(STAMP)
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check wsi pipeline federation tests bench
+	$(BIN)/ruff check wsi pipeline federation tests bench scripts
 	$(BIN)/mypy
 
 test: install lint

@@ -95,11 +95,11 @@ def _fmt(x: Any) -> str:
 DEFAULT_EPSILONS: tuple[float, ...] = (math.inf, 8.0, 4.0, 1.0)
 
 
-def _config_key(cfg: ExperimentConfig, epsilons: list[float]) -> str:
+def _config_key(cfg: ExperimentConfig) -> str:
+    """Rows computed under another config are stale; the ε list only adds or drops FedDP rows."""
     import hashlib
 
-    blob = cfg.model_dump_json(exclude={"run_dir", "name"}) + json.dumps([str(e) for e in epsilons])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return hashlib.sha256(cfg.model_dump_json(exclude={"run_dir", "name"}).encode()).hexdigest()[:16]
 
 
 def run_experiment(
@@ -133,7 +133,7 @@ def run_experiment(
         raise FedpathError("experiment: set train.max_steps (local steps per round) so every variant has the same budget")
     names = [s.name for s in cfg.sites]
     eps_list: list[float] = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
-    key = _config_key(cfg, eps_list)
+    key = _config_key(cfg)
     state_file = base_dir / "experiment.json"
     rows: dict[str, dict[str, Any]] = {}
     if state_file.exists():
