@@ -570,7 +570,7 @@ def infer_slide(
         slide_info = reader.describe()
 
     fg = mask_coverage(prob, 0, inf.threshold, (1, 1))[0, 0]
-    summary = {
+    summary: dict[str, Any] = {
         "slide_id": job.slide_id,
         "status": "ok",
         "slide": str(job.path),
@@ -706,7 +706,7 @@ def run_infer(
         except Exception as exc:  # one slide's unexpected failure must not stop the others
             log.exception("%s: inference failed", job.path)
             failed.append({"slide_id": job.slide_id, "path": str(job.path), "error": f"{job.path}: {exc}"})
-    summary = {
+    summary: dict[str, Any] = {
         "model": str(model_path),
         "model_sha256": loaded.sha256,
         "model_mpp": loaded.meta.target_mpp,
@@ -718,7 +718,7 @@ def run_infer(
     }
     # Per-site jobs (``fedpath infer --site a``, then ``--site b``) accumulate in one summary entry as long
     # as they used the same model (a new model starts afresh); the return value is this call's slides only.
-    merged = dict(summary)
+    merged: dict[str, Any] = dict(summary)
     prev = read_summary(cfg.run_dir).get("infer", {})
     if isinstance(prev, dict) and prev.get("model_sha256") == loaded.sha256:
         done = {r["slide_id"] for r in results} | {f["slide_id"] for f in failed}
