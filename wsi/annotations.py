@@ -126,10 +126,24 @@ class Annotation:
 
         for i in hit:
             poly = polys[i]
-            draw.polygon(to_px(poly.exterior), fill=value, outline=value)
+            if not poly.holes:
+                draw.polygon(to_px(poly.exterior), fill=value, outline=value)
+                continue
+            # A polygon with holes is drawn on its own patch and pasted through itself as the mask, so its
+            # holes clear only its own pixels, never another polygon's (an island inside a hole is drawn
+            # in whatever order the file lists it).
+            ext = to_px(poly.exterior)
+            c0 = min(c for c, _ in ext)
+            r0 = min(r for _, r in ext)
+            pw = max(c for c, _ in ext) - c0 + 1
+            ph = max(r for _, r in ext) - r0 + 1
+            patch = Image.new("L", (pw, ph), 0)
+            pd = ImageDraw.Draw(patch)
+            pd.polygon([(c - c0, r - r0) for c, r in ext], fill=1, outline=1)
             for hole in poly.holes:
                 # The hole's interior is background; its boundary pixels still touch the ring.
-                draw.polygon(to_px(hole), fill=1 - value, outline=value)
+                pd.polygon([(c - c0, r - r0) for c, r in to_px(hole)], fill=0, outline=1)
+            draw.bitmap((c0, r0), patch.point(lambda v: 255 * v), fill=value)
 
     def _sample_mask(self, x0: float, y0: float, sx: float, sy: float, out_w: int, out_h: int) -> np.ndarray:
         """Nearest-neighbour sampling of the mask image at the output pixel centres."""

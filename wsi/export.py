@@ -297,13 +297,17 @@ def iter_polygons(
     prob: zarr.Array, channel: int, threshold: float, block: int = 2048
 ) -> Iterator[ShapelyPolygon]:
     """Every 8-connected foreground component of ``prob[channel] > threshold`` as one polygon (holes
-    kept), in model-grid coordinates, block by block; components cut by block borders are merged."""
+    kept), in model-grid coordinates, block by block; components cut by block borders are merged.
+
+    Pieces cut by a border are merged at the end of each row of blocks, and only those that reach the
+    next row are kept: memory grows with the slide's width, never with its area."""
     _, H, W = prob.shape
     pending: list[ShapelyPolygon] = []
     eps = 1e-6
     for y0 in range(0, H, block):
+        y1 = min(y0 + block, H)
         for x0 in range(0, W, block):
-            y1, x1 = min(y0 + block, H), min(x0 + block, W)
+            x1 = min(x0 + block, W)
             ey0, ex0, ey1, ex1 = max(y0 - 1, 0), max(x0 - 1, 0), min(y1 + 1, H), min(x1 + 1, W)
             m = np.asarray(prob[channel, ey0:ey1, ex0:ex1]) > threshold
             if not m.any():
@@ -332,10 +336,16 @@ def iter_polygons(
                         pending.append(part)
                     else:
                         yield part
-    if pending:
+        if not pending:
+            continue
         merged = shapely.union_all(pending)
+        pending = []
         for g in shapely.get_parts(merged):
-            if isinstance(g, ShapelyPolygon) and g.area > 0:
+            if not (isinstance(g, ShapelyPolygon) and g.area > 0):
+                continue
+            if y1 < H and g.bounds[3] >= y1 - 0.5 - eps:
+                pending.append(g)  # reaches the next row of blocks: merged there
+            else:
                 yield g
 
 

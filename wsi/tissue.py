@@ -49,8 +49,14 @@ class TissueMask:
     mask_mpp: float
 
     def __post_init__(self) -> None:
-        # Summed-area table (with a zero row/column) for O(1) box fractions.
-        self._sat = np.pad(self.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        # Summed-area table (with a zero row/column) for O(1) box fractions, built in place: int32 holds
+        # any count up to MAX_MASK_PIXELS, and no int64 temporaries are made for a big mask.
+        h, w = self.mask.shape
+        sat = np.zeros((h + 1, w + 1), dtype=np.int32)
+        inner = sat[1:, 1:]
+        np.cumsum(self.mask, axis=0, dtype=np.int32, out=inner)
+        np.cumsum(inner, axis=1, out=inner)
+        self._sat = sat
 
     @property
     def downsample(self) -> float:
@@ -78,7 +84,7 @@ class TissueMask:
         cc0, cc1 = np.clip(c0, 0, mw), np.clip(c1, 0, mw)
         rr0, rr1 = np.clip(r0, 0, mh), np.clip(r1, 0, mh)
         s = self._sat
-        inside = s[rr1, cc1] - s[rr0, cc1] - s[rr1, cc0] + s[rr0, cc0]
+        inside = s[rr1, cc1].astype(np.int64) - s[rr0, cc1] - s[rr1, cc0] + s[rr0, cc0]
         return (inside / area).astype(np.float64)
 
 
