@@ -208,3 +208,18 @@ def test_unparsable_annotations(tmp_path: Path, name: str, content: bytes, reaso
 def test_missing_annotation(tmp_path: Path) -> None:
     with pytest.raises(AnnotationError, match="no such file"):
         load_annotation(tmp_path / "absent.xml.gz")
+
+
+@pytest.mark.parametrize("island_first", [True, False])
+def test_island_inside_a_hole_survives_in_either_order(tmp_path: Path, island_first: bool) -> None:
+    """A ring's hole clears only the ring's own pixels: an island listed before the ring stays set."""
+    ring = SPolygon([(10, 10), (90, 10), (90, 90), (10, 90)], [[(30, 30), (70, 30), (70, 70), (30, 70)]])
+    island = SPolygon([(45, 45), (55, 45), (55, 55), (45, 55)])
+    feats = [{"type": "Feature", "geometry": shapely.geometry.mapping(g), "properties": {}} for g in (ring, island)]
+    if island_first:
+        feats.reverse()
+    p = tmp_path / "a.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    got = load_annotation(p).rasterize(0, 0, 100, 100, 100, 100).astype(bool)
+    assert got[50, 50] and got[20, 20] and not got[40, 40] and not got[5, 5]
+    assert abs(int(got.sum()) - (ring.area + island.area)) < 0.1 * (ring.area + island.area)
