@@ -7,7 +7,8 @@ Prints, at the attack tile size on the machine's cores (2 in CI):
 * mean SSIM of Inverting Gradients undefended and under DP-SGD at each ε (σ from Opacus for the
   default federation's accounting), next to the prior baseline (the dataset-mean image).
 
-Writes bench/out/bench_attack.json. Usage: python bench/bench_attack.py [--targets 4 --iterations 300]
+Writes bench/out/bench_attack.json and bench/out/bench_attack_grid.png (true tiles, the prior, the
+reconstructions per ε). Usage: python bench/bench_attack.py [--targets 4 --iterations 600 --threads 2]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from federation.attack.dlg import DLGSettings, dlg_attack
 from federation.attack.inverting import InversionSettings, invert_gradients
 from federation.attack.metrics import ssim
 from federation.attack.multistep import LocalTraining, invert_update, local_update
-from federation.attack.sweep import DPParams, pick_targets, target_model
+from federation.attack.sweep import DPParams, _grid_png, pick_targets, target_model
 from federation.attack.tiles import load_monuseg_tiles
 from pipeline.config import ExperimentConfig
 
@@ -55,7 +56,13 @@ def main() -> None:
     model, source = target_model(cfg)
     loss_fn = segmentation_loss(a.loss)
     settings = InversionSettings(
-        iterations=iters, restarts=restarts, lr=a.lr, tv_weight=a.tv_weight, scales=tuple(a.scales)
+        iterations=iters,
+        restarts=restarts,
+        lr=a.lr,
+        tv_weight=a.tv_weight,
+        scales=tuple(a.scales),
+        matching=a.matching,
+        chroma_tv_weight=a.chroma_tv_weight,
     )
 
     # the floor: one plain forward + backward of the victim at this tile size
@@ -97,19 +104,26 @@ def main() -> None:
     print(f"attack bench: {a.tile_size}px tiles, {out['params']} params ({source}), {out['threads']} threads")
     print(f"floor: one forward+backward {floor * 1e3:.1f} ms")
     gen = torch.Generator().manual_seed(0)
+    grid: list[tuple[str, torch.Tensor]] = [
+        ("true", pool.images[tgt]),
+        ("prior", prior.expand(len(tgt), -1, -1, -1)),
+    ]
     for eps in eps_list:
         sigma = dpp.sigma(eps)
         dp = DPSGD(1.0, sigma) if eps is not None else None
         ss, ps, secs = [], [], []
+        recs: list[torch.Tensor] = []
         for j, i in enumerate(tgt):
             x, m = pool.images[[i]], pool.masks[[i]]
             g = observed_gradient(model, x, m, loss_fn, dp, gen)
             settings.seed = j
             rec = invert_gradients(model, g, x.shape, loss_fn, settings, masks=m, prior=prior)
             ss.append(ssim(rec.images[0], x[0]))
+            recs.append(rec.images[0])
             ps.append(ssim(prior, x[0]))
             secs.append(rec.seconds)
         key = "none" if eps is None else f"{eps:g}"
+        grid.append(("IG, no DP" if eps is None else f"IG, eps={key}", torch.stack(recs)))
         per_iter = float(np.mean(secs)) / (iters * restarts)
         out["inverting_gradients"][key] = {
             "sigma": sigma,
@@ -163,6 +177,7 @@ def main() -> None:
             f"undefended worst case: mean SSIM {und:.3f} -> 0.5 target {'MET' if und >= 0.5 else 'NOT met'}"
         )
     Path("bench/out").mkdir(parents=True, exist_ok=True)
+    _grid_png(Path("bench/out/bench_attack_grid.png"), grid)
     Path("bench/out/bench_attack.json").write_text(json.dumps(out, indent=2))
 
 

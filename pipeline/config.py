@@ -200,11 +200,18 @@ class AttackConfig(_Strict):
     labels_known: bool = True
     loss: Literal["dicece", "ce"] = "dicece"
     restarts: int = Field(2, ge=1)
-    iterations: int = Field(300, ge=1)
+    iterations: int = Field(600, ge=1)
     lr: float = Field(0.1, gt=0, description="Adam step on signed gradients, pixels in [0, 1]")
     tv_weight: float = Field(1.0, ge=0, description="total-variation prior weight (cosine cost is in [0, 2])")
     scales: list[int] = Field(
         default_factory=lambda: [2, 1], description="coarse-to-fine stages (downsampling factors)"
+    )
+    matching: Literal["cosine", "layerwise", "kernel"] = Field(
+        "kernel",
+        description="gradient-matching cost: global cosine (Geiping et al.), per tensor, or per conv kernel",
+    )
+    chroma_tv_weight: float = Field(
+        3.0, ge=0, description="total-variation prior on the chroma (pixel minus its grey level)"
     )
     dlg_iterations: int = Field(60, ge=1, description="L-BFGS steps of DLG")
     n_targets: int = Field(4, ge=1, description="attacked tiles (or batches) per ε and attack")

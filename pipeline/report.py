@@ -196,19 +196,37 @@ def _verdict(attack: dict[str, Any]) -> dict[str, Any]:
     results = attack.get("results", [])
     und = attack.get("undefended_mean_ssim")
     lines = []
+    settings = attack.get("settings") or {}
+    how = (
+        f"{settings.get('matching', 'cosine')} gradient matching, {settings.get('iterations')} iterations x "
+        f"{settings.get('restarts')} restarts"
+        if settings
+        else "the configured settings"
+    )
+    n_und = next(
+        (
+            int(ig["summary"].get("n", 0))
+            for e in results
+            if e.get("epsilon") is None
+            for k, ig in e.get("attacks", {}).items()
+            if k == "inverting_gradients"
+        ),
+        0,
+    )
     if und is None:
         lines.append(
             "No undefended Inverting-Gradients run in this sweep: the attack's strength is unmeasured."
         )
     elif und >= 0.5:
         lines.append(
-            f"Undefended worst case: mean SSIM {und:.3f} at {attack.get('tile_size')}px tiles, at or above the "
-            "0.5 target: the attack is strong enough for the DP rows below to mean something."
+            f"Undefended worst case (one tile, one step, masks known): mean SSIM {und:.3f} over {n_und} tiles "
+            f"at {attack.get('tile_size')}px ({how}), so the 0.5 target IS met: the attack is strong "
+            "enough for the DP rows below to mean something."
         )
     else:
         lines.append(
-            f"The attack did NOT reach the 0.5 SSIM target undefended (mean SSIM {und:.3f} at "
-            f"{attack.get('tile_size')}px tiles). The DP rows below are therefore a weaker statement than "
+            f"The attack did NOT reach the 0.5 SSIM target undefended (mean SSIM {und:.3f} over {n_und} tiles "
+            f"at {attack.get('tile_size')}px, {how}). The DP rows below are therefore a weaker statement than "
             "they look: a stronger attack might recover more at the same ε."
         )
     dp_ok = []

@@ -122,6 +122,43 @@ def cosine_cost(grads: Sequence[Tensor], target: Sequence[Tensor], layerwise: bo
     return 1 - dot / (n1.sqrt() * n2.sqrt() + 1e-12)
 
 
+def kernel_cosine_cost(grads: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:
+    """Cosine matching at the finest granularity that still has a direction: 1 - cosine per kernel
+    (one (out, in) slice of a conv weight; one row of a linear weight), averaged per tensor, then over
+    the weight tensors (biases and norm parameters, vectors, are left out).
+
+    The plain cosine over the concatenated gradient is dominated by the few largest tensors (in the
+    UNet the last decoder convs carry over half the squared norm and are matched almost as well by the
+    dataset-mean image as by the truth); per-kernel cosines make each filter's direction count, and the
+    first-layer kernels are where the pixels are."""
+    terms = []
+    for g, t in zip(grads, target, strict=True):
+        if g.dim() < 2:
+            continue
+        flat = 2 if g.dim() >= 3 else 1
+        gf, tf = g.flatten(flat), t.flatten(flat)
+        cos = (gf * tf).sum(-1) / (gf.norm(dim=-1) * tf.norm(dim=-1) + 1e-12)
+        terms.append((1 - cos).mean())
+    if not terms:  # only vectors: fall back to the per-tensor cosine
+        return cosine_cost(grads, target, layerwise=True)
+    return torch.stack(terms).mean()
+
+
+Matching = str  # "cosine" | "layerwise" | "kernel"
+MATCHINGS = ("cosine", "layerwise", "kernel")
+
+
+def gradient_cost(grads: Sequence[Tensor], target: Sequence[Tensor], matching: Matching) -> Tensor:
+    """The gradient-matching cost by name: Geiping's global cosine, per-tensor cosine, per-kernel cosine."""
+    if matching == "cosine":
+        return cosine_cost(grads, target)
+    if matching == "layerwise":
+        return cosine_cost(grads, target, layerwise=True)
+    if matching == "kernel":
+        return kernel_cosine_cost(grads, target)
+    raise ValueError(f"matching {matching!r}: expected one of {MATCHINGS}")
+
+
 def euclidean_cost(grads: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:
     """Squared L2 distance of the two gradients (DLG)."""
     total = torch.zeros((), dtype=grads[0].dtype)

@@ -6,6 +6,13 @@ cosine-similarity matching plus a total-variation image prior, Adam on the *sign
 cost, step decay at 3/8, 5/8 and 7/8 of the iterations, pixels boxed to [0, 1] after every step, and
 several random restarts of which the one with the lowest matching cost is kept (the attacker cannot
 see the true image, so it scores by its own cost).
+
+Two changes over the paper make it work on the GroupNorm UNet (``matching="kernel"`` and
+``chroma_tv_weight`` > 0, the project's defaults): the cosine is taken per conv kernel and averaged
+(Geiping's single cosine over the whole gradient is dominated by the last decoder convs, which the
+dataset-mean image already matches to 0.99), and a TV prior on the chroma suppresses the colour noise
+that gradient matching leaves in H&E tiles. On real 32 px MoNuSeg tiles against the freshly
+initialised network this lifts the undefended mean SSIM from about 0.3 to about 0.6.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ from torch import Tensor, nn
 
 from federation.attack.common import (
     LossFn,
-    cosine_cost,
     decay_milestones,
+    gradient_cost,
     soft_labels,
     total_variation,
     trainable,
@@ -30,7 +37,9 @@ from federation.attack.common import (
 
 @dataclass
 class InversionSettings:
-    """Knobs of the optimisation (defaults tuned on MoNuSeg tiles against the configured UNet)."""
+    """Knobs of the optimisation. These defaults are Geiping et al.'s plain setup (global cosine, no
+    chroma prior); the settings tuned on MoNuSeg tiles against the configured UNet are the defaults of
+    ``pipeline.config.AttackConfig`` (per-kernel matching, chroma TV 3, 600 iterations, 2 restarts)."""
 
     iterations: int = 300
     restarts: int = 2
@@ -44,6 +53,12 @@ class InversionSettings:
     layerwise: bool = False
     scales: tuple[int, ...] = (2, 1)
     chroma_tv_weight: float = 0.0
+    matching: str = "cosine"  # "cosine" (Geiping), "layerwise" (per tensor), "kernel" (per conv kernel)
+
+    @property
+    def match_kind(self) -> str:
+        """The matching cost in use (``layerwise=True`` is the older spelling of "layerwise")."""
+        return "layerwise" if self.layerwise and self.matching == "cosine" else self.matching
 
 
 @dataclass
@@ -189,6 +204,6 @@ def invert_gradients(
 
     def match(x: Tensor, tgt: Tensor) -> Tensor:
         grads = torch.autograd.grad(loss_fn(model(x), tgt), params, create_graph=True)
-        return cosine_cost(grads, target, settings.layerwise)
+        return gradient_cost(grads, target, settings.match_kind)
 
     return optimise_images(match, shape, settings, masks if settings.labels_known else None, prior)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from federation.attack.common import DPSGD, LossFn, cosine_cost, observed_gradient
+from federation.attack.common import DPSGD, LossFn, gradient_cost, observed_gradient
 from federation.attack.inverting import InversionSettings, Reconstruction, optimise_images
 
 
@@ -130,7 +130,7 @@ def invert_update(
             loss = loss_fn(functional_call(model, params, (x[idx],)), tgt_all[idx])
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
             params = fopt.step(params, dict(zip(names, grads, strict=True)))
-        return cosine_cost([params[k] - start[k] for k in names], target, settings.layerwise)
+        return gradient_cost([params[k] - start[k] for k in names], target, settings.match_kind)
 
     known = masks if settings.labels_known else None
     return optimise_images(match, (n_images, *image_shape), settings, known, prior)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from federation.attack.common import DPSGD, observed_gradient, segmentation_loss
+from federation.attack.common import (
+    DPSGD,
+    gradient_cost,
+    kernel_cosine_cost,
+    observed_gradient,
+    segmentation_loss,
+)
 from federation.attack.dlg import DLGSettings, dlg_attack, idlg_infer_label
 from federation.attack.inverting import InversionSettings, invert_gradients
 from federation.attack.metrics import ssim
@@ -30,6 +37,43 @@ def test_inverting_gradients_fails_under_large_dp_noise(tiny_net, tiles16) -> No
     noisy = observed_gradient(tiny_net, x, m, loss_fn, DPSGD(clip=1.0, noise_multiplier=10.0), gen)
     rec = invert_gradients(tiny_net, noisy, x.shape, loss_fn, FAST, masks=m)
     assert ssim(rec.images[0], x[0]) < 0.3
+
+
+def test_kernel_cosine_cost_is_per_kernel_and_skips_vectors() -> None:
+    """Zero for the target itself and for any positive rescaling of single kernels (each kernel's
+    direction is what counts); biases and other vectors are ignored; a flipped kernel costs 2/n."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn((4, 3, 3, 3), generator=gen)
+    lin = torch.randn((5, 7), generator=gen)
+    bias = torch.randn((4,), generator=gen)
+    target = [w, bias, lin]
+    scaled = w * torch.tensor([1.0, 3.0, 0.1, 7.0]).view(4, 1, 1, 1)
+    assert float(kernel_cosine_cost(target, target)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kernel_cosine_cost([scaled, -bias, 2 * lin], target)) == pytest.approx(0.0, abs=1e-6)
+    flipped = w.clone()
+    flipped[0, 0] *= -1  # one of the 12 conv kernels points the other way
+    cost = kernel_cosine_cost([flipped, bias, lin], target)
+    assert float(cost) == pytest.approx((2 / 12) / 2, abs=1e-5)  # mean over the two weight tensors
+    assert float(gradient_cost([flipped, bias, lin], target, "kernel")) == pytest.approx(float(cost))
+    with pytest.raises(ValueError, match="matching"):
+        gradient_cost(target, target, "nope")
+
+
+def test_kernel_matching_recovers_a_real_tile(tiny_net, tiles16) -> None:
+    x, m = tiles16.images[:1], tiles16.masks[:1]
+    loss_fn = segmentation_loss("dicece")
+    g = observed_gradient(tiny_net, x, m, loss_fn)
+    s = InversionSettings(
+        iterations=150,
+        restarts=1,
+        lr=0.1,
+        tv_weight=1e-3,
+        scales=(1,),
+        matching="kernel",
+        chroma_tv_weight=1e-3,
+    )
+    rec = invert_gradients(tiny_net, g, x.shape, loss_fn, s, masks=m)
+    assert ssim(rec.images[0], x[0]) > 0.8
 
 
 def test_jointly_recovered_masks(tiny_net, tiles16) -> None:

@@ -1,9 +1,9 @@
 """Attack strength on real MoNuSeg tiles against the configured (DP-ready) UNet: slow, run by `make test-slow`.
 
-What is asserted is what the attack achieves on this network: undefended, Inverting Gradients beats the
-prior (the dataset-mean image) clearly; under DP-SGD at ε = 8 it is no better than the prior + 0.05. The
-issue's 0.5 mean-SSIM target for the undefended worst case is NOT met on this network (measured ~0.3 at
-32 px; see bench/bench_attack.py and the report's verdict), so it is reported, not asserted.
+Issue 6's bar, asserted: undefended worst case (one 32 px tile, one step, masks known) Inverting
+Gradients with the configured settings (per-kernel cosine matching, TV and chroma-TV priors) reaches a
+mean SSIM of at least 0.5 over four real tiles from different slides; under DP-SGD at ε = 8 it is no
+better than the prior (the dataset-mean image) + 0.05.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pipeline.config import ExperimentConfig
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_inverting_gradients_beats_the_prior_undefended_and_not_under_dp(data_root: Path) -> None:
-    torch.set_num_threads(2)
+def test_inverting_gradients_reaches_half_ssim_undefended_and_not_under_dp(data_root: Path) -> None:
+    torch.set_num_threads(1)  # 2 threads on 2 busy cores is several times slower
     cfg = ExperimentConfig()
     a = cfg.attack
     pool = load_monuseg_tiles(data_root, a.tile_size, cfg.tiling.target_mpp, per_image=4, seed=a.seed)
@@ -34,7 +34,13 @@ def test_inverting_gradients_beats_the_prior_undefended_and_not_under_dp(data_ro
     model, _ = target_model(cfg)
     loss_fn = segmentation_loss(a.loss)
     s = InversionSettings(
-        iterations=a.iterations, restarts=1, lr=a.lr, tv_weight=a.tv_weight, scales=tuple(a.scales)
+        iterations=a.iterations,
+        restarts=a.restarts,
+        lr=a.lr,
+        tv_weight=a.tv_weight,
+        scales=tuple(a.scales),
+        matching=a.matching,
+        chroma_tv_weight=a.chroma_tv_weight,
     )
     n = len(pool)
     q = cfg.train.batch_size / n
@@ -43,8 +49,9 @@ def test_inverting_gradients_beats_the_prior_undefended_and_not_under_dp(data_ro
     )
     gen = torch.Generator().manual_seed(0)
     und, dp8, base = [], [], []
-    for i in targets:
+    for j, i in enumerate(targets):
         x, m = pool.images[[i]], pool.masks[[i]]
+        s.seed = j
         g = observed_gradient(model, x, m, loss_fn)
         und.append(
             ssim(invert_gradients(model, g, x.shape, loss_fn, s, masks=m, prior=prior).images[0], x[0])
@@ -54,5 +61,6 @@ def test_inverting_gradients_beats_the_prior_undefended_and_not_under_dp(data_ro
             ssim(invert_gradients(model, g8, x.shape, loss_fn, s, masks=m, prior=prior).images[0], x[0])
         )
         base.append(ssim(prior, x[0]))
-    assert np.mean(und) > np.mean(base) + 0.05
-    assert np.mean(dp8) <= np.mean(base) + 0.05
+    assert len(und) == 4
+    assert np.mean(und) >= 0.5, f"undefended mean SSIM {np.mean(und):.3f} < 0.5: {np.round(und, 3)}"
+    assert np.mean(dp8) <= np.mean(base) + 0.05, f"DP ε=8 SSIM {np.mean(dp8):.3f}, prior {np.mean(base):.3f}"
