@@ -280,16 +280,21 @@ def _block_polygons(mask: np.ndarray, oy: int, ox: int) -> list[ShapelyPolygon]:
         # positive_orientation='high' winds counter-clockwise (in row/col) around foreground, which
         # is clockwise once x/y are swapped: outer rings are clockwise, holes counter-clockwise.
         (holes if ring.exterior.is_ccw else outers).append(ring)
-    if not holes:
+    if not holes or not outers:
         return outers
-    tree = shapely.STRtree(outers)
+    # Each hole goes to the smallest outer ring around it (an island inside a hole has its own ring). One
+    # vertex per hole is tested, against each outer ring prepared once: querying every hole against one
+    # huge ring instead is quadratic (a noisy tissue blob has thousands of holes and 1e5 vertices).
+    hole_pts = shapely.points(np.array([h.exterior.coords[0] for h in holes]))
+    o_idx, h_idx = shapely.STRtree(hole_pts).query(np.asarray(outers, dtype=object), predicate="contains")
+    areas = shapely.area(np.asarray(outers, dtype=object))
+    owner: dict[int, int] = {}
+    for o, h in zip(o_idx.tolist(), h_idx.tolist(), strict=True):
+        if h not in owner or areas[o] < areas[owner[h]]:
+            owner[h] = o
     owned: list[list[Any]] = [[] for _ in outers]
-    for hole in holes:
-        cand = tree.query(hole, predicate="within")
-        if len(cand) == 0:
-            continue
-        best = min(cand, key=lambda i: outers[i].area)
-        owned[best].append(hole.exterior.coords)
+    for h in sorted(owner):
+        owned[owner[h]].append(holes[h].exterior.coords)
     return [ShapelyPolygon(o.exterior.coords, hs) if hs else o for o, hs in zip(outers, owned, strict=True)]
 
 
