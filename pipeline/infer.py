@@ -18,6 +18,8 @@ identical run is skipped.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -256,6 +258,25 @@ def load_inference_model(path: Path) -> LoadedModel:
     return LoadedModel(path, net, meta, h.hexdigest(), state)
 
 
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    Windows at the slide's edges and blocks of different sizes make tensors and arrays of many sizes;
+    glibc keeps the freed memory of each in its arenas, so without trimming the resident size creeps up
+    with the number of blocks (that is, with slide area) though nothing is live."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def stitch_slide(
     reader: SlideReader,
     model: LoadedModel,
@@ -278,6 +299,8 @@ def stitch_slide(
     n_windows = int(sum(len(b.origins) for b in blocks))
     for loc, sums, weights in _run_blocks(reader, model, cfg, canvas, blocks, window, importance):
         merger.add_weighted(sums, weights, loc)
+        del sums, weights
+        trim_heap()
     t_model = time.perf_counter() - t0
     merger.finalize(output)
     return {
@@ -545,7 +568,9 @@ def infer_slide(
         prob = create_prob_zarr(out / "prob.ome.zarr", (1, *canvas.shape), inf.chunk_size)
         stats = stitch_slide(reader, model, inf, canvas, prob, out / ".accumulator", tissue)
         t1 = time.perf_counter()
+        trim_heap()
         finish_prob_zarr(out / "prob.ome.zarr", canvas.mpp, inf.pyramid_levels, ["foreground"], job.slide_id)
+        trim_heap()
         levels = write_mask_ome_tiff(
             out / "mask.ome.tif", prob, channel=0, threshold=inf.threshold, slide_size=reader.dimensions,
             scale=canvas.scale, mpp=reader.mpp, name=f"{job.slide_id} mask",

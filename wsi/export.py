@@ -88,9 +88,10 @@ def finish_prob_zarr(
     levels: int | None = None,
     channel_names: list[str] | None = None,
     name: str = "probability",
-    block: int = 2048,
+    block: int = 1024,
 ) -> dict[str, Any]:
-    """Build the 2x mean pyramid of level ``0`` block by block and write the NGFF 0.5 ``multiscales``
+    """Build the 2x mean pyramid of level ``0`` block by block (``block`` output pixels a side: 16 MB of
+    float32 source per block) and write the NGFF 0.5 ``multiscales``
     metadata (scale and pixel-centre translation per level, in micrometres). Returns the metadata."""
     root = zarr.open_group(str(path), mode="a")
     base = root["0"]
@@ -431,7 +432,7 @@ def write_geojson(
 # Thumbnail
 # ------------------------------------------------------------------------------------------------------
 def mask_coverage(
-    prob: zarr.Array, channel: int, threshold: float, out_shape: tuple[int, int], block: int = 2048
+    prob: zarr.Array, channel: int, threshold: float, out_shape: tuple[int, int], block: int = 1024
 ) -> np.ndarray:
     """Fraction of foreground model pixels under each pixel of an ``out_shape`` (h, w) grid spanning the
     map (area binning, block by block)."""
