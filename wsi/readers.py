@@ -253,7 +253,7 @@ class SlideReader(ABC):
         sx, sy = W / out_w, H / out_h
         target = self.mpp * max(sx, sy)
         factor = max(1.0, self.plan_mpp(target, 0.0).resample_factor)
-        block = int(min(1024, max(16, max_read_side // math.ceil(factor))))
+        block = int(min(512, max(16, max_read_side // math.ceil(factor))))
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
         for by in range(0, out_h, block):
             for bx in range(0, out_w, block):

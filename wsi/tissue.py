@@ -21,19 +21,23 @@ from wsi.readers import SlideReader
 #: The tissue mask has at least this many pixels along the slide's longer side (small tiles).
 MIN_MASK_SIDE = 64
 #: ... and at most this many pixels: huge slides are detected coarser than ``detect_mpp`` so that the
-#: detection's memory does not grow with slide size (80k x 80k at 0.5 µm/px: ~20 µm/px).
-MAX_MASK_PIXELS = 2048 * 2048
+#: detection's memory does not grow with slide size (a 100k x 80k slide at 0.25 µm/px: ~22 µm/px; an 80k
+#: x 80k one at 0.5 µm/px: ~39 µm/px, still three mask pixels across a 256-px tile).
+MAX_MASK_PIXELS = 1024 * 1024
 
 
 def saturation(rgb: np.ndarray, block: int = 512) -> np.ndarray:
-    """HSV saturation ``(max - min) / max`` (skimage's ``rgb2hsv`` S channel) as float32, computed in row
-    blocks so a large thumbnail never has float64 HSV copies in memory."""
-    out = np.zeros(rgb.shape[:2], dtype=np.float32)
+    """HSV saturation ``(max - min) / max`` (skimage's ``rgb2hsv`` S channel) quantised to uint8 (0..255),
+    computed in row blocks: a 2048 x 2048 thumbnail costs 4 MB, not 16 MB of float32 (or 100 MB of
+    float64 HSV). Otsu works on a 256-bin histogram anyway."""
+    out = np.zeros(rgb.shape[:2], dtype=np.uint8)
     for r0 in range(0, rgb.shape[0], block):
         blk = rgb[r0 : r0 + block]
-        mx = blk.max(axis=2).astype(np.float32)
-        mn = blk.min(axis=2).astype(np.float32)
-        np.divide(mx - mn, mx, out=out[r0 : r0 + block], where=mx > 0)
+        mx = blk.max(axis=2).astype(np.uint16)
+        mn = blk.min(axis=2).astype(np.uint16)
+        num = (mx - mn) * np.uint16(255) + (mx >> 1)  # rounded (max - min) * 255 / max
+        np.floor_divide(num, np.maximum(mx, 1), out=num)
+        out[r0 : r0 + block] = num
     return out
 
 
@@ -104,15 +108,18 @@ def tissue_mask_from_rgb(rgb: np.ndarray, cfg: TissueConfig, mask_mpp: float) ->
     twice the floor); otherwise the view is (almost) all tissue and Otsu would split stroma from nuclei,
     so the floor ``cfg.min_saturation`` is used instead.
     """
-    sat = saturation(rgb)
+    sat = saturation(rgb)  # uint8: saturation * 255
+    hist = np.bincount(sat.ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
     floor = cfg.min_saturation
     thr = floor
-    if sat.size and float(sat.max()) > float(sat.min()):
-        otsu = float(threshold_otsu(sat))
-        low = sat[sat <= otsu]
-        if low.size and float(low.mean()) <= 2 * floor:
+    if sat.size and np.count_nonzero(hist) > 1:
+        otsu = float(threshold_otsu(hist=(hist, levels))) / 255.0
+        below = levels <= otsu * 255.0
+        n_low = hist[below].sum()
+        if n_low and float((hist[below] * levels[below]).sum() / n_low) / 255.0 <= 2 * floor:
             thr = max(otsu, floor)
-    mask = sat > thr
+    mask = sat > thr * 255.0
     mask = _pad_morph(mask, cfg.opening_radius, "open")
     mask = _pad_morph(mask, cfg.closing_radius, "close")
     min_px = cfg.min_object_area_um2 / (mask_mpp * mask_mpp)
