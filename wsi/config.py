@@ -38,7 +38,9 @@ class TilingConfig(_Strict):
     overlap: int = Field(0, ge=0)
     min_tissue_fraction: float = Field(0.25, ge=0, le=1)
     tissue: TissueConfig = TissueConfig()
-    workers: int = Field(1, ge=1, description="dask workers of the local cluster")
+    workers: int = Field(
+        1, ge=1, description="threads of the local dask cluster's one in-process worker (--scheduler: a real cluster)"
+    )
     scheduler: str | None = Field(None, description="address of an existing dask scheduler")
     compressor: Literal["none", "lz4", "zstd"] = Field(
         "none",

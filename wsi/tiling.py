@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -132,34 +133,38 @@ def params_fingerprint(tiling: TilingConfig) -> dict[str, Any]:
 _READERS: OrderedDict[tuple[Any, ...], SlideReader] = OrderedDict()
 _ANNOTATIONS: OrderedDict[tuple[Any, ...], Annotation] = OrderedDict()
 _CACHE_SIZE = 3
+#: The caches are shared by the threads of an in-process (threaded) dask worker.
+_CACHE_LOCK = threading.RLock()
 
 
 def _reader(job: SlideJob) -> SlideReader:
     key = (job.path, job.mpp_override, job.default_mpp, os.stat(job.path).st_mtime_ns)
-    r = _READERS.get(key)
-    if r is None:
-        r = open_slide(job.path, job.mpp_override, job.default_mpp)
-        _READERS[key] = r
-        while len(_READERS) > _CACHE_SIZE:
-            _READERS.popitem(last=False)[1].close()
-    else:
-        _READERS.move_to_end(key)
-    return r
+    with _CACHE_LOCK:
+        r = _READERS.get(key)
+        if r is None:
+            r = open_slide(job.path, job.mpp_override, job.default_mpp)
+            _READERS[key] = r
+            while len(_READERS) > _CACHE_SIZE:
+                _READERS.popitem(last=False)[1].close()
+        else:
+            _READERS.move_to_end(key)
+        return r
 
 
 def _annotation(job: SlideJob, dims: tuple[int, int]) -> Annotation | None:
     if not job.annotation:
         return None
     key = (job.annotation, dims, os.stat(job.annotation).st_mtime_ns)
-    a = _ANNOTATIONS.get(key)
-    if a is None:
-        a = load_annotation(job.annotation, slide_dimensions=dims)
-        _ANNOTATIONS[key] = a
-        while len(_ANNOTATIONS) > _CACHE_SIZE:
-            _ANNOTATIONS.popitem(last=False)
-    else:
-        _ANNOTATIONS.move_to_end(key)
-    return a
+    with _CACHE_LOCK:
+        a = _ANNOTATIONS.get(key)
+        if a is None:
+            a = load_annotation(job.annotation, slide_dimensions=dims)
+            _ANNOTATIONS[key] = a
+            while len(_ANNOTATIONS) > _CACHE_SIZE:
+                _ANNOTATIONS.popitem(last=False)
+        else:
+            _ANNOTATIONS.move_to_end(key)
+        return a
 
 
 def clear_caches() -> None:
@@ -601,11 +606,14 @@ class _Runner:
             import dask
 
             # The workers' statistical profiler samples every thread every 10 ms: pure overhead here.
+            # One in-process worker with a thread per core: JPEG decoding, pixel copies and shard writes
+            # release the GIL, and tasks then cost no pickling, no inter-process round trips and no
+            # scheduler process competing for the same cores (readers are thread-safe: pread + locks).
             with dask.config.set({"distributed.worker.profile.enabled": False}):
                 cluster = LocalCluster(
-                    n_workers=workers,
-                    threads_per_worker=1,
-                    processes=True,
+                    n_workers=1,
+                    threads_per_worker=workers,
+                    processes=False,
                     dashboard_address=None,
                     silence_logs=logging.WARNING,
                 )

@@ -378,8 +378,8 @@ def test_rerun_skips_complete_and_retiles_changed(synth_root: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("mode", ["local-cluster", pytest.param("scheduler-address", marks=pytest.mark.slow)])
 def test_dask_workers_match_in_process(synth_root: Path, tmp_path: Path, mode: str) -> None:
-    """Two dask worker processes (a LocalCluster, or an existing cluster by address) write the same store
-    as the in-process path."""
+    """Two dask workers (the default in-process LocalCluster with two threads, or two worker processes of
+    an existing cluster reached by address) write the same store as the in-process path."""
     mf = synth_root / "manifests" / "a.csv"
     one, two = SiteStore(tmp_path / "one.zarr"), SiteStore(tmp_path / "two.zarr")
     cfg = TilingConfig(tile_size=128, batch_tiles=8)
