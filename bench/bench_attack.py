@@ -55,15 +55,7 @@ def main() -> None:
     tgt = pick_targets(pool, args.targets, a.seed)
     model, source = target_model(cfg)
     loss_fn = segmentation_loss(a.loss)
-    settings = InversionSettings(
-        iterations=iters,
-        restarts=restarts,
-        lr=a.lr,
-        tv_weight=a.tv_weight,
-        scales=tuple(a.scales),
-        matching=a.matching,
-        chroma_tv_weight=a.chroma_tv_weight,
-    )
+    settings = InversionSettings.from_config(a, iterations=iters, restarts=restarts)
 
     # the floor: one plain forward + backward of the victim at this tile size
     x0, m0 = pool.images[tgt[:1]], pool.masks[tgt[:1]]

@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,15 @@ class InversionSettings:
     scales: tuple[int, ...] = (2, 1)
     chroma_tv_weight: float = 0.0
     matching: str = "cosine"  # "cosine" (Geiping), "layerwise" (per tensor), "kernel" (per conv kernel)
+
+    @classmethod
+    def from_config(cls, a: Any, **overrides: Any) -> InversionSettings:
+        """The settings of an ``AttackConfig`` (``pipeline.config``), with ``overrides`` on top."""
+        base: dict[str, Any] = dict(
+            iterations=a.iterations, restarts=a.restarts, lr=a.lr, tv_weight=a.tv_weight,
+            scales=tuple(a.scales), matching=a.matching, chroma_tv_weight=a.chroma_tv_weight,
+        )  # fmt: skip
+        return cls(**{**base, **overrides})
 
     @property
     def match_kind(self) -> str:

@@ -233,17 +233,8 @@ def _attack_one(
 ) -> Reconstruction:
     a = cfg.attack
     loss_fn = segmentation_loss(a.loss)
-    ig = InversionSettings(
-        iterations=a.iterations,
-        restarts=a.restarts,
-        lr=a.lr,
-        tv_weight=a.tv_weight,
-        scales=tuple(a.scales),
-        matching=a.matching,
-        chroma_tv_weight=a.chroma_tv_weight,
-        labels_known=a.labels_known,
-        seed=seed,
-        n_classes=cfg.model.out_channels,
+    ig = InversionSettings.from_config(
+        a, labels_known=a.labels_known, seed=seed, n_classes=cfg.model.out_channels
     )
     known = m if a.labels_known else None
     if name == "inverting_gradients":
@@ -420,18 +411,10 @@ def attack_stored_updates(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str
         size = int(truth.images.shape[-1]) if truth is not None else int(meta.tile_size)
         sim_steps = min(steps, a.real_max_steps)
         sched = LocalTraining(steps=sim_steps, batch_size=n_dummy, lr=tr.lr, optimizer=tr.optimizer)
-        settings = InversionSettings(
-            iterations=a.real_iterations,
-            restarts=1,
-            lr=a.lr,
-            tv_weight=a.tv_weight,
-            scales=tuple(a.scales),
-            matching=a.matching,
-            chroma_tv_weight=a.chroma_tv_weight,
-            labels_known=False,
-            seed=a.seed,
+        settings = InversionSettings.from_config(
+            a, iterations=a.real_iterations, restarts=1, labels_known=False, seed=a.seed,
             n_classes=meta.model.out_channels,
-        )
+        )  # fmt: skip
         prior = truth.images.mean(0) if truth is not None else None
         rec = invert_update(
             model,

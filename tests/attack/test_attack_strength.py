@@ -33,15 +33,7 @@ def test_inverting_gradients_reaches_half_ssim_undefended_and_not_under_dp(data_
     targets = pick_targets(pool, 4, a.seed)
     model, _ = target_model(cfg)
     loss_fn = segmentation_loss(a.loss)
-    s = InversionSettings(
-        iterations=a.iterations,
-        restarts=a.restarts,
-        lr=a.lr,
-        tv_weight=a.tv_weight,
-        scales=tuple(a.scales),
-        matching=a.matching,
-        chroma_tv_weight=a.chroma_tv_weight,
-    )
+    s = InversionSettings.from_config(a)
     n = len(pool)
     q = cfg.train.batch_size / n
     sigma8 = DPParams(q, int(np.ceil(1 / q)) * cfg.federation.rounds, 1 / (10 * n), 1.0, "prv", "test").sigma(
