@@ -146,6 +146,13 @@ class SlideReader(ABC):
         ds = self.level_downsamples[level]
         return self._read_level_padded(level, math.floor(x0 / ds + 1e-9), math.floor(y0 / ds + 1e-9), w, h)
 
+    def read_tiles_into(self, x0: int, y0: int, level: int, n: int, size: int, out: np.ndarray) -> bool:
+        """Fill ``out[:n]`` with ``n`` horizontally adjacent ``size`` x ``size`` tiles of ``level``, the
+        first with its top-left at level-0 pixel (x0, y0), when this reader has a faster route than
+        :meth:`read_region` for them (decoding stored tiles straight into ``out``); return False, having
+        written nothing, when it has not."""
+        return False
+
     def _check_level(self, level: int, w: int, h: int) -> None:
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} out of range (0..{self.level_count - 1})")
@@ -407,6 +414,9 @@ class _TiffLevel:
     counts: tuple[int, ...]
     decode: Any
     jpegtables: bytes | None
+    #: (colorspace, outcolorspace) when the level's tiles are 8-bit 3-sample JPEG that imagecodecs can
+    #: decode straight into a caller's buffer (see TiffSlideReader.read_tiles_into); else None
+    jpeg_direct: tuple[Any, Any] | None = None
 
 
 class TiffSlideReader(SlideReader):
@@ -486,6 +496,7 @@ class TiffSlideReader(SlideReader):
                     counts=tuple(int(c) for c in page.databytecounts),
                     decode=page.decode,
                     jpegtables=page.jpegtables,
+                    jpeg_direct=_jpeg_direct(page),
                 )
             )
         if not levels:
@@ -554,6 +565,69 @@ class TiffSlideReader(SlideReader):
                 self._cache.popitem(last=False)
         return seg
 
+    def read_tiles_into(self, x0: int, y0: int, level: int, n: int, size: int, out: np.ndarray) -> bool:
+        """When the tiles asked for are exactly the file's own tiles (same size, aligned, inside the
+        level), decode each stored tile once, straight into its slot of ``out`` (JPEG: imagecodecs
+        decodes into the buffer; other codecs: one copy), bypassing the tile cache: the region path
+        would decode into a cached tile, copy it into a region and the caller copy it again."""
+        self._check_level(level, size, size)
+        lv = self._levels[level]
+        ds = self.level_downsamples[level]
+        x, y = math.floor(x0 / ds + 1e-9), math.floor(y0 / ds + 1e-9)
+        if (
+            not lv.page.is_tiled
+            or lv.seg_w != size
+            or lv.seg_h != size
+            or x % size
+            or y % size
+            or x < 0
+            or y < 0
+            or x + n * size > lv.width
+            or y + size > lv.height
+            or out.dtype != np.uint8
+            or out.shape[1:] != (size, size, 3)
+            or not out.flags.c_contiguous
+        ):
+            return False
+        if self._fd is None:
+            raise SlideOpenError(f"{self.path}: read after close")
+        first = (y // size) * lv.cols + x // size
+        for i in range(n):
+            index = first + i
+            dst = out[i]
+            count = lv.counts[index]
+            if count == 0:  # sparse TIFF: an empty tile is background
+                dst.fill(255)
+                continue
+            data = os.pread(self._fd, count, lv.offsets[index])
+            if len(data) != count:
+                raise SlideOpenError(f"{self.path}: truncated: tile {index} of level {level} is cut short")
+            try:
+                if lv.jpeg_direct is not None:
+                    import imagecodecs
+
+                    aligned = dst.ctypes.data % 32 == 0
+                    imagecodecs.jpeg8_decode(
+                        data,
+                        tables=lv.jpegtables,
+                        colorspace=lv.jpeg_direct[0],
+                        outcolorspace=lv.jpeg_direct[1],
+                        out=_decode_scratch(dst.shape) if aligned else dst,
+                    )
+                    if aligned:
+                        dst[:] = _SCRATCH.buf
+                    continue
+                decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables)
+            except Exception as e:
+                raise SlideOpenError(
+                    f"{self.path}: cannot decode tile {index} of level {level}: {_one_line(e)}"
+                ) from e
+            if decoded is None:
+                dst.fill(255)
+            else:
+                dst[:] = _to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
+        return True
+
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         lv = self._levels[level]
         out = np.empty((h, w, 3), dtype=np.uint8)
@@ -579,6 +653,43 @@ class TiffSlideReader(SlideReader):
             self.close()
         except Exception:
             pass
+
+
+_SCRATCH = threading.local()
+
+
+def _decode_scratch(shape: tuple[int, ...]) -> np.ndarray:
+    """This thread's tile-sized decode buffer, deliberately 16 bytes off a 32-byte boundary.
+
+    libjpeg-turbo's SIMD colour conversion writes a 32-byte aligned output with non-temporal stores
+    that bypass the cache: measured here, decoding a 256-px tile that way takes 0.23 ms against 0.18 ms
+    into a misaligned buffer, the difference being more than copying the (cache-hot) result into the
+    aligned shard buffer afterwards."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.shape != shape:
+        n = int(np.prod(shape))
+        raw = np.empty(n + 64, dtype=np.uint8)
+        off = (16 - raw.ctypes.data) % 32
+        buf = _SCRATCH.buf = raw[off : off + n].reshape(shape)
+    return buf
+
+
+def _jpeg_direct(page: Any) -> tuple[Any, Any] | None:
+    """(colorspace, outcolorspace) for decoding ``page``'s tiles with imagecodecs.jpeg8_decode into an
+    (h, w, 3) uint8 buffer, exactly as tifffile's own JPEG decoder would; None when that does not apply
+    (not baseline 8-bit JPEG, not 3 samples, planar, or an imagecodecs/tifffile without the pieces)."""
+    try:
+        import imagecodecs
+        from tifffile.tifffile import jpeg_decode_colorspace
+
+        if int(page.compression) != 7 or page.bitspersample != 8 or page.samplesperpixel != 3:
+            return None
+        if page.planarconfig != 1 or page.extrasamples or not hasattr(imagecodecs, "jpeg8_decode"):
+            return None
+        cs, outcs = jpeg_decode_colorspace(page.photometric, page.planarconfig, page.extrasamples, page.is_jfif)
+        return cs, outcs
+    except Exception:
+        return None
 
 
 def _check_segments_in_file(path: Path, segments: list[tuple[Any, Any]]) -> None:

@@ -9,10 +9,14 @@ looks complete.
 
 from __future__ import annotations
 
+import errno
 import logging
+import mmap
 import os
 import shutil
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,178 @@ def _compressor(cname: str = "lz4", clevel: int = 1) -> BloscCodec | None:
 _MAX_U64 = 2**64 - 1
 #: Upper bound on one shard's raw size: a shard is what one task holds in memory before writing it.
 SHARD_BYTES = 16 * 2**20
+
+
+_PAGE = mmap.PAGESIZE
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+#: Filesystems (by st_dev) found to refuse O_DIRECT (tmpfs, some network filesystems): written buffered.
+_NO_DIRECT_DEVICES: set[int] = set()
+_NO_DIRECT_LOCK = threading.Lock()
+#: Bytes of a shard handed to the I/O thread at a time (whole pages).
+STREAM_CHUNK = 1 << 20
+
+
+def direct_io_enabled() -> bool:
+    """Whether raw shards are written with O_DIRECT (Linux; ``FEDPATH_DIRECT_IO=0`` turns it off)."""
+    return bool(_O_DIRECT) and os.environ.get("FEDPATH_DIRECT_IO", "1") not in ("0", "false", "no")
+
+
+_HUGE = 2 << 20
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data start on a page boundary, as O_DIRECT writes
+    need; from 2 MB on, on a 2 MB boundary inside a numpy allocation (which numpy advises as transparent
+    huge pages): fewer page faults and TLB misses for the decoder, and far fewer pages for the kernel to
+    pin per O_DIRECT write."""
+    count = int(np.prod(shape))
+    nbytes = max(count * np.dtype(dtype).itemsize, 1)
+    align = _HUGE if nbytes >= _HUGE else _PAGE
+    base = np.empty(nbytes + align, dtype=np.uint8)
+    skip = (-base.ctypes.data) % align
+    return base[skip : skip + count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data.nbytes:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+_IO_POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_io_pool() -> None:
+    """In a forked child the parent's I/O threads do not exist: start a fresh pool there."""
+    global _IO_POOL, _NO_DIRECT_LOCK
+    _IO_POOL = None
+    _NO_DIRECT_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_io_pool)
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    global _IO_POOL
+    with _NO_DIRECT_LOCK:
+        if _IO_POOL is None:
+            _IO_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedpath-shard-io")
+        return _IO_POOL
+
+
+class ShardStream:
+    """One raw shard file written while its tiles are still being decoded.
+
+    The caller fills ``tiles`` (C-contiguous, in a page-aligned buffer: its bytes are the shard's data
+    section as they are) in order and calls :meth:`ready` as tiles become final; every
+    :data:`STREAM_CHUNK` bytes are handed to an I/O thread that writes them with O_DIRECT, so the disk
+    write overlaps decoding the next tiles and the pixels are never copied into (and allocated in) the
+    page cache, which on a VM costs more CPU than decoding the JPEG tiles. :meth:`finish` writes the rest,
+    the index and its checksum and waits: the shard is complete when it returns. Where the filesystem
+    refuses O_DIRECT (tmpfs, some network filesystems) or ``FEDPATH_DIRECT_IO=0``, :meth:`finish` writes
+    the file buffered instead. The buffer must not be reused before :meth:`finish` or :meth:`abandon`.
+
+    ``data``: a page-aligned flat uint8 buffer whose bytes ``[lead, lead + tiles.nbytes)`` are ``tiles``
+    (``lead`` < one page). The shard's data section then starts with ``lead`` zero bytes, which the
+    shard index skips (the sharding spec lets inner chunks sit anywhere in the shard): this lets tiles
+    sit 16 bytes off a 32-byte boundary in memory, where the JPEG decoder writes them fastest, and still
+    go to disk with O_DIRECT.
+    """
+
+    def __init__(self, path: Path, tiles: np.ndarray, data: np.ndarray | None = None) -> None:
+        self.path = path
+        self.lead = 0
+        aligned_at = tiles.ctypes.data if tiles.size else 0
+        if data is not None and tiles.size and data.dtype == np.uint8 and data.ndim == 1:
+            lead = tiles.ctypes.data - data.ctypes.data
+            if 0 <= lead < _PAGE and data.size >= lead + tiles.nbytes and tiles.flags.c_contiguous:
+                self.lead = lead
+                data[:lead] = 0
+                aligned_at = data.ctypes.data
+                self._payload = data[: lead + tiles.nbytes].data
+        if not self.lead:
+            self._payload = tiles.reshape(-1).data.cast("B") if tiles.size else memoryview(b"")
+        self._tile_nbytes = int(tiles[0].nbytes) if len(tiles) else 0
+        self._flushed = 0
+        self._futures: list[Future[None]] = []
+        self._fd = -1
+        self._dev = os.stat(path.parent).st_dev
+        if (
+            direct_io_enabled()
+            and tiles.flags.c_contiguous
+            and aligned_at % _PAGE == 0
+            and self._dev not in _NO_DIRECT_DEVICES
+        ):
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT, 0o644)
+            except OSError:
+                self._refuse()
+
+    def _refuse(self) -> None:
+        with _NO_DIRECT_LOCK:
+            _NO_DIRECT_DEVICES.add(self._dev)
+        log.debug("%s: filesystem refuses O_DIRECT, shards are written buffered", self.path.parent)
+
+    def ready(self, n_tiles: int) -> None:
+        """Tiles ``[0, n_tiles)`` are final: start writing the page-aligned part not yet written."""
+        if self._fd < 0:
+            return
+        end = ((self.lead + n_tiles * self._tile_nbytes) // _PAGE) * _PAGE
+        if end - self._flushed >= STREAM_CHUNK:
+            self._futures.append(
+                _io_pool().submit(_pwrite_all, self._fd, self._payload[self._flushed : end], self._flushed)
+            )
+            self._flushed = end
+
+    def _wait(self) -> BaseException | None:
+        err: BaseException | None = None
+        for f in self._futures:
+            e = f.exception()
+            err = err or e
+        self._futures.clear()
+        return err
+
+    def finish(self, tail: list[bytes]) -> None:
+        """Write the rest of the data, then ``tail`` (index and checksum); return once all is written."""
+        err = self._wait()
+        if self._fd >= 0 and err is None:
+            rest = self._payload[self._flushed :].nbytes + sum(len(t) for t in tail)
+            bounce = aligned_empty((-(-rest // _PAGE) * _PAGE,))
+            pos = self._payload[self._flushed :].nbytes
+            bounce[:pos] = np.frombuffer(self._payload[self._flushed :], dtype=np.uint8)
+            for t in tail:
+                bounce[pos : pos + len(t)] = np.frombuffer(t, dtype=np.uint8)
+                pos += len(t)
+            try:
+                _pwrite_all(self._fd, bounce.data, self._flushed)
+                os.ftruncate(self._fd, self._flushed + rest)
+            except OSError as e:
+                err = e
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            if err is None:
+                return
+            if not (isinstance(err, OSError) and err.errno == errno.EINVAL):
+                raise err
+            self._refuse()  # O_DIRECT accepted at open but not for these writes: write it buffered
+        with open(self.path, "wb") as f:
+            f.write(self._payload)
+            f.writelines(tail)
+
+    def finish_async(self, tail: list[bytes]) -> Future[None]:
+        """:meth:`finish` on an I/O thread: the caller goes on decoding the next shard (into another
+        buffer) and must wait for the returned future before it reuses this buffer or reports the shard
+        written. (The chunk writes queued before it run first, so it never waits on a queued task.)"""
+        return _io_pool().submit(self.finish, tail)
+
+    def abandon(self) -> None:
+        """Wait for the writes in flight (the buffer is then free) and close; the file is left partial."""
+        self._wait()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def tiles_per_shard(tile_size: int, wanted: int = 64) -> int:
@@ -102,26 +278,48 @@ class _DirectShards:
         self._zeros = (0,) * (len(arr.shape) - 1)
         self.ok = True
 
-    def write(self, shard: int, tiles: np.ndarray) -> None:
-        """Write shard ``shard`` holding ``tiles`` (its first ``len(tiles)`` tiles; the rest stay empty)."""
-        import google_crc32c
-
-        parts: list[bytes | memoryview] = []
-        index = np.full((self.shard_len, 2), _MAX_U64, dtype="<u8")
-        offset = 0
-        for k in range(len(tiles)):
-            tile = np.ascontiguousarray(tiles[k])
-            data: Any = self._blosc.encode(tile) if self._blosc is not None else memoryview(tile).cast("B")  # type: ignore[arg-type]
-            index[k] = (offset, len(data))
-            offset += len(data)
-            parts.append(data)
-        ib = index.tobytes()
-        parts.append(ib)
-        parts.append(np.uint32(google_crc32c.value(ib)).tobytes())
+    def _path(self, shard: int) -> Path:
         path = self._dir / self._md.encode_chunk_key((shard, *self._zeros))
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            f.writelines(parts)
+        return path
+
+    def _tail(self, lengths: list[int], start: int = 0) -> list[bytes]:
+        """The shard index (offset, nbytes per inner chunk, the first at byte ``start``; empty ones all
+        ones) and its crc32c."""
+        import google_crc32c
+
+        index = np.full((self.shard_len, 2), _MAX_U64, dtype="<u8")
+        if lengths:
+            n = np.asarray(lengths, dtype="<u8")
+            index[: len(n), 0] = np.cumsum(n) - n + np.uint64(start)
+            index[: len(n), 1] = n
+        ib = index.tobytes()
+        return [ib, np.uint32(google_crc32c.value(ib)).tobytes()]
+
+    def open_stream(self, shard: int, tiles: np.ndarray, data: np.ndarray | None = None) -> ShardStream | None:
+        """A :class:`ShardStream` for raw (uncompressed) shards; None when tiles are compressed."""
+        if self._blosc is not None:
+            return None
+        return ShardStream(self._path(shard), tiles, data)
+
+    def finish_stream(self, stream: ShardStream, tiles: np.ndarray, wait: bool = True) -> Future[None] | None:
+        tail = self._tail([int(tiles[0].nbytes)] * len(tiles) if len(tiles) else [], stream.lead)
+        if wait:
+            stream.finish(tail)
+            return None
+        return stream.finish_async(tail)
+
+    def write(self, shard: int, tiles: np.ndarray) -> None:
+        """Write shard ``shard`` holding ``tiles`` (its first ``len(tiles)`` tiles; the rest stay empty)."""
+        stream = self.open_stream(shard, tiles)
+        if stream is not None:
+            stream.ready(len(tiles))
+            self.finish_stream(stream, tiles)
+            return
+        parts: list[Any] = [self._blosc.encode(np.ascontiguousarray(t)) for t in tiles]
+        tail = self._tail([len(p) for p in parts])
+        with open(self._path(shard), "wb") as f:
+            f.writelines([*parts, *tail])
 
 
 class SlideWriter:
@@ -131,18 +329,38 @@ class SlideWriter:
         self.path = Path(group_path)
         self._g: Any = None
         self._direct: dict[str, _DirectShards] = {}
+        self._arrays: dict[str, Any] = {}
 
-    def _put(self, name: str, index: slice, values: np.ndarray) -> None:
-        arr: Any = self._group()[name]
+    def _direct_shard(self, name: str, index: slice, n_values: int) -> tuple[Any, _DirectShards, int | None]:
+        """(array, its direct shard writer, the shard that ``index`` is exactly, or None)."""
+        # The array handle is looked up once: each lookup reads its metadata through zarr's event loop.
+        arr: Any = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self._group()[name]
         d = self._direct.get(name)
         if d is None:
             d = self._direct[name] = _DirectShards(arr)
         start, stop, step = index.indices(arr.shape[0])
-        whole = d.ok and step == 1 and start % d.shard_len == 0 and stop - start == len(values)
+        whole = d.ok and step == 1 and start % d.shard_len == 0 and stop - start == n_values
         if whole and (stop - start == d.shard_len or stop == arr.shape[0]):
-            d.write(start // d.shard_len, values)
+            return arr, d, start // d.shard_len
+        return arr, d, None
+
+    def _put(self, name: str, index: slice, values: np.ndarray) -> None:
+        arr, d, shard = self._direct_shard(name, index, len(values))
+        if shard is not None:
+            d.write(shard, values)
         else:
             arr[index] = values
+
+    def image_stream(
+        self, index: slice, images: np.ndarray, data: np.ndarray | None = None
+    ) -> ShardStream | None:
+        """Start writing tiles ``index`` (exactly one shard) from ``images`` while the caller is still
+        filling it: call ``stream.ready(k)`` as tiles become final, then :meth:`write_tiles` with
+        ``stream=``. None where the layout has no streaming path (compressed tiles, not one shard)."""
+        _, d, shard = self._direct_shard("images", index, len(images))
+        return d.open_stream(shard, images, data) if shard is not None else None
 
     @property
     def shard_len(self) -> int:
@@ -162,15 +380,28 @@ class SlideWriter:
             g["coords"][:] = np.asarray(coords, dtype=np.int64)
             g["tissue"][:] = np.asarray(tissue, dtype=np.float32)
 
-    def write_tiles(self, index: slice, images: np.ndarray, masks: np.ndarray | None = None) -> None:
-        """Write the pixels (and masks) of tiles ``index``. Parallel writers must write whole shards (see
+    def write_tiles(
+        self,
+        index: slice,
+        images: np.ndarray,
+        masks: np.ndarray | None = None,
+        stream: ShardStream | None = None,
+        wait: bool = True,
+    ) -> Future[None] | None:
+        """Write the pixels (and masks) of tiles ``index`` (``stream``: the :meth:`image_stream` the
+        pixels were streamed through; with ``wait=False`` its last writes go on in the background and the
+        future to wait for is returned). Parallel writers must write whole shards (see
         :attr:`shard_len`): two writers of one shard would overwrite each other's tiles."""
-        g = self._group()
-        self._put("images", index, images)
+        pending = None
+        if stream is not None:
+            pending = self._direct["images"].finish_stream(stream, images, wait=wait)
+        else:
+            self._put("images", index, images)
         if masks is not None:
-            if "masks" not in g:
+            if "masks" not in self._arrays and "masks" not in self._group():
                 raise WSIError(f"{self.path}: slide was created without masks")
             self._put("masks", index, masks)
+        return pending
 
     def write(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from pathlib import Path
 
@@ -339,3 +340,49 @@ def test_missing_unsupported_and_empty_files(tmp_path: Path) -> None:
     with pytest.raises(SlideOpenError, match="cannot decode png") as e:
         open_slide(bad_png, mpp_override=0.5)
     one_line_naming(e, bad_png)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_read_tiles_into_equals_read_region_on_real_jpeg_tiff(data_root: Path, level: int) -> None:
+    """The tiler's fast path (the slide's own JPEG tiles decoded straight into the caller's buffer) gives
+    exactly the pixels of the region path, into aligned and misaligned buffers alike; reads that are not
+    the file's own tiles are declined, having written nothing."""
+    from wsi.store import aligned_empty
+
+    r = open_slide(data_root / BREAST, default_mpp=0.5)
+    assert isinstance(r, TiffSlideReader)
+    ds = r.level_downsamples[level]
+    n, t = 2, 256
+    # level tiles (1, 1) and (2, 1), addressed in level-0 pixels as read_region takes them
+    x0 = y0 = math.ceil(256 * ds)
+    ref = r.read_region(x0, y0, level, n * t, t).reshape(t, n, t, 3).transpose(1, 0, 2, 3)
+    aligned = aligned_empty((n, t, t, 3))
+    raw = np.empty(n * t * t * 3 + 64, dtype=np.uint8)
+    off = (16 - raw.ctypes.data) % 32  # 16 bytes off a 32-byte boundary
+    misaligned = raw[off : off + n * t * t * 3].reshape(n, t, t, 3)
+    for out in (aligned, misaligned):
+        out[:] = 7
+        assert r.read_tiles_into(x0, y0, level, n, t, out)
+        np.testing.assert_array_equal(out, ref)
+    untouched = np.zeros((n, t, t, 3), dtype=np.uint8)
+    assert not r.read_tiles_into(x0 + 8, y0, level, n, t, untouched)  # not on the file's tile grid
+    assert not r.read_tiles_into(x0, y0, level, n, 128, untouched[:, :128, :128])  # another tile size
+    w = r.level_dimensions[level][0]
+    assert not r.read_tiles_into(math.ceil((w // t) * t * ds), 0, level, 1, t, untouched[:1])  # past the edge
+    assert not untouched.any()
+
+
+def test_read_tiles_into_non_jpeg_tiles(tmp_path: Path, rgb: np.ndarray) -> None:
+    """Deflate-compressed tiles take the same route through tifffile's decoder (one copy)."""
+    p = tmp_path / "z.tiff"
+    write_pyramid(p, rgb, levels=2, tile=128, compression="zlib")
+    r = open_slide(p, default_mpp=0.25)
+    out = np.empty((2, 128, 128, 3), dtype=np.uint8)
+    assert r.read_tiles_into(128, 0, 0, 2, 128, out)
+    np.testing.assert_array_equal(out, rgb[0:128, 128:384].reshape(128, 2, 128, 3).transpose(1, 0, 2, 3))
+
+
+def test_openslide_reader_declines_read_tiles_into(data_root: Path) -> None:
+    r = OpenSlideReader(data_root / "slides/CMU-1-Small-Region.svs")
+    out = np.zeros((1, 240, 240, 3), dtype=np.uint8)
+    assert not r.read_tiles_into(0, 0, 0, 1, 240, out) and not out.any()

@@ -87,3 +87,106 @@ def test_tiles_per_shard_bounds_memory() -> None:
     assert tiles_per_shard(256) == 64
     assert tiles_per_shard(1024) == 5  # 16 MiB of raw pixels per shard at most
     assert tiles_per_shard(4096) == 1
+
+
+def _zarr_reference(st: SiteStore, sid: str, n: int, t: int, shard: int, images: np.ndarray) -> Path:
+    ref = st.begin_slide(sid, n, t, with_masks=False, shard_tiles=shard)
+    zarr.open_group(str(ref.path), mode="r+")["images"][:] = images  # zarr's own codec pipeline
+    return ref.path
+
+
+def _same_shards(a: Path, b: Path) -> int:
+    files = sorted(p.name for p in a.iterdir() if p.name.startswith("c"))
+    assert files == sorted(p.name for p in b.iterdir() if p.name.startswith("c"))
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f"{f} differs"
+    return len(files)
+
+
+@pytest.mark.parametrize("t", [32, 64])  # 3072-byte tiles (not whole pages) and 12288-byte ones
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_streamed_shards_are_what_zarr_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, t: int, direct: str
+) -> None:
+    """Shards streamed from a page-aligned buffer while it fills (O_DIRECT in chunks, the unaligned
+    rest, index and checksum at the end; or buffered with FEDPATH_DIRECT_IO=0) are byte-identical to
+    zarr's, and read back with plain zarr."""
+    import os
+
+    from wsi import store as store_mod
+    from wsi.store import aligned_empty
+
+    monkeypatch.setenv("FEDPATH_DIRECT_IO", direct)
+    monkeypatch.setattr(store_mod, "STREAM_CHUNK", 4096)  # several chunks per shard
+    n, shard = 10, 4
+    images, _, _, _ = _tiles(n, t, seed=3)
+    st = SiteStore.create(tmp_path / "a.zarr", site="a", target_mpp=0.5, tile_size=t, overlap=0)
+    w = st.begin_slide("fast", n, t, with_masks=False, shard_tiles=shard)
+    took_direct = []
+    for s0 in range(0, n, shard):
+        k = min(shard, n - s0)
+        buf = aligned_empty((k, t, t, 3))
+        stream = w.image_stream(slice(s0, s0 + k), buf)
+        assert stream is not None
+        took_direct.append(stream._fd >= 0)
+        for i in range(k):  # filled tile by tile, handed over as it goes
+            buf[i] = images[s0 + i]
+            stream.ready(i + 1)
+        w.write_tiles(slice(s0, s0 + k), buf, stream=stream)
+    ref = _zarr_reference(st, "ref", n, t, shard, images)
+    assert _same_shards(w.path / "images", ref / "images") == 3
+    np.testing.assert_array_equal(zarr.open_group(str(w.path), mode="r")["images"][:], images)
+    refused = os.stat(w.path / "images").st_dev in store_mod._NO_DIRECT_DEVICES
+    assert all(took_direct) == (direct == "1" and not refused)
+
+
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_filesystem_refusing_o_direct_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A filesystem that refuses O_DIRECT (EINVAL at open, as some network filesystems do, or only at
+    the first write): the shard is written buffered, identically, and the filesystem is remembered."""
+    import errno
+    import os
+
+    from wsi import store as store_mod
+    from wsi.store import aligned_empty
+
+    monkeypatch.setenv("FEDPATH_DIRECT_IO", "1")
+    monkeypatch.setattr(store_mod, "_NO_DIRECT_DEVICES", set())
+    real_open = os.open
+
+    def refusing_open(path, flags, *a):  # type: ignore[no-untyped-def]
+        if flags & store_mod._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    def refusing_write(fd, data, offset):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    if where == "open":
+        monkeypatch.setattr(store_mod.os, "open", refusing_open)
+    else:
+        monkeypatch.setattr(store_mod, "_pwrite_all", refusing_write)
+    images, _, _, _ = _tiles(4, 64, seed=4)
+    st = SiteStore.create(tmp_path / "a.zarr", site="a", target_mpp=0.5, tile_size=64, overlap=0)
+    w = st.begin_slide("s", 4, 64, with_masks=False, shard_tiles=4)
+    buf = aligned_empty((4, 64, 64, 3))
+    buf[:] = images
+    w.write_tiles(slice(0, 4), buf)
+    assert os.stat(w.path / "images").st_dev in store_mod._NO_DIRECT_DEVICES
+    monkeypatch.undo()
+    ref = _zarr_reference(st, "ref", 4, 64, 4, images)
+    assert _same_shards(w.path / "images", ref / "images") == 1
+
+
+def test_aligned_empty_alignment() -> None:
+    import mmap
+
+    from wsi.store import aligned_empty
+
+    small = aligned_empty((3, 5))
+    big = aligned_empty((64, 256, 256, 3))
+    assert small.shape == (3, 5) and small.flags.c_contiguous and small.flags.writeable
+    assert small.ctypes.data % mmap.PAGESIZE == 0
+    assert big.ctypes.data % (2 << 20) == 0 and big.nbytes == 64 * 256 * 256 * 3

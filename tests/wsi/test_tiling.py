@@ -505,3 +505,66 @@ def test_kill_and_resume(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["tile"]["r"]
     assert sorted(summary["slides_skipped"]) == sorted(before)
     assert len(summary["slides_done"]) == 6 - len(before)
+
+
+@pytest.mark.parametrize("n_shards", [0, 1, 2, 5, 13, 81, 200])
+@pytest.mark.parametrize("nthreads", [1, 2, 4])
+def test_group_shards_covers_every_shard_once(n_shards: int, nthreads: int) -> None:
+    from wsi.tiling import MAX_SHARDS_PER_TASK, group_shards
+
+    groups = group_shards(n_shards, nthreads)
+    flat = [i for g in groups for i in g]
+    assert flat == list(range(n_shards))  # contiguous, in order, each shard once
+    assert all(1 <= len(g) <= MAX_SHARDS_PER_TASK for g in groups)
+    if n_shards >= nthreads:
+        assert len(groups) >= nthreads  # every thread gets work
+    if n_shards > nthreads and len(groups) < n_shards:
+        assert len(groups) % nthreads == 0  # tasks come out even across threads
+    if groups:
+        sizes = [len(g) for g in groups]
+        assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failed_background_shard_write_fails_the_slide(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """A shard's last writes go on in the background while the next shard is decoded; a failure
+    there (a full disk) still fails that slide, with its reason, and leaves nothing committed."""
+    import errno
+
+    from wsi import store as store_mod
+
+    calls = {"n": 0}
+    real_finish = store_mod.ShardStream.finish
+
+    def finish(self, tail):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_finish(self, tail)
+
+    monkeypatch.setattr(store_mod.ShardStream, "finish", finish)
+    store = tmp_path / "a.zarr"
+    cfg = TilingConfig(tile_size=64, batch_tiles=8)
+    res = run_tile_site(synth_root / "manifests" / "a.csv", synth_root, store, cfg, "a", None, None, workers)
+    assert len(res["failed"]) == 1 and "No space left on device" in res["failed"][0]["reason"]
+    failed = res["failed"][0]["slide_id"]
+    st = SiteStore(store)
+    assert failed not in st.slides() and failed not in st.pending()
+    assert len(st.slides()) == 1  # the other slide is tiled
+
+
+def test_shard_buffers_are_reused_across_tasks() -> None:
+    from wsi import tiling as T
+
+    T._FREE_BUFFERS.clear()
+    a = T._take_buffer(3_000_000)
+    b = T._take_buffer(1_000_000)
+    T._give_buffer(a)
+    T._give_buffer(b)
+    T._give_buffer(b)  # given twice: kept once
+    assert len(T._FREE_BUFFERS) == 2
+    assert T._take_buffer(900_000) is b  # the smallest that fits
+    assert T._take_buffer(2_000_000) is a
+    assert T._take_buffer(10) is not a and T._FREE_BUFFERS == []
