@@ -592,30 +592,32 @@ class TiffSlideReader(SlideReader):
         if self._fd is None:
             raise SlideOpenError(f"{self.path}: read after close")
         first = (y // size) * lv.cols + x // size
+        fd, counts, offsets = self._fd, lv.counts, lv.offsets
+        tile_nbytes = size * size * 3
+        base = out.ctypes.data  # once: each ndarray.ctypes access builds a ctypes object
+        if lv.jpeg_direct is not None:
+            import imagecodecs
+
+            jpeg8_decode, tables = imagecodecs.jpeg8_decode, lv.jpegtables
+            cs, outcs = lv.jpeg_direct
         for i in range(n):
             index = first + i
             dst = out[i]
-            count = lv.counts[index]
+            count = counts[index]
             if count == 0:  # sparse TIFF: an empty tile is background
                 dst.fill(255)
                 continue
-            data = os.pread(self._fd, count, lv.offsets[index])
+            data = os.pread(fd, count, offsets[index])
             if len(data) != count:
                 raise SlideOpenError(f"{self.path}: truncated: tile {index} of level {level} is cut short")
             try:
                 if lv.jpeg_direct is not None:
-                    import imagecodecs
-
-                    aligned = dst.ctypes.data % 32 == 0
-                    imagecodecs.jpeg8_decode(
-                        data,
-                        tables=lv.jpegtables,
-                        colorspace=lv.jpeg_direct[0],
-                        outcolorspace=lv.jpeg_direct[1],
-                        out=_decode_scratch(dst.shape) if aligned else dst,
-                    )
-                    if aligned:
-                        dst[:] = _SCRATCH.buf
+                    if (base + i * tile_nbytes) % 32:
+                        jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=dst)
+                    else:  # a 32-byte aligned output gets non-temporal stores: decode beside it, copy
+                        scratch = _decode_scratch(dst.shape)
+                        jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=scratch)
+                        dst[:] = scratch
                     continue
                 decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables)
             except Exception as e:

@@ -61,8 +61,8 @@ TILING_VERSION = 1
 #: Level pixels one region read may cover (bounds a batch's memory whatever the resampling factor).
 RUN_PIXEL_BUDGET = 24_000_000
 #: Cluster tasks per thread per slide, and the most shards one task may hold (see group_shards).
-TASKS_PER_THREAD = 6
-MAX_SHARDS_PER_TASK = 8
+TASKS_PER_THREAD = 3
+MAX_SHARDS_PER_TASK = 16
 MAX_RUN = 16
 
 
