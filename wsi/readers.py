@@ -341,6 +341,8 @@ class OpenSlideReader(SlideReader):
         import openslide
 
         self._openslide_error: type[Exception] = openslide.OpenSlideError
+        self._tiff: Any = None  # (TiffFile, fd, level 0) once looked up, False when there is none
+        self._tiff_lock = threading.Lock()
         try:
             self._slide = openslide.OpenSlide(str(path))
         except (openslide.OpenSlideError, OSError, ValueError) as e:
@@ -395,8 +397,47 @@ class OpenSlideReader(SlideReader):
     def _read_level_padded(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         return self._read_level(level, x, y, w, h)  # OpenSlide pads outside the slide itself
 
+    def _tiff_level0(self) -> tuple[int, _TiffLevel] | None:
+        """(fd, level 0 as stored) for a TIFF-based vendor file (Aperio SVS, ...) whose first pyramid
+        page is OpenSlide's level 0 as a tiled image; None otherwise. Opened once, on first use."""
+        with self._tiff_lock:
+            if self._tiff is None:
+                self._tiff = False
+                try:
+                    import tifffile
+
+                    if _sniff(self.path) == "tiff":
+                        tf = tifffile.TiffFile(str(self.path))
+                        page = tf.series[0].levels[0].keyframe
+                        lv = _tiff_level(page)
+                        if (lv.width, lv.height) == self.level_dimensions[0] and page.is_tiled:
+                            _check_segments_in_file(self.path, [(lv.offsets, lv.counts)])
+                            self._tiff = (tf, os.open(str(self.path), os.O_RDONLY), lv)
+                        else:
+                            tf.close()
+                except Exception as e:  # any surprise: OpenSlide's own path serves every read
+                    log.debug("%s: no direct tile path: %s", self.path, _one_line(e))
+            return None if self._tiff is False else (self._tiff[1], self._tiff[2])
+
+    def read_tiles_into(self, x0: int, y0: int, level: int, n: int, size: int, out: np.ndarray) -> bool:
+        """Level-0 tiles that are exactly the file's own tiles (an Aperio SVS scanned with 256-px tiles
+        and tiled at its scan resolution) are decoded straight into ``out`` from the TIFF, as
+        :class:`TiffSlideReader` does: pixel-equal to OpenSlide's, which decodes the same JPEG tiles."""
+        self._check_level(level, size, size)
+        if level != 0:
+            return False
+        direct = self._tiff_level0()
+        if direct is None:
+            return False
+        return _decode_tiles_into(self.path, direct[0], direct[1], 0, int(x0), int(y0), n, size, out)
+
     def close(self) -> None:
         self._slide.close()
+        with self._tiff_lock:
+            if self._tiff:
+                self._tiff[0].close()
+                os.close(self._tiff[1])
+            self._tiff = False
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -479,26 +520,7 @@ class TiffSlideReader(SlideReader):
                 raise SlideOpenError(f"{self.path}: unsupported TIFF layout: planar or volumetric image")
             if page.samplesperpixel not in (1, 2, 3, 4):
                 raise SlideOpenError(f"{self.path}: unsupported TIFF layout: {page.samplesperpixel} samples")
-            W, H = int(page.imagewidth), int(page.imagelength)
-            if page.is_tiled:
-                seg_w, seg_h = int(page.tilewidth), int(page.tilelength)
-            else:
-                seg_w, seg_h = W, min(int(page.rowsperstrip), H)
-            levels.append(
-                _TiffLevel(
-                    page=page,
-                    width=W,
-                    height=H,
-                    seg_w=seg_w,
-                    seg_h=seg_h,
-                    cols=math.ceil(W / seg_w),
-                    offsets=tuple(int(o) for o in page.dataoffsets),
-                    counts=tuple(int(c) for c in page.databytecounts),
-                    decode=page.decode,
-                    jpegtables=page.jpegtables,
-                    jpeg_direct=_jpeg_direct(page),
-                )
-            )
+            levels.append(_tiff_level(page))
         if not levels:
             raise SlideOpenError(f"{self.path}: TIFF has no image")
         _check_segments_in_file(self.path, [(lv.offsets, lv.counts) for lv in levels])
@@ -567,68 +589,15 @@ class TiffSlideReader(SlideReader):
 
     def read_tiles_into(self, x0: int, y0: int, level: int, n: int, size: int, out: np.ndarray) -> bool:
         """When the tiles asked for are exactly the file's own tiles (same size, aligned, inside the
-        level), decode each stored tile once, straight into its slot of ``out`` (JPEG: imagecodecs
-        decodes into the buffer; other codecs: one copy), bypassing the tile cache: the region path
-        would decode into a cached tile, copy it into a region and the caller copy it again."""
+        level), decode each stored tile once, straight into its slot of ``out`` (see
+        :func:`_decode_tiles_into`), bypassing the tile cache: the region path would decode into a cached
+        tile, copy it into a region and the caller copy it again."""
         self._check_level(level, size, size)
-        lv = self._levels[level]
         ds = self.level_downsamples[level]
         x, y = math.floor(x0 / ds + 1e-9), math.floor(y0 / ds + 1e-9)
-        if (
-            not lv.page.is_tiled
-            or lv.seg_w != size
-            or lv.seg_h != size
-            or x % size
-            or y % size
-            or x < 0
-            or y < 0
-            or x + n * size > lv.width
-            or y + size > lv.height
-            or out.dtype != np.uint8
-            or out.shape[1:] != (size, size, 3)
-            or not out.flags.c_contiguous
-        ):
-            return False
         if self._fd is None:
             raise SlideOpenError(f"{self.path}: read after close")
-        first = (y // size) * lv.cols + x // size
-        fd, counts, offsets = self._fd, lv.counts, lv.offsets
-        tile_nbytes = size * size * 3
-        base = out.ctypes.data  # once: each ndarray.ctypes access builds a ctypes object
-        if lv.jpeg_direct is not None:
-            import imagecodecs
-
-            jpeg8_decode, tables = imagecodecs.jpeg8_decode, lv.jpegtables
-            cs, outcs = lv.jpeg_direct
-        for i in range(n):
-            index = first + i
-            dst = out[i]
-            count = counts[index]
-            if count == 0:  # sparse TIFF: an empty tile is background
-                dst.fill(255)
-                continue
-            data = os.pread(fd, count, offsets[index])
-            if len(data) != count:
-                raise SlideOpenError(f"{self.path}: truncated: tile {index} of level {level} is cut short")
-            try:
-                if lv.jpeg_direct is not None:
-                    if (base + i * tile_nbytes) % 32:
-                        jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=dst)
-                    else:  # a 32-byte aligned output gets non-temporal stores: decode beside it, copy
-                        scratch = _decode_scratch(dst.shape)
-                        jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=scratch)
-                        dst[:] = scratch
-                    continue
-                decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables)
-            except Exception as e:
-                raise SlideOpenError(
-                    f"{self.path}: cannot decode tile {index} of level {level}: {_one_line(e)}"
-                ) from e
-            if decoded is None:
-                dst.fill(255)
-            else:
-                dst[:] = _to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
-        return True
+        return _decode_tiles_into(self.path, self._fd, self._levels[level], level, x, y, n, size, out)
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         lv = self._levels[level]
@@ -655,6 +624,90 @@ class TiffSlideReader(SlideReader):
             self.close()
         except Exception:
             pass
+
+
+def _tiff_level(page: Any) -> _TiffLevel:
+    """Geometry, segment offsets and decoder of one TIFF page (a pyramid level)."""
+    W, H = int(page.imagewidth), int(page.imagelength)
+    if page.is_tiled:
+        seg_w, seg_h = int(page.tilewidth), int(page.tilelength)
+    else:
+        seg_w, seg_h = W, min(int(page.rowsperstrip), H)
+    return _TiffLevel(
+        page=page,
+        width=W,
+        height=H,
+        seg_w=seg_w,
+        seg_h=seg_h,
+        cols=math.ceil(W / seg_w),
+        offsets=tuple(int(o) for o in page.dataoffsets),
+        counts=tuple(int(c) for c in page.databytecounts),
+        decode=page.decode,
+        jpegtables=page.jpegtables,
+        jpeg_direct=_jpeg_direct(page),
+    )
+
+
+def _decode_tiles_into(
+    path: Path, fd_: int, lv: _TiffLevel, level: int, x: int, y: int, n: int, size: int, out: np.ndarray
+) -> bool:
+    """Decode ``n`` stored tiles of ``lv``, the first with its top-left at level pixel (x, y), into
+    ``out[:n]`` when they are exactly the file's own tiles (tiled TIFF, same size, on its grid, inside the
+    level, ``out`` C-contiguous uint8 RGB); return False, having written nothing, when they are not.
+    JPEG tiles are decoded by imagecodecs straight into ``out``; other codecs take one copy."""
+    if (
+        not lv.page.is_tiled
+        or lv.seg_w != size
+        or lv.seg_h != size
+        or x % size
+        or y % size
+        or x < 0
+        or y < 0
+        or x + n * size > lv.width
+        or y + size > lv.height
+        or out.dtype != np.uint8
+        or out.shape[1:] != (size, size, 3)
+        or not out.flags.c_contiguous
+    ):
+        return False
+    first = (y // size) * lv.cols + x // size
+    fd, counts, offsets = fd_, lv.counts, lv.offsets
+    tile_nbytes = size * size * 3
+    base = out.ctypes.data  # once: each ndarray.ctypes access builds a ctypes object
+    if lv.jpeg_direct is not None:
+        import imagecodecs
+
+        jpeg8_decode, tables = imagecodecs.jpeg8_decode, lv.jpegtables
+        cs, outcs = lv.jpeg_direct
+    for i in range(n):
+        index = first + i
+        dst = out[i]
+        count = counts[index]
+        if count == 0:  # sparse TIFF: an empty tile is background
+            dst.fill(255)
+            continue
+        data = os.pread(fd, count, offsets[index])
+        if len(data) != count:
+            raise SlideOpenError(f"{path}: truncated: tile {index} of level {level} is cut short")
+        try:
+            if lv.jpeg_direct is not None:
+                if (base + i * tile_nbytes) % 32:
+                    jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=dst)
+                else:  # a 32-byte aligned output gets non-temporal stores: decode beside it, copy
+                    scratch = _decode_scratch(dst.shape)
+                    jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=scratch)
+                    dst[:] = scratch
+                continue
+            decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables)
+        except Exception as e:
+            raise SlideOpenError(
+                f"{path}: cannot decode tile {index} of level {level}: {_one_line(e)}"
+            ) from e
+        if decoded is None:
+            dst.fill(255)
+        else:
+            dst[:] = _to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
+    return True
 
 
 _SCRATCH = threading.local()

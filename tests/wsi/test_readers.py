@@ -382,7 +382,20 @@ def test_read_tiles_into_non_jpeg_tiles(tmp_path: Path, rgb: np.ndarray) -> None
     np.testing.assert_array_equal(out, rgb[0:128, 128:384].reshape(128, 2, 128, 3).transpose(1, 0, 2, 3))
 
 
-def test_openslide_reader_declines_read_tiles_into(data_root: Path) -> None:
-    r = OpenSlideReader(data_root / "slides/CMU-1-Small-Region.svs")
-    out = np.zeros((1, 240, 240, 3), dtype=np.uint8)
-    assert not r.read_tiles_into(0, 0, 0, 1, 240, out) and not out.any()
+def test_openslide_reader_direct_tiles_equal_openslide(data_root: Path) -> None:
+    """An Aperio SVS read through OpenSlide: level-0 reads on the file's own 240-px tile grid decode
+    straight from the TIFF, pixel-equal to OpenSlide's read_region; other reads are declined."""
+    path = data_root / "slides/CMU-1-Small-Region.svs"
+    r = OpenSlideReader(path)
+    ref = openslide.OpenSlide(str(path))
+    out = np.zeros((3, 240, 240, 3), dtype=np.uint8)
+    for cx, cy in ((0, 0), (2, 5), (6, 11)):
+        assert r.read_tiles_into(cx * 240, cy * 240, 0, 3, 240, out)
+        want = np.asarray(ref.read_region((cx * 240, cy * 240), 0, (720, 240)))[..., :3]
+        np.testing.assert_array_equal(out, want.reshape(240, 3, 240, 3).transpose(1, 0, 2, 3))
+    untouched = np.zeros((1, 256, 256, 3), dtype=np.uint8)
+    assert not r.read_tiles_into(0, 0, 0, 1, 256, untouched)  # not the file's tile size
+    assert not r.read_tiles_into(8, 0, 0, 1, 240, untouched[:, :240, :240].copy())  # off the grid
+    assert not r.read_tiles_into(9 * 240, 0, 0, 1, 240, untouched[:, :240, :240].copy())  # past the edge
+    assert not untouched.any()
+    r.close()

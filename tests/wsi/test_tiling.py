@@ -568,3 +568,45 @@ def test_shard_buffers_are_reused_across_tasks() -> None:
     assert T._take_buffer(900_000) is b  # the smallest that fits
     assert T._take_buffer(2_000_000) is a
     assert T._take_buffer(10) is not a and T._FREE_BUFFERS == []
+
+
+@pytest.mark.realdata
+def test_svs_on_its_own_tile_grid_uses_the_direct_path(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiling the real Aperio SVS at its scan resolution with its own 240-px tiles decodes the stored
+    JPEG tiles straight into the shards (no OpenSlide read_region), and every tile equals OpenSlide's."""
+    from wsi.readers import OpenSlideReader
+
+    slide = data_root / "slides" / "CMU-1-Small-Region.svs"
+    mf = write_manifest([make_row(data_root, "real", slide, split="test")], tmp_path / "m.csv")
+    calls = {"region": 0}
+    real = OpenSlideReader._read
+
+    def counting(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls["region"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(OpenSlideReader, "_read", counting)
+    st = SiteStore(tmp_path / "s.zarr")
+    res = _tile(mf, data_root, st.path, "real", tile_size=240, target_mpp=0.499, min_tissue_fraction=0.25)
+    assert res["failed"] == []
+    sid = "CMU-1-Small-Region"
+    coords, images = st.coords(sid), st.images(sid)[:]
+    assert len(coords) > 20
+    tile_reads = calls["region"]
+    monkeypatch.undo()
+    osr = openslide.OpenSlide(str(slide))
+    ref = OpenSlideReader(slide)
+    W, H = osr.dimensions
+    inside = 0
+    for (x, y, w, h), tile in zip(coords, images, strict=True):
+        # the region path (OpenSlide, composited over white beyond the slide's edge) ...
+        np.testing.assert_array_equal(tile, ref.read_region(int(x), int(y), 0, int(w), int(h)))
+        if x + w <= W and y + h <= H:  # ... and OpenSlide itself where the tile is inside the slide
+            inside += 1
+            want = np.asarray(osr.read_region((int(x), int(y)), 0, (int(w), int(h))))[..., :3]
+            np.testing.assert_array_equal(tile, want)
+    assert inside > 20
+    # tissue detection's downsampled reads and the edge tiles only, no per-tile region reads inside
+    assert tile_reads <= 20 + (len(coords) - inside)
