@@ -410,7 +410,10 @@ class OpenSlideReader(SlideReader):
                         tf = tifffile.TiffFile(str(self.path))
                         page = tf.series[0].levels[0].keyframe
                         lv = _tiff_level(page)
-                        if (lv.width, lv.height) == self.level_dimensions[0] and page.is_tiled:
+                        # JPEG only: that decode is OpenSlide's own (libjpeg), so pixels agree; other
+                        # codecs (Aperio's JPEG 2000 variants) stay with OpenSlide
+                        same = (lv.width, lv.height) == self.level_dimensions[0]
+                        if same and page.is_tiled and lv.jpeg_direct is not None:
                             _check_segments_in_file(self.path, [(lv.offsets, lv.counts)])
                             self._tiff = (tf, os.open(str(self.path), os.O_RDONLY), lv)
                         else:
