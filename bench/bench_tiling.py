@@ -229,9 +229,9 @@ def settle() -> None:
     time.sleep(0.5)
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median throughput (the upper median for an even count)."""
-    return sorted(runs, key=lambda r: r["tiles_per_s"])[len(runs) // 2]
+def median_run(runs: list[dict[str, Any]], key: str = "tiles_per_s") -> dict[str, Any]:
+    """The run with the median ``key`` (the upper median for an even count)."""
+    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
 
 
 def peak_rss_mb(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -339,7 +339,7 @@ def main() -> None:
             raw_fresh, raw_buf = median_run(runs["raw"]), median_run(runs["raw_buffer"])
             raw = max(raw_fresh, raw_buf, key=lambda r: r["tiles_per_s"])  # the raw limit: the faster
             floor = median_run(runs["floor"])
-            disk = sorted(runs["disk"], key=lambda r: r["gb_per_s"])[len(runs["disk"]) // 2]
+            disk = median_run(runs["disk"], key="gb_per_s")
             tile_bytes = 256 * 256 * 3
             disk_tiles_per_s = disk["gb_per_s"] * 1e9 / tile_bytes
             # What two workers can reach here: twice one worker, unless the disk cannot take the pixels.

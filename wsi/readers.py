@@ -565,25 +565,14 @@ class TiffSlideReader(SlideReader):
                 self._cache.move_to_end(key)
                 return hit
         lv = self._levels[level]
-        count = lv.counts[index]
-        if count == 0:  # sparse TIFF: an empty tile is background
-            seg = np.full((lv.seg_h, lv.seg_w, 3), 255, dtype=np.uint8)
-        else:
+        seg: np.ndarray | None = None
+        if lv.counts[index]:
             if self._fd is None:
                 raise SlideOpenError(f"{self.path}: read after close")
-            data = os.pread(self._fd, count, lv.offsets[index])
-            if len(data) != count:
-                raise SlideOpenError(f"{self.path}: truncated: tile {index} of level {level} is cut short")
-            try:
-                decoded, _, shape = lv.decode(data, index, jpegtables=lv.jpegtables)
-            except Exception as e:
-                raise SlideOpenError(
-                    f"{self.path}: cannot decode tile {index} of level {level}: {_one_line(e)}"
-                ) from e
-            if decoded is None:
-                seg = np.full((lv.seg_h, lv.seg_w, 3), 255, dtype=np.uint8)
-            else:
-                seg = _to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
+            data = _segment_bytes(self.path, self._fd, lv, level, index)
+            seg = _decode_segment(self.path, lv, level, index, data)
+        if seg is None:  # an empty tile of a sparse TIFF, or no data: background
+            seg = np.full((lv.seg_h, lv.seg_w, 3), 255, dtype=np.uint8)
         with self._lock:
             self._cache[key] = seg
             if len(self._cache) > self._cache_size:
@@ -674,7 +663,6 @@ def _decode_tiles_into(
     ):
         return False
     first = (y // size) * lv.cols + x // size
-    fd, counts, offsets = fd_, lv.counts, lv.offsets
     tile_nbytes = size * size * 3
     base = out.ctypes.data  # once: each ndarray.ctypes access builds a ctypes object
     if lv.jpeg_direct is not None:
@@ -685,32 +673,49 @@ def _decode_tiles_into(
     for i in range(n):
         index = first + i
         dst = out[i]
-        count = counts[index]
-        if count == 0:  # sparse TIFF: an empty tile is background
+        if not lv.counts[index]:  # sparse TIFF: an empty tile is background
             dst.fill(255)
             continue
-        data = os.pread(fd, count, offsets[index])
-        if len(data) != count:
-            raise SlideOpenError(f"{path}: truncated: tile {index} of level {level} is cut short")
+        data = _segment_bytes(path, fd_, lv, level, index)
+        if lv.jpeg_direct is None:
+            seg = _decode_segment(path, lv, level, index, data)
+            if seg is None:
+                dst.fill(255)
+            else:
+                dst[:] = seg
+            continue
         try:
-            if lv.jpeg_direct is not None:
-                if (base + i * tile_nbytes) % 32:
-                    jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=dst)
-                else:  # a 32-byte aligned output gets non-temporal stores: decode beside it, copy
-                    scratch = _decode_scratch(dst.shape)
-                    jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=scratch)
-                    dst[:] = scratch
-                continue
-            decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables)
+            if (base + i * tile_nbytes) % 32:
+                jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=dst)
+            else:  # a 32-byte aligned output gets non-temporal stores: decode beside it, copy
+                scratch = _decode_scratch(dst.shape)
+                jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=outcs, out=scratch)
+                dst[:] = scratch
         except Exception as e:
-            raise SlideOpenError(
-                f"{path}: cannot decode tile {index} of level {level}: {_one_line(e)}"
-            ) from e
-        if decoded is None:
-            dst.fill(255)
-        else:
-            dst[:] = _to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
+            raise _decode_error(path, level, index, e) from e
     return True
+
+
+def _segment_bytes(path: Path, fd: int, lv: _TiffLevel, level: int, index: int) -> bytes:
+    """The compressed bytes of (non-empty) segment ``index`` of ``lv``, read with pread."""
+    count = lv.counts[index]
+    data = os.pread(fd, count, lv.offsets[index])
+    if len(data) != count:
+        raise SlideOpenError(f"{path}: truncated: tile {index} of level {level} is cut short")
+    return data
+
+
+def _decode_error(path: Path, level: int, index: int, e: BaseException) -> SlideOpenError:
+    return SlideOpenError(f"{path}: cannot decode tile {index} of level {level}: {_one_line(e)}")
+
+
+def _decode_segment(path: Path, lv: _TiffLevel, level: int, index: int, data: bytes) -> np.ndarray | None:
+    """Segment bytes decoded by tifffile to (h, w, 3) uint8 RGB; None where tifffile yields no data."""
+    try:
+        decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables)
+    except Exception as e:
+        raise _decode_error(path, level, index, e) from e
+    return None if decoded is None else _to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
 
 
 _SCRATCH = threading.local()

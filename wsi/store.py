@@ -49,7 +49,7 @@ SHARD_BYTES = 16 * 2**20
 
 _PAGE = mmap.PAGESIZE
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-#: Filesystems (by st_dev) found to refuse O_DIRECT (tmpfs, some network filesystems): written buffered.
+#: Filesystems (by st_dev) found to refuse O_DIRECT (older tmpfs, some network filesystems): written buffered.
 _NO_DIRECT_DEVICES: set[int] = set()
 _NO_DIRECT_LOCK = threading.Lock()
 #: Bytes of a shard handed to the I/O thread at a time (whole pages).
@@ -114,7 +114,7 @@ class ShardStream:
     write overlaps decoding the next tiles and the pixels are never copied into (and allocated in) the
     page cache, which on a VM costs more CPU than decoding the JPEG tiles. :meth:`finish` writes the rest,
     the index and its checksum and waits: the shard is complete when it returns. Where the filesystem
-    refuses O_DIRECT (tmpfs, some network filesystems) or ``FEDPATH_DIRECT_IO=0``, :meth:`finish` writes
+    refuses O_DIRECT (older tmpfs, some network filesystems) or ``FEDPATH_DIRECT_IO=0``, :meth:`finish` writes
     the file buffered instead. The buffer must not be reused before :meth:`finish` or :meth:`abandon`.
 
     ``data``: a page-aligned flat uint8 buffer whose bytes ``[lead, lead + tiles.nbytes)`` are ``tiles``
@@ -181,10 +181,11 @@ class ShardStream:
         """Write the rest of the data, then ``tail`` (index and checksum); return once all is written."""
         err = self._wait()
         if self._fd >= 0 and err is None:
-            rest = self._payload[self._flushed :].nbytes + sum(len(t) for t in tail)
-            bounce = aligned_empty((-(-rest // _PAGE) * _PAGE,))
-            pos = self._payload[self._flushed :].nbytes
-            bounce[:pos] = np.frombuffer(self._payload[self._flushed :], dtype=np.uint8)
+            left = self._payload[self._flushed :]
+            rest = left.nbytes + sum(len(t) for t in tail)
+            bounce = aligned_empty((-(-rest // _PAGE) * _PAGE,))  # whole pages; truncated after
+            pos = left.nbytes
+            bounce[:pos] = np.frombuffer(left, dtype=np.uint8)
             for t in tail:
                 bounce[pos : pos + len(t)] = np.frombuffer(t, dtype=np.uint8)
                 pos += len(t)

@@ -182,14 +182,14 @@ class ShardPipeline:
     slow on a VM, and 2 MB-aligned (huge-page) buffers decode faster and go to disk with O_DIRECT at a
     fraction of the kernel's cost for 4 KB pages."""
 
+    #: Where the tiles start in a buffer: 16 bytes off a 32-byte boundary, where libjpeg-turbo decodes
+    #: with ordinary stores (see readers._decode_scratch); the shard file skips these bytes.
+    LEAD = 16
+
     def __init__(self) -> None:
         self._bufs: list[np.ndarray | None] = [None, None]
         self._pending: list[Any] = [None, None]
         self._turn = 0
-
-    #: Where the tiles start in a buffer: 16 bytes off a 32-byte boundary, where libjpeg-turbo decodes
-    #: with ordinary stores (see readers._decode_scratch); the shard file skips these bytes.
-    LEAD = 16
 
     def buffer(self, n: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
         """The next buffer, for ``n`` RGB tiles, once no write still reads it: (tiles, the whole
