@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -69,12 +69,26 @@ class PrivacyConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 * training tiles)")
     accountant: Literal["prv", "rdp"] = "prv"
-    budget_epsilon: float | None = Field(
-        None, gt=0, description="refuse a job that would spend past this ε (default: target_epsilon)"
+    budget_epsilon: Annotated[float, Field(gt=0)] | Literal["unlimited"] | None = Field(
+        None,
+        description="refuse a job that would spend past this ε (default: target_epsilon); 'unlimited' runs "
+        "a fixed noise multiplier without a budget, and the report says so",
     )
-    unit: Literal["tile", "slide"] = "tile"
+    unit: Literal["tile", "slide"] = Field(
+        "tile",
+        description="tile: DP-SGD per tile (slide-level figures only where group privacy means something); "
+        "slide: slides are Poisson-sampled and each slide's gradient is clipped as one unit",
+    )
     max_tiles_per_slide: int | None = Field(
-        None, ge=1, description="slide-level mode: tiles each sampled slide contributes"
+        None,
+        ge=1,
+        description="slide unit: tiles each sampled slide contributes (<= physical_batch_size; default: "
+        "min(largest slide, physical_batch_size))",
+    )
+    reproducible_noise: bool = Field(
+        False,
+        description="DEBUG ONLY: DP noise and sampling from the config seed instead of the OS-entropy CSPRNG; "
+        "the site is marked NOT PRIVATE for good and no ε of it is printed as a guarantee",
     )
 
 

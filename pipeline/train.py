@@ -3,15 +3,16 @@
 One job = :func:`train_local`. Its shape:
 
 1. Data: the site's training slides (split by slide) as a :class:`~pipeline.data.TileDataset`.
-2. Privacy plan: sampling rate q (tile unit: ``batch_size / tiles`` through Opacus' Poisson loader; slide
-   unit: slides sampled with probability q, ``max_tiles_per_slide`` tiles each), noise multiplier σ from the
-   config or from the target ε over the *whole planned training* (every federation round), δ below
-   1/n. The :class:`~pipeline.privacy.PrivacyLedger` refuses the job if it would pass the budget.
-3. Model check (:func:`pipeline.models.check_dp_model`), then Opacus' ``PrivacyEngine.make_private``
-   (hooks mode, with fedpath's grouped-convolution per-sample gradients registered for Conv2d and
-   ConvTranspose2d, see :func:`pipeline.models.register_fast_grad_samplers`, and autograd's discarded
-   summed conv weight gradients skipped, :func:`pipeline.models.per_sample_only`) and a ``BatchMemoryManager``:
-   the logical batch is a privacy parameter, the physical batch a memory one.
+2. Privacy plan: sampling rate q (tile unit: ``batch_size / tiles``; slide unit: slides sampled with
+   probability q, up to ``max_tiles_per_slide`` tiles each, clipped together as one unit), noise
+   multiplier σ from the config or from the target ε over the *whole planned training* (every federation
+   round), δ below 1/n. The :class:`~pipeline.privacy.PrivacyLedger` stores the site's budget at its
+   first job and refuses a job that would pass it or that asks for another budget, δ or unit.
+3. DP-SGD (:func:`pipeline.dpsgd.make_private`): the model check, Opacus' per-sample gradients (hooks,
+   with fedpath's grouped-convolution grad samplers), clipping, and noise and Poisson coins from a per-job
+   CSPRNG seeded by OS entropy (:mod:`pipeline.dprandom`), never from the config seed. The config seed
+   still drives model init, augmentation and non-DP shuffling. A ``BatchMemoryManager`` splits logical
+   batches: the logical batch is a privacy parameter, the physical batch a memory one.
 4. Loop: DiceCE loss, per-sample clipping and noise by Opacus, the FedProx proximal gradient
    ``mu * (w - w_global)`` added *after* clipping and noise (it does not depend on any sample, so it
    needs no clipping and costs no privacy; inside the loss Opacus would not see it per sample and it
@@ -24,6 +25,7 @@ One job = :func:`train_local`. Its shape:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,11 +46,20 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from pipeline.checkpoint import ModelMeta, save_model, strip_wrappers
 from pipeline.config import ExperimentConfig
-from pipeline.data import SlidePoissonSampler, TileDataset, split_by_slide
+from pipeline.data import TileDataset, split_by_slide
+from pipeline.dprandom import NoiseSource, noise_source
+from pipeline.dpsgd import (
+    PoissonSampler,
+    PoissonSlideSampler,
+    SlideDPOptimizer,
+    WithSlideIds,
+    collate_or_none,
+    make_private,
+)
 from pipeline.errors import FedpathError
 from pipeline.metrics import confusion_counts, metrics_from_counts
-from pipeline.models import build_model, check_dp_model, per_sample_only, register_fast_grad_samplers
-from pipeline.privacy import PrivacyLedger, ledger_lock, noise_for_target
+from pipeline.models import build_model
+from pipeline.privacy import PrivacyLedger, budget_of, ledger_lock, noise_source_name
 from wsi.store import SiteStore
 
 log = logging.getLogger(__name__)
@@ -243,8 +254,9 @@ def train_local(
     # -- privacy plan ----------------------------------------------------------------------------------
     dp = pc.enabled
     slide_unit = dp and pc.unit == "slide"
-    cap = pc.max_tiles_per_slide or max_per_slide
+    cap = pc.max_tiles_per_slide or (min(max_per_slide, tc.physical_batch_size) if slide_unit else max_per_slide)
     if slide_unit:
+        # slides join a batch with probability q; each brings up to `cap` tiles, clipped together as one unit
         slides_per_batch = max(1.0, tc.batch_size / cap)
         sample_rate = min(1.0, slides_per_batch / n_slides)
         n_units = n_slides
@@ -256,9 +268,7 @@ def train_local(
     sigma: float | None = None
     delta: float | None = None
     ledger: PrivacyLedger | None = None
-    sigma_tiles: float | None = None
     fingerprint = _fingerprint(cfg, sites, round_index, init_state)
-
     # -- resume ----------------------------------------------------------------------------------------
     progress_path = job_dir / "progress.json"
     prog: dict[str, Any] = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
@@ -282,27 +292,22 @@ def train_local(
             if delta >= 1.0 / n_units:
                 log.warning("delta=%g is not below 1/n=%g: the guarantee is weak", delta, 1.0 / n_units)
             if pc.target_epsilon is not None and pc.noise_multiplier is None:
-                sigma = noise_for_target(
-                    pc.target_epsilon, delta, sample_rate, rounds_planned * steps_per_job, pc.accountant
-                )
+                sigma = ledger.noise_for(pc.target_epsilon, delta, sample_rate, rounds_planned * steps_per_job)
             elif pc.noise_multiplier is not None:
                 sigma = float(pc.noise_multiplier)
             else:
                 raise FedpathError("train.privacy: set target_epsilon or noise_multiplier")
-            if slide_unit:
-                sigma_tiles = sigma * cap  # sensitivity of a slide is cap * C
-            else:
-                sigma_tiles = sigma
             entry = ledger.entry(job)
             if entry is not None and entry.noise_multiplier != sigma:
                 sigma = entry.noise_multiplier  # a resumed job keeps the σ it started with
-                sigma_tiles = sigma * cap if slide_unit else sigma
-            budget = pc.budget_epsilon or pc.target_epsilon
+            ledger.open_budget(
+                budget_of(pc), delta, n_slides=n_slides, noise_source=noise_source_name(pc.reproducible_noise)
+            )
             done_ckpt = int(prog.get("step", 0))
             already = entry.steps if entry is not None else 0
             offset = max(0, already - done_ckpt)  # steps counted but lost with a kill: stay spent
             if not prog.get("done"):
-                ledger.check_budget(job, sigma, sample_rate, offset + steps_per_job, delta, budget)
+                ledger.check_budget(job, sigma, sample_rate, offset + steps_per_job, delta)
         result = _run(
             cfg,
             sites,
@@ -318,7 +323,7 @@ def train_local(
             mu,
             steps_per_job,
             sample_rate,
-            sigma_tiles,
+            sigma,
             cap if slide_unit else None,
             ledger,
             delta,
@@ -343,8 +348,6 @@ def train_local(
             "proximal_mu": mu,
         }
     )
-    if sigma is not None:
-        result.noise_multiplier = sigma
     return result
 
 
@@ -356,33 +359,42 @@ def _loader(
     slide_cap: int | None,
     steps: int,
     seed: int,
+    rng: NoiseSource | None,
+    optimizer: Any = None,
 ) -> DataLoader[Any]:
+    """The training batches. Without DP: seeded shuffling (reproducible). With DP: Poisson sampling whose
+    coins come from the job's CSPRNG, over tiles, or over slides (``slide_cap`` tiles each, whole slides per
+    physical batch, items tagged with their slide for per-slide clipping)."""
     tc = cfg.train
-    if slide_cap is None:
+    if rng is None:
         g = torch.Generator().manual_seed(seed)
         return DataLoader(
-            train_ds,
-            batch_size=tc.batch_size,
-            shuffle=True,
-            generator=g,
-            num_workers=tc.num_workers,
-            drop_last=False,
+            train_ds, batch_size=tc.batch_size, shuffle=True, generator=g, num_workers=tc.num_workers
+        )
+    n = len(train_ds)  # type: ignore[arg-type]
+    if slide_cap is None:
+        sampler = PoissonSampler(n, sample_rate, steps, rng)
+        return DataLoader(
+            train_ds, batch_sampler=sampler, collate_fn=collate_or_none, num_workers=tc.num_workers
         )
     groups: list[list[int]] = []
+    slide_of_item = np.zeros(n, dtype=np.int64)
     base = 0
     for d in train_parts:
         for sid in d.slide_ids:
             idx = np.flatnonzero(d.index[:, 0] == d.slide_ids.index(sid)) + base
+            slide_of_item[idx] = len(groups)
             groups.append(idx.tolist())
         base += len(d)
-    sampler = SlidePoissonSampler(groups, sample_rate, slide_cap, steps, seed)
-
-    def collate(batch: list[Any]) -> Any:
-        if not batch:
-            return None
-        return torch.utils.data.default_collate(batch)
-
-    return DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers)
+    slide_sampler = PoissonSlideSampler(
+        groups, sample_rate, slide_cap, steps, tc.physical_batch_size, rng, optimizer
+    )
+    return DataLoader(
+        WithSlideIds(train_ds, slide_of_item),
+        batch_sampler=slide_sampler,
+        collate_fn=collate_or_none,
+        num_workers=tc.num_workers,
+    )
 
 
 def _forever(dl: Any) -> Iterator[Any]:
@@ -405,7 +417,7 @@ def _run(
     mu: float,
     steps_total: int,
     sample_rate: float,
-    sigma_tiles: float | None,
+    sigma: float | None,
     slide_cap: int | None,
     ledger: PrivacyLedger | None,
     delta: float | None,
@@ -417,7 +429,7 @@ def _run(
     from monai.losses import DiceCELoss
 
     tc, pc = cfg.train, cfg.train.privacy
-    dp = sigma_tiles is not None
+    dp = sigma is not None
     torch.manual_seed(tc.seed + (round_index or 0))
     net = build_model(cfg.model)
     if init_state is not None:
@@ -448,31 +460,24 @@ def _run(
         ref = {k: v.detach().clone().float() for k, v in strip_wrappers(proximal_ref).items()}
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
     seed = tc.seed * 1_000_003 + (round_index or 0) * 7919 + step
-    dl = _loader(train_ds, train_parts, cfg, sample_rate, slide_cap, steps_total - step, seed)
 
     model: nn.Module = net
+    rng: NoiseSource | None = None
     if dp:
-        from opacus import PrivacyEngine
-
-        check_dp_model(net)
-        register_fast_grad_samplers()
-        per_sample_only(net)  # before Opacus' hooks: skip the summed conv weight gradients DP-SGD discards
-        engine = PrivacyEngine(accountant=pc.accountant)
-        model, opt, dl = engine.make_private(
-            module=net,
-            optimizer=opt,
-            data_loader=dl,
-            noise_multiplier=sigma_tiles,
+        # the job's DP randomness: OS entropy, never the config seed, never written down (unless the
+        # config's debug switch asks for seeded noise, which marks the whole site "not private")
+        rng = noise_source(pc.reproducible_noise, seed, "+".join(sites) + ":" + job)
+        model, opt = make_private(
+            net,
+            opt,
+            noise_multiplier=float(sigma),  # type: ignore[arg-type]
             max_grad_norm=pc.max_grad_norm,
-            poisson_sampling=slide_cap is None,
-            grad_sample_mode="hooks",
+            expected_batch_size=sample_rate * n_units if slide_cap else int(n_units * sample_rate),
+            rng=rng,
+            slide_level=slide_cap is not None,
         )
-        if slide_cap is None and not math.isclose(dl.sample_rate, sample_rate):  # type: ignore[attr-defined]
-            raise FedpathError(
-                f"train: Opacus sampling rate {dl.sample_rate} differs from the planned {sample_rate}"
-            )  # type: ignore[attr-defined]
-        if slide_cap is not None:
-            opt.expected_batch_size = max(1, round(sample_rate * n_units * slide_cap))  # type: ignore[attr-defined]
+    dl = _loader(train_ds, train_parts, cfg, sample_rate, slide_cap, steps_total - step, seed, rng, opt)
+    if dp:
         if ref is not None:
             # FedProx with DP-SGD: the proximal gradient joins *after* clipping, noise and averaging, just
             # before the inner optimizer's step (Opacus' step hook runs there); it depends on no sample
@@ -487,13 +492,12 @@ def _run(
 
     def commit(step_now: int, done: bool, metrics: dict[str, Any] | None = None) -> None:
         # 1. the ledger (steps spent so far), 2. the checkpoint, 3. progress.json pointing at it
-        if ledger is not None and delta is not None and sigma_tiles is not None:
-            sig = sigma_tiles / slide_cap if slide_cap else sigma_tiles
+        if ledger is not None and delta is not None and sigma is not None:
             ledger.record(
                 job=job,
                 round_index=round_index,
                 sample_rate=sample_rate,
-                noise_multiplier=sig,
+                noise_multiplier=sigma,
                 max_grad_norm=pc.max_grad_norm,
                 steps=step_now + spent_offset,
                 planned_steps=steps_total,
@@ -555,7 +559,14 @@ def _run(
             if dp:
                 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-                with BatchMemoryManager(data_loader=dl, max_physical_batch_size=phys, optimizer=opt) as mdl:
+                # tile unit: Opacus splits each logical batch into physical ones; slide unit: the slide
+                # sampler already yields physical batches of whole slides and signals the optimizer
+                batches = (
+                    BatchMemoryManager(data_loader=dl, max_physical_batch_size=phys, optimizer=opt)
+                    if slide_cap is None
+                    else contextlib.nullcontext(dl)
+                )
+                with batches as mdl:
                     for batch in _forever(mdl):
                         if step >= steps_total:
                             break
@@ -606,14 +617,17 @@ def _run(
         steps=int(prog.get("step", step)) if prog.get("done") else step,
         epsilon=entry.epsilon if entry else None,
         delta=delta,
-        noise_multiplier=sigma_tiles,
+        noise_multiplier=sigma,
         metrics=metrics,
         seconds=0.0,
         sample_rate=sample_rate if dp else None,
         epsilon_slide=entry.epsilon_slide if entry else None,
         job_id=job,
         resumed_from=resumed_from,
-        extra={"delta_slide": entry.delta_slide if entry else None, "sigma_tiles": sigma_tiles},
+        extra={
+            "delta_slide": entry.delta_slide if entry else None,
+            "noise_source": rng.source if rng is not None else None,
+        },
     )
 
 
@@ -622,8 +636,11 @@ def _dp_physical_step(
 ) -> None:
     """Forward/backward of one physical batch, then the DP optimizer's step (a real step on the last
     chunk of a logical batch). An empty logical batch (Poisson sampling can draw none) still takes its
-    noise-only step: zero per-sample gradients for every parameter, then Opacus adds the noise."""
+    noise-only step: zero per-sample gradients for every parameter, then the noise is added. Slide-level
+    batches carry each tile's slide as a third element, which the optimizer clips by."""
     x = None if batch is None else batch[0]
+    if isinstance(opt, SlideDPOptimizer):
+        opt.set_groups(torch.zeros(0, dtype=torch.int64) if x is None or x.shape[0] == 0 else batch[2])
     if x is None or x.shape[0] == 0:
         for p in opt.params:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)

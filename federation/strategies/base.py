@@ -10,7 +10,6 @@ into the next global model (FedAvg adds it, FedAdam takes an Adam step). On the 
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from federation.wire import iter_tensors
+from pipeline.dprandom import NoiseSource
 
 State = dict[str, torch.Tensor]
 
@@ -54,11 +54,6 @@ class ClientUpdateResult:
     privacy: dict[str, Any] | None = None
 
 
-def new_generator(seed: int | None = None) -> torch.Generator:
-    """A torch generator seeded from the OS entropy pool unless a seed is given (tests)."""
-    return torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
-
-
 def float_names(state: State) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point()]
 
@@ -90,7 +85,7 @@ class Strategy:
         return FitConfig()
 
     def client_update(
-        self, delta: State, *, site: str, round_index: int, generator: torch.Generator | None = None
+        self, delta: State, *, site: str, round_index: int, generator: NoiseSource | None = None
     ) -> ClientUpdateResult:
         return ClientUpdateResult(delta=delta)
 
@@ -103,7 +98,7 @@ class Strategy:
         global_state: State,
         updates: Sequence[UpdateInfo],
         round_index: int,
-        generator: torch.Generator | None = None,
+        generator: NoiseSource | None = None,
     ) -> State:
         """Weighted mean of the updates' deltas (weights from :meth:`weight`), streamed."""
         if not updates:
@@ -124,7 +119,7 @@ class Strategy:
         global_state: State,
         updates: Sequence[UpdateInfo],
         round_index: int,
-        generator: torch.Generator | None = None,
+        generator: NoiseSource | None = None,
     ) -> State:
         return self.apply(
             global_state, self.average(global_state, updates, round_index, generator), round_index
@@ -157,7 +152,7 @@ class StrategyWrapper(Strategy):
         return self.inner.configure_fit(round_index)
 
     def client_update(
-        self, delta: State, *, site: str, round_index: int, generator: torch.Generator | None = None
+        self, delta: State, *, site: str, round_index: int, generator: NoiseSource | None = None
     ) -> ClientUpdateResult:
         return self.inner.client_update(delta, site=site, round_index=round_index, generator=generator)
 
@@ -169,7 +164,7 @@ class StrategyWrapper(Strategy):
         global_state: State,
         updates: Sequence[UpdateInfo],
         round_index: int,
-        generator: torch.Generator | None = None,
+        generator: NoiseSource | None = None,
     ) -> State:
         return self.inner.average(global_state, updates, round_index, generator)
 

@@ -2,15 +2,21 @@
 
 * :class:`LocalUpdateDP` (FedDP-style, local): each site clips its model update to L2 norm ``C`` and adds
   ``N(0, (sigma C)^2)`` to every coordinate before upload, so the aggregator only ever sees a Gaussian-
-  mechanism release of the site's update. The site's accountant composes one full-participation Gaussian
-  mechanism per round it takes part in (RDP, Opacus' analysis with q = 1).
-* :class:`CentralDP` (DP-FedAvg, McMahan et al. 2018): the trusted server clips each site's update to
-  ``C``, averages them with uniform weights (a site's influence on the sum is then at most ``C``), adds
-  ``N(0, (sigma C)^2)`` to the sum, i.e. ``sigma C / m`` to the mean of ``m`` updates, and keeps a
-  client-level RDP accountant over rounds with sampling rate ``q = m / n``.
+  mechanism release of the site's update. Unit: the site's whole dataset, under *replacement*: swapping
+  any of the site's data for other data can move a clipped update from ``u`` to ``u'`` with
+  ``||u - u'|| <= 2C``, so the sensitivity is 2C and the effective noise multiplier is ``sigma / 2``
+  (with sensitivity C, as earlier versions used, ε was under-counted: 4.0 instead of 9.0 at σ = 2 over
+  3 rounds). Who must be trusted: nobody; the noise is added at the site.
+* :class:`CentralDP` (DP-FedAvg, McMahan et al. 2018): the server clips each site's update to ``C``,
+  averages with uniform weights, adds ``N(0, (sigma C)^2)`` to the sum. Unit: one site (add/remove of a
+  site's update, sensitivity C). Every provisioned site takes part in every round (the round protocol
+  samples no clients), so the accountant composes one Gaussian per round with q = 1. Who must be
+  trusted: the aggregator, which sees every raw update; the guarantee holds against whoever sees only the
+  published global models.
 
-Both compose with sample-level DP-SGD in local training: the tile-level ε is recorded by local training,
-the update/client-level ε here.
+The noise of both comes from a :class:`~pipeline.dprandom.SecureRandom` (OS entropy, per job), never from
+a seed. Both compose with sample-level DP-SGD in local training: the tile-level ε is recorded by local
+training, the update/client-level ε here; :mod:`pipeline.statement` states them together.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from federation.strategies.base import (
@@ -29,29 +34,15 @@ from federation.strategies.base import (
     StrategyWrapper,
     UpdateInfo,
     float_names,
-    new_generator,
     streaming_sum,
 )
+from pipeline.dprandom import NoiseSource, SecureRandom
+from pipeline.privacy import gaussian_epsilon
 
-#: RDP orders (Opacus' RDPAccountant defaults)
-RDP_ORDERS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]
-
-
-def gaussian_rdp_epsilon(rounds: Sequence[tuple[float, float]], delta: float) -> float:
-    """ε(δ) of composing sampled Gaussian mechanisms, one ``(q, noise_multiplier)`` per round."""
-    # imported here: importing opacus pulls in its whole privacy engine (seconds), which the
-    # aggregator does not need unless it accounts
-    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-
-    if not rounds:
-        return 0.0
-    if any(sigma <= 0 for _, sigma in rounds):
-        return math.inf
-    rdp = np.zeros(len(RDP_ORDERS))
-    for q, sigma in rounds:
-        rdp = rdp + np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDP_ORDERS))
-    eps, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
-    return float(eps)
+#: L2 sensitivity of a clipped update, in units of the clip norm: replacement moves it by up to 2C
+LOCAL_SENSITIVITY = 2.0
+#: DP-FedAvg: adding or removing one site's clipped update moves the (uniform-weight) sum by up to C
+CENTRAL_SENSITIVITY = 1.0
 
 
 def l2_norm(state: State) -> float:
@@ -59,9 +50,10 @@ def l2_norm(state: State) -> float:
 
 
 def clip_and_noise(
-    delta: State, clip_norm: float, noise_multiplier: float, generator: torch.Generator
+    delta: State, clip_norm: float, noise_multiplier: float, rng: NoiseSource
 ) -> tuple[State, float]:
-    """Scale ``delta`` to L2 norm at most ``clip_norm`` and add N(0, (sigma*clip_norm)^2) per coordinate."""
+    """Scale ``delta`` to L2 norm at most ``clip_norm`` and add N(0, (sigma*clip_norm)^2) per coordinate
+    (in float64 from the CSPRNG, rounded once to the tensor's dtype)."""
     norm = l2_norm(delta)
     factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     std = noise_multiplier * clip_norm
@@ -70,10 +62,8 @@ def clip_and_noise(
         if not t.is_floating_point():
             out[k] = t
             continue
-        x = t.to(torch.float32) * factor
-        if std > 0:
-            x = x + torch.randn(x.shape, generator=generator, dtype=torch.float32) * std
-        out[k] = x.to(t.dtype)
+        x = t.to(torch.float64) * factor
+        out[k] = rng.add_gaussian(x, std).to(t.dtype)
     return out, norm
 
 
@@ -91,16 +81,18 @@ class LocalUpdateDP(StrategyWrapper):
         )
 
     def client_update(
-        self, delta: State, *, site: str, round_index: int, generator: torch.Generator | None = None
+        self, delta: State, *, site: str, round_index: int, generator: NoiseSource | None = None
     ) -> ClientUpdateResult:
         inner = self.inner.client_update(delta, site=site, round_index=round_index, generator=generator)
-        noised, norm = clip_and_noise(
-            inner.delta, self.clip_norm, self.noise_multiplier, generator or new_generator()
-        )
+        rng = generator or SecureRandom()
+        noised, norm = clip_and_noise(inner.delta, self.clip_norm, self.noise_multiplier, rng)
         return ClientUpdateResult(
             delta=noised,
             privacy={
                 "mechanism": "update_gaussian",
+                "unit": "site",
+                "sensitivity": f"{LOCAL_SENSITIVITY:g} * clip_norm (replacement of the site's data)",
+                "noise_source": rng.source,
                 "clip_norm": self.clip_norm,
                 "noise_multiplier": self.noise_multiplier,
                 "delta": self.delta,
@@ -110,8 +102,11 @@ class LocalUpdateDP(StrategyWrapper):
         )
 
     def epsilon(self, participations: int) -> float:
-        """Update-level ε(δ) after a site has released ``participations`` noised updates."""
-        return gaussian_rdp_epsilon([(1.0, self.noise_multiplier)] * participations, self.delta)
+        """Update-level ε(δ), per site, after a site has released ``participations`` noised updates: a
+        Gaussian mechanism of sensitivity 2C and std σC per release, composed (RDP)."""
+        return gaussian_epsilon(
+            [(1.0, self.noise_multiplier / LOCAL_SENSITIVITY)] * participations, self.delta
+        )
 
     def describe(self) -> str:
         return f"LocalUpdateDP({self.inner.describe()}, C={self.clip_norm}, sigma={self.noise_multiplier})"
@@ -142,7 +137,7 @@ class CentralDP(StrategyWrapper):
         global_state: State,
         updates: Sequence[UpdateInfo],
         round_index: int,
-        generator: torch.Generator | None = None,
+        generator: NoiseSource | None = None,
     ) -> State:
         if not updates:
             raise ValueError("CentralDP: no updates to aggregate")
@@ -153,17 +148,15 @@ class CentralDP(StrategyWrapper):
             return min(1.0, c / u.norm) if u.norm > 0 else 1.0
 
         total = streaming_sum(updates, coef, float_names(global_state), global_state)
-        gen = generator or new_generator()
+        rng = generator or SecureRandom()
         std = self.noise_multiplier * c
-        for t in total.values():
-            if std > 0:
-                t.add_(torch.randn(t.shape, generator=gen, dtype=torch.float32), alpha=std)
-            t.div_(m)
+        for name, t in total.items():
+            total[name] = rng.add_gaussian(t, std).div_(m)
         self.history.append(
             {
                 "round": round_index,
                 "sites": m,
-                "q": min(1.0, m / self.n_sites),
+                "q": 1.0,  # every provisioned site is asked every round: no client sampling to amplify
                 "noise_multiplier": self.noise_multiplier,
                 "clipped": sum(1 for u in updates if u.norm > c),
             }
@@ -171,7 +164,9 @@ class CentralDP(StrategyWrapper):
         return total
 
     def epsilon(self) -> float:
-        return gaussian_rdp_epsilon([(h["q"], h["noise_multiplier"]) for h in self.history], self.delta)
+        return gaussian_epsilon(
+            [(h["q"], h["noise_multiplier"] / CENTRAL_SENSITIVITY) for h in self.history], self.delta
+        )
 
     def state_dict(self) -> tuple[State, dict[str, Any]]:
         tensors, meta = super().state_dict()
@@ -184,13 +179,17 @@ class CentralDP(StrategyWrapper):
     def privacy_report(self) -> dict[str, Any] | None:
         return {
             "mechanism": "dp_fedavg_central",
-            "unit": "client (site)",
+            "unit": "site",
+            "trust": "the aggregator sees every raw update; protects sites against whoever sees only the "
+            "published global models",
+            "noise_source": SecureRandom.source,
             "clip_norm": self.clip_norm,
             "noise_multiplier": self.noise_multiplier,
             "delta": self.delta,
             "rounds": len(self.history),
             "epsilon": self.epsilon(),
-            "accountant": "rdp (opacus.accountants.analysis.rdp), q = reporting sites / provisioned sites",
+            "accountant": "rdp (opacus.accountants.analysis.rdp), one Gaussian per round, q = 1 (no client "
+            "sampling), sensitivity C",
             "history": self.history,
         }
 

@@ -74,6 +74,7 @@ def _config(tmp: Path, data_root: Path, repo_root: Path, run: str, **federation:
                 "enabled": True,
                 "target_epsilon": None,
                 "noise_multiplier": 1.0,
+                "budget_epsilon": "unlimited",
                 "max_grad_norm": 1.0,
             },
         },

@@ -90,3 +90,69 @@ def test_noise_std_is_sigma_times_clip() -> None:
     # std of a sample std of n Gaussians ≈ σC / sqrt(2n): 5 of those is a safe band
     assert abs(std - sigma * clip) < 5 * sigma * clip / (2 * n) ** 0.5
     assert abs(float(noise.mean())) < 5 * sigma * clip / n**0.5
+
+
+def test_slide_clipping_matches_a_batch_of_one_slide_loop() -> None:
+    """Slide-level DP-SGD: each slide's mean per-tile gradient is clipped as one unit. Oracle: for each
+    slide alone, autograd of the mean loss over its tiles, clipped to C, summed over slides."""
+    from pipeline.dprandom import SecureRandom
+    from pipeline.dpsgd import SlideDPOptimizer
+
+    register_fast_grad_samplers()
+    net = _net("nontrainable")
+    x = torch.rand(7, 3, 16, 16)
+    y = (torch.rand(7, 16, 16) > 0.6).long()
+    groups = torch.tensor([5, 5, 5, 2, 2, 9, 9])  # three slides, any labels, rows of a slide together
+    clip = 0.05
+    params0 = [p for p in net.parameters() if p.requires_grad]
+    oracle = [torch.zeros_like(p) for p in params0]
+    for g in (5, 2, 9):
+        rows = groups == g
+        grads = torch.autograd.grad(_loss(net(x[rows]), y[rows]) / int(rows.sum()), params0)
+        norm = torch.stack([(t.double() ** 2).sum() for t in grads]).sum().sqrt()
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for o, t in zip(oracle, grads, strict=True):
+            o += t * factor
+
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    opt = SlideDPOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        rng=SecureRandom(),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=3,
+        loss_reduction="sum",
+    )
+    opt.set_groups(groups)
+    _loss(gsm(x), y).backward()
+    opt.pre_step()
+    for p, o in zip(params, oracle, strict=True):
+        torch.testing.assert_close(p.summed_grad, o, rtol=1e-4, atol=1e-6)
+    # and per-tile clipping would have given something else: the unit really is the slide
+    per_tile = _oracle_clipped_sum(net, x, y, clip)
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(per_tile, oracle, strict=True))
+
+
+def test_secure_optimizer_noise_std_is_sigma_times_clip() -> None:
+    from pipeline.dprandom import SecureRandom
+    from pipeline.dpsgd import SecureDPOptimizer
+
+    lin = nn.Linear(400, 250)
+    gsm = GradSampleModule(lin, loss_reduction="sum")
+    sigma, clip = 1.7, 0.3
+    opt = SecureDPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.0),
+        rng=SecureRandom(),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=4,
+        loss_reduction="sum",
+    )
+    torch.manual_seed(1)
+    gsm(torch.randn(4, 400)).sum().backward()
+    opt.pre_step()
+    noise = torch.cat([(p.grad - p.summed_grad).flatten() for p in gsm.parameters()])
+    n = noise.numel()
+    assert abs(float(noise.std()) - sigma * clip) < 5 * sigma * clip / (2 * n) ** 0.5
+    assert abs(float(noise.mean())) < 5 * sigma * clip / n**0.5

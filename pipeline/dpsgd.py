@@ -1,0 +1,191 @@
+"""DP-SGD's moving parts around Opacus: secure noise, secure Poisson sampling, and slide-level clipping.
+
+fedpath builds Opacus' pieces itself (``GradSampleModule`` + a :class:`~opacus.optimizers.DPOptimizer`
+subclass + its own batch samplers) instead of calling ``PrivacyEngine.make_private``: the engine would draw
+noise and Poisson masks from torch's seeded Mersenne Twister (its secure mode needs ``torchcsprng``, which
+has no build for the pinned torch), and fedpath's ledger, not the engine's accountant, owns ε.
+
+* :class:`SecureDPOptimizer`: Opacus' clipping and accumulation, noise from a
+  :class:`~pipeline.dprandom.NoiseSource` (a per-job CSPRNG).
+* :class:`PoissonSampler`: each item joins a logical batch independently with probability q (Opacus'
+  ``UniformWithReplacementSampler``, with the CSPRNG's coins).
+* Slide-level DP (``privacy.unit: slide``): :class:`PoissonSlideSampler` samples *slides* with probability
+  q and takes up to ``cap`` tiles of each; :class:`SlideDPOptimizer` averages the per-tile gradients of
+  each slide and clips that mean as one unit to C, so one slide moves the summed gradient by at most C, the
+  noise is σC and the accountant runs over slides with rate q. Physical batches hold whole slides only, so
+  a slide's tiles are never clipped apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.dprandom import NoiseSource
+from pipeline.errors import FedpathError
+
+
+class SecureDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer whose Gaussian noise comes from the job's CSPRNG (never torch's global RNG)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: NoiseSource, **kwargs: Any) -> None:
+        super().__init__(optimizer, generator=None, secure_mode=False, **kwargs)
+        self.rng = rng
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = self.rng.add_gaussian(p.summed_grad, std).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+class SlideDPOptimizer(SecureDPOptimizer):
+    """Clips each slide's mean per-tile gradient as one unit: call :meth:`set_groups` before each step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: NoiseSource, **kwargs: Any) -> None:
+        super().__init__(optimizer, rng=rng, **kwargs)
+        self._groups: torch.Tensor | None = None
+
+    def set_groups(self, groups: torch.Tensor) -> None:
+        """The slide of every row of the coming physical batch (any labels; rows of one slide share one)."""
+        self._groups = groups.to(torch.int64)
+
+    def clip_and_accumulate(self) -> None:
+        if self._groups is None:
+            raise FedpathError("slide-level DP-SGD: the physical batch's slide ids were not set")
+        _, inverse, counts = torch.unique(self._groups, return_inverse=True, return_counts=True)
+        for p in self.params:
+            gs = self._get_flat_grad_sample(p)
+            if gs.shape[0] != inverse.shape[0]:
+                raise FedpathError(
+                    f"slide-level DP-SGD: {gs.shape[0]} per-sample gradients for {inverse.shape[0]} slide ids"
+                )
+            red = gs.new_zeros((len(counts), *gs.shape[1:])).index_add_(0, inverse, gs)
+            red /= counts.to(gs.dtype).view(-1, *([1] * (gs.dim() - 1)))
+            p.grad_sample = red  # one row per slide: Opacus clips rows
+        self._groups = None
+        super().clip_and_accumulate()
+
+
+class PoissonSampler(Sampler[list[int]]):
+    """``steps`` logical batches; each of ``n`` items joins each independently with probability ``q``."""
+
+    def __init__(self, n: int, sample_rate: float, steps: int, rng: NoiseSource) -> None:
+        self.n, self.sample_rate, self.steps, self.rng = n, sample_rate, steps, rng
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield [int(i) for i in np.flatnonzero(self.rng.bernoulli(self.n, self.sample_rate))]
+
+
+class PoissonSlideSampler(Sampler[list[int]]):
+    """Slide-level batches: each slide joins with probability ``q`` and brings ``cap`` of its tiles (drawn
+    afresh). Yields *physical* batches of whole slides (at most ``physical`` tiles each) and tells the
+    optimizer which one ends the logical batch, as Opacus' ``BatchSplittingSampler`` does."""
+
+    def __init__(
+        self,
+        slide_items: Sequence[Sequence[int]],
+        sample_rate: float,
+        cap: int,
+        steps: int,
+        physical: int,
+        rng: NoiseSource,
+        optimizer: DPOptimizer | None = None,
+    ) -> None:
+        if cap > physical:
+            raise FedpathError(
+                f"slide-level DP: train.privacy.max_tiles_per_slide={cap} exceeds train.physical_batch_size="
+                f"{physical}; a slide's tiles must fit one physical batch to be clipped as one unit"
+            )
+        self.slide_items = [np.asarray(v, dtype=np.int64) for v in slide_items]
+        self.sample_rate, self.cap, self.steps, self.physical = sample_rate, cap, steps, physical
+        self.rng, self.optimizer = rng, optimizer
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def logical_batches(self) -> Iterator[list[list[int]]]:
+        """Per step: the sampled slides, each as the list of its drawn tiles."""
+        for _ in range(self.steps):
+            chosen = np.flatnonzero(self.rng.bernoulli(len(self.slide_items), self.sample_rate))
+            yield [self.rng.subset(self.slide_items[i], self.cap) for i in chosen]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for slides in self.logical_batches():
+            chunks: list[list[int]] = [[]]
+            for tiles in slides:
+                if chunks[-1] and len(chunks[-1]) + len(tiles) > self.physical:
+                    chunks.append([])
+                chunks[-1].extend(tiles)
+            for k, chunk in enumerate(chunks):
+                if self.optimizer is not None:
+                    self.optimizer.signal_skip_step(do_skip=k < len(chunks) - 1)
+                yield chunk
+
+
+class WithSlideIds(Dataset[Any]):
+    """A tile dataset whose items also carry their slide's index (for :class:`SlideDPOptimizer`)."""
+
+    def __init__(self, dataset: Dataset[Any], slide_of_item: np.ndarray) -> None:
+        self.dataset, self.slide_of_item = dataset, slide_of_item
+
+    def __len__(self) -> int:
+        return len(self.slide_of_item)
+
+    def __getitem__(self, i: int) -> Any:
+        x, y = self.dataset[i]
+        return x, y, int(self.slide_of_item[i])
+
+
+def collate_or_none(batch: list[Any]) -> Any:
+    """Default collation, or ``None`` for an empty Poisson batch (a noise-only step)."""
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
+def make_private(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    rng: NoiseSource,
+    slide_level: bool = False,
+) -> tuple[torch.nn.Module, SecureDPOptimizer]:
+    """Wrap ``net`` for per-sample gradients and ``optimizer`` for clipping and secure noise.
+
+    The model is checked first (:func:`pipeline.models.check_dp_model` says why one is refused), fedpath's
+    fast grouped-convolution per-sample gradients are registered, and the summed convolution weight
+    gradients DP-SGD throws away are skipped. ``expected_batch_size`` is q·n (tiles, or slides when
+    ``slide_level``): Opacus divides the noisy sum by it.
+    """
+    from opacus import GradSampleModule
+
+    from pipeline.models import check_dp_model, per_sample_only, register_fast_grad_samplers
+
+    check_dp_model(net)
+    register_fast_grad_samplers()
+    per_sample_only(net)  # before Opacus' hooks: hook order matters
+    model = GradSampleModule(net, batch_first=True, loss_reduction="mean")
+    model.forbid_grad_accumulation()
+    cls = SlideDPOptimizer if slide_level else SecureDPOptimizer
+    dp_opt = cls(
+        optimizer,
+        rng=rng,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,  # type: ignore[arg-type]
+        loss_reduction="mean",
+    )
+    return model, dp_opt
