@@ -3,10 +3,15 @@
 Paths compared in one run, interleaved round-robin so a busy machine slows them alike:
   * ``no_dp``            plain training step (forward, backward, Adam);
   * ``dp_opacus_hooks``  Opacus 1.6 default: GradSampleModule hooks with Opacus' own im2col Conv2d code;
-  * ``dp_fedpath``       the path fedpath trains with: the same hooks, with per-sample gradients of Conv2d
-                         and ConvTranspose2d as one grouped-convolution backward
+  * ``dp_fedpath_torch_rng``  fedpath's path before issue 13: the same hooks, with per-sample gradients of
+                         Conv2d and ConvTranspose2d as one grouped-convolution backward
                          (``pipeline.models.register_fast_grad_samplers``), and autograd's summed conv
-                         weight gradients, which DP-SGD discards, not computed (``per_sample_only``).
+                         weight gradients, which DP-SGD discards, not computed (``per_sample_only``); noise
+                         from torch's (seedable, replayable) Mersenne Twister through Opacus' engine;
+  * ``dp_fedpath``       the path fedpath trains with now: the same, built by ``pipeline.dpsgd.make_private``,
+                         noise from the per-job CSPRNG (``pipeline.dprandom.SecureRandom``: AES-256-CTR keyed
+                         by os.urandom, four float64 Box-Muller normals per coordinate). The line
+                         "secure noise vs torch RNG" is their ratio (target >= 0.9).
 Each DP step is a full DP-SGD step: per-sample gradients, clipping, Gaussian noise, Adam. Reported: the
 best-of-N wall time and process CPU time per step (CPU time is robust to other processes sharing the
 cores), images/s, the ratio to no-DP, and each path's peak RSS measured in its own process (psutil,
@@ -101,8 +106,15 @@ def main() -> None:
         crit = DiceCELoss(to_onehot_y=True, softmax=True)
         model: nn.Module = net
         if mode == "dp_fedpath":
+            from pipeline.dprandom import SecureRandom
+            from pipeline.dpsgd import make_private
+
+            model, opt = make_private(
+                net, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=args.batch, rng=SecureRandom()
+            )
+        if mode == "dp_fedpath_torch_rng":
             per_sample_only(net)
-        if mode != "no_dp":
+        if mode not in ("no_dp", "dp_fedpath"):
             dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch)
             model, opt, _ = PrivacyEngine(accountant="prv").make_private(
                 module=net,
@@ -121,7 +133,7 @@ def main() -> None:
 
         return step
 
-    modes = {"no_dp": None, "dp_opacus_hooks": opacus_default, "dp_fedpath": fast}
+    modes = {"no_dp": None, "dp_opacus_hooks": opacus_default, "dp_fedpath_torch_rng": fast, "dp_fedpath": fast}
     if args.only:
         use(modes[args.only])
         with PeakRSS() as pk:
@@ -190,7 +202,7 @@ def main() -> None:
         f"best of {args.reps} (load avg {os.getloadavg()[0]:.1f})"
     )
     print(
-        f"{'path':18s} {'img/s wall':>11s} {'ratio':>6s} {'img/s cpu':>10s} {'ratio':>6s} {'peak RSS MB':>12s}"
+        f"{'path':21s} {'img/s wall':>11s} {'ratio':>6s} {'img/s cpu':>10s} {'ratio':>6s} {'peak RSS MB':>12s}"
     )
     for m in modes:
         r = {
@@ -203,9 +215,15 @@ def main() -> None:
         }
         res["paths"][m] = r
         print(
-            f"{m:18s} {r['images_per_s_wall']:11.1f} {r['ratio_wall']:6.2f} {r['images_per_s_cpu']:10.1f} "
+            f"{m:21s} {r['images_per_s_wall']:11.1f} {r['ratio_wall']:6.2f} {r['images_per_s_cpu']:10.1f} "
             f"{r['ratio_cpu']:6.2f} {r['peak_rss_mb']:12.0f}"
         )
+    secure = {
+        "wall": wall["dp_fedpath_torch_rng"] / wall["dp_fedpath"],
+        "cpu": cpu["dp_fedpath_torch_rng"] / cpu["dp_fedpath"],
+    }
+    res["secure_vs_torch_rng"] = secure
+    print(f"secure noise vs torch RNG (throughput ratio, target >= 0.9): wall {secure['wall']:.2f}, cpu {secure['cpu']:.2f}")
     out_path = Path(__file__).resolve().parent / "out" / "dp.json"
     out_path.parent.mkdir(exist_ok=True)
     out_path.write_text(json.dumps(res, indent=2))

@@ -180,7 +180,7 @@ def record_update_privacy(
     Re-recording a round (a re-run job) replaces its entry rather than spending twice.
     """
     path = update_ledger_path(cfg, site)
-    data: dict[str, Any] = {"site": site, "unit": "site update (client-level)", "entries": []}
+    data: dict[str, Any] = {"site": site, "unit": "site", "entries": []}
     if path.is_file():
         data = json.loads(path.read_text())
     entries = [e for e in data["entries"] if e["round"] != round_index]
@@ -190,7 +190,11 @@ def record_update_privacy(
     data["entries"] = sorted(entries, key=lambda e: e["round"])
     data["epsilon"] = eps
     data["delta"] = strategy.delta
-    data["accountant"] = "rdp (opacus.accountants.analysis.rdp), Gaussian mechanism q=1 per round"
+    data["unit"] = "site"
+    data["noise_source"] = entry.get("noise_source")
+    data["accountant"] = (
+        "rdp (opacus.accountants.analysis.rdp), one Gaussian per round, q=1, sensitivity 2C (replacement)"
+    )
     atomic_write_json(path, data)
     return data
 
@@ -288,6 +292,7 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
             extra: dict[str, Any] = {
                 "steps": int(getattr(result, "steps", 0)),
                 "sample_delta": getattr(result, "delta", None),
+                "sample_unit": cfg.train.privacy.unit if getattr(result, "epsilon", None) is not None else None,
                 "epsilon_slide": getattr(result, "epsilon_slide", None),
                 "noise_multiplier": getattr(result, "noise_multiplier", None),
                 "sample_rate": getattr(result, "sample_rate", None),

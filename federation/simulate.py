@@ -26,6 +26,7 @@ from federation.provision import provision_paths, run_provision
 from federation.server import server_paths
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
+from pipeline.statement import write_statement
 from pipeline.summary import update_summary
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,9 @@ def run_simulation(cfg: ExperimentConfig) -> dict[str, Any]:
     finally:
         agg.stop()
     summary = federation_summary(cfg, jobs, time.perf_counter() - t0)
+    summary["privacy"] = write_statement(cfg.run_dir)  # privacy_statement.json, ε with δ and unit
     update_summary(cfg.run_dir, "federation", summary)
+    update_summary(cfg.run_dir, "privacy", summary["privacy"])
     return summary
 
 
@@ -215,14 +218,17 @@ def federation_summary(cfg: ExperimentConfig, jobs: list[dict[str, Any]], wall_s
     """What the run's summary records: rounds, sites per round, ε per site, wall time, model paths."""
     paths = server_paths(cfg)
     state = json.loads(paths.state.read_text())
-    eps_sample: dict[str, float | None] = {}
-    for h in state["history"]:
-        for site, e in h["epsilon"].items():
-            eps_sample[site] = e  # ε of local DP-SGD is cumulative: the last round's value is the total
-    eps_update: dict[str, float | None] = {}
+    # from the sites' own ledgers (what a site reports to the server is not trusted), ε with δ and unit
+    eps_sample: dict[str, dict[str, Any] | None] = {}
+    for s in cfg.sites:
+        p = cfg.site_dir(s.name) / "privacy.json"
+        d = json.loads(p.read_text()) if p.is_file() else None
+        eps_sample[s.name] = None if d is None else {"epsilon": d["epsilon"], "delta": d["delta"], "unit": d["unit"]}
+    eps_update: dict[str, dict[str, Any] | None] = {}
     for s in cfg.sites:
         p = cfg.site_dir(s.name) / "update_privacy.json"
-        eps_update[s.name] = json.loads(p.read_text())["epsilon"] if p.is_file() else None
+        u = json.loads(p.read_text()) if p.is_file() else None
+        eps_update[s.name] = None if u is None else {"epsilon": u["epsilon"], "delta": u["delta"], "unit": "site"}
     return {
         "strategy": state["strategy"],
         "rounds": len(state["history"]),

@@ -112,10 +112,17 @@ def train(
     ] = None,
 ) -> None:
     """Train locally with DP-SGD (Opacus); with several sites, the pooled centralised baseline."""
+    from pipeline.statement import statement_lines, write_statement
     from pipeline.train import run_train
 
     cfg = _cfg(config, set_)
     run_train(cfg, site or [s.name for s in cfg.sites])
+    _print_privacy(statement_lines(write_statement(cfg.run_dir)))
+
+
+def _print_privacy(lines: list[tuple[str, str]]) -> None:
+    for label, text in lines:
+        typer.echo(f"{label}: {text}")
 
 
 @app.command()
@@ -149,11 +156,30 @@ def site_round(config: ConfigOpt = None, set_: SetOpt = None, site: SiteOpt = ""
 def simulate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """A whole federation on one machine: the real aggregator on loopback with TLS, one process per site."""
     from federation.simulate import run_simulation
+    from pipeline.statement import statement_lines
 
     summary = run_simulation(_cfg(config, set_))
     typer.echo(
         f"federation: {summary['rounds']} round(s) in {summary['wall_s']} s; final model {summary['global_models'][-1]}"
     )
+    _print_privacy(statement_lines(summary["privacy"]))
+
+
+@app.command()
+def privacy(
+    run: Annotated[Path | None, typer.Option("--run", help="run directory")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write and print the run's privacy statement (privacy_statement.json): per site, every mechanism
+    with its unit, ε, δ, accountant, noise source and who must be trusted."""
+    from pipeline.statement import STATEMENT_FILE, statement_lines, write_statement
+
+    run_dir = run if run is not None else _cfg(config, set_).run_dir
+    if not (Path(run_dir) / "sites").is_dir():
+        _fail(f"{run_dir}: not a run directory (no sites/)")
+    _print_privacy(statement_lines(write_statement(run_dir)))
+    typer.echo(str(Path(run_dir) / STATEMENT_FILE))
 
 
 @app.command()

@@ -7,7 +7,6 @@ is the same code a deployment runs; the demo only chains them and prints the hea
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -46,14 +45,10 @@ def _headline(run_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
         for s in infer.get("slides", [])
         if isinstance(s, dict) and isinstance(s.get("metrics"), dict) and "dice" in s["metrics"]
     ]
-    eps: dict[str, Any] = {}
-    for ledger in sorted((run_dir / "sites").glob("*/privacy.json")):
-        data = json.loads(ledger.read_text())
-        eps[ledger.parent.name] = {
-            "epsilon_per_tile": data.get("epsilon"),
-            "epsilon_per_slide": data.get("epsilon_slide"),
-            "delta": data.get("delta"),
-        }
+    from pipeline.statement import write_statement
+
+    statement = write_statement(run_dir)
+    eps = {site: st["against_aggregator"] for site, st in statement["sites"].items()}
     attack = summary.get("attack", {})
     return {
         "held_out_dice": sum(dices) / len(dices) if dices else None,
@@ -134,15 +129,8 @@ def run_demo(cfg: ExperimentConfig) -> dict[str, Any]:
     table.add_column("value")
     dice = head["held_out_dice"]
     table.add_row("Dice on held-out slides", "n/a" if dice is None else f"{dice:.3f} ({head['held_out_slides']} slides)")
-    for site, e in head["epsilon"].items():
-        tile_eps = e["epsilon_per_tile"]
-        slide_eps = e["epsilon_per_slide"]
-        table.add_row(
-            f"ε spent, site {site}",
-            f"{tile_eps:.2f} per tile" + (f", {slide_eps:.1f} per slide" if slide_eps is not None else "")
-            if isinstance(tile_eps, (int, float))
-            else str(tile_eps),
-        )
+    for site, units in head["epsilon"].items():
+        table.add_row(f"privacy, site {site}", "; ".join(dict.fromkeys(u["text"] for u in units.values())))
     ssim = head["attack_ssim"]
     if isinstance(ssim, dict):
         ssim_text = ", ".join(f"{k}: {v:.2f}" if isinstance(v, (int, float)) else f"{k}: {v}" for k, v in ssim.items())

@@ -77,10 +77,23 @@ def _final_global(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _ledger_eps(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per site: the tile-level guarantee against the aggregator (ε, δ) and the slide-level one, when
+    group privacy gives a meaningful one, from the variant's privacy statement."""
+    from pipeline.statement import write_statement
+
     out: dict[str, dict[str, Any]] = {}
-    for ledger in sorted((run_dir / "sites").glob("*/privacy.json")):
-        d = json.loads(ledger.read_text())
-        out[ledger.parent.name] = {"epsilon": d.get("epsilon"), "epsilon_slide": d.get("epsilon_slide")}
+    for site, st in write_statement(run_dir)["sites"].items():
+        finest = next(iter(st["against_aggregator"].values()))
+        sample: dict[str, Any] = next((m for m in st["mechanisms"] if m["level"] == "sample"), {})
+        slide = sample.get("slide") or {}
+        out[site] = {
+            "epsilon": finest.get("epsilon"),
+            "delta": finest.get("delta"),
+            "unit": finest.get("unit"),
+            "epsilon_slide": slide.get("epsilon"),
+            "delta_slide": slide.get("delta"),
+            "text": finest.get("text"),
+        }
     return out
 
 
@@ -90,6 +103,11 @@ def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return "inf" if math.isinf(x) else f"{x:.3f}"
     return str(x)
+
+
+def _eps_cell(eps_delta: tuple[float, float | None]) -> str:
+    eps, delta = eps_delta
+    return _fmt(eps) if delta is None else f"{_fmt(eps)} (δ={delta:.1g})"
 
 
 DEFAULT_EPSILONS: tuple[float, ...] = (math.inf, 8.0, 4.0, 1.0)
@@ -191,7 +209,8 @@ def run_experiment(
             "train__privacy__enabled": True,
             "train__privacy__target_epsilon": None if math.isinf(eps) else eps,
             "train__privacy__noise_multiplier": 0.0 if math.isinf(eps) else None,
-            "train__privacy__budget_epsilon": None,
+            # ε = inf clips without noise: no guarantee, so no budget, and the statement says so
+            "train__privacy__budget_epsilon": "unlimited" if math.isinf(eps) else None,
         }
         vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy="fedavg", **privacy)
         _link_stores(cfg, vcfg)
@@ -215,22 +234,23 @@ def _mean(values: list[float]) -> float | None:
 def tabulate(rows: dict[str, dict[str, Any]], sites: list[str]) -> str:
     """Markdown table: Dice per site's held-out slides, mean Dice/Jaccard/accuracy, ε, wall time."""
     head = ["variant"] + [f"Dice {s}" for s in sites] + [
-        "mean Dice", "mean Jaccard", "mean pixel acc.", "Dice on other sites", "ε per tile (max)", "ε per slide (max)", "wall s",
+        "mean Dice", "mean Jaccard", "mean pixel acc.", "Dice on other sites", "ε per tile (max; δ)", "ε per slide (max; δ)", "wall s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in rows.items():
         ev = row["eval"]
         dice = [ev[s].get("dice") for s in sites]
         others = [ev[s].get("dice") for s in sites if s != row.get("site")] if row.get("site") else None
-        eps = [v.get("epsilon") for v in row["ledger"].values() if isinstance(v.get("epsilon"), (int, float))]
-        eps_slide = [v.get("epsilon_slide") for v in row["ledger"].values() if isinstance(v.get("epsilon_slide"), (int, float))]
+        eps = [(v["epsilon"], v.get("delta")) for v in row["ledger"].values() if isinstance(v.get("epsilon"), (int, float))]
+        eps_slide = [(v["epsilon_slide"], v.get("delta_slide")) for v in row["ledger"].values() if isinstance(v.get("epsilon_slide"), (int, float))]
+        dp_row = any(v.get("unit") for v in row["ledger"].values())
         cells = [name] + [_fmt(d) for d in dice] + [
             _fmt(_mean(dice)),
             _fmt(_mean([ev[s].get("jaccard") for s in sites])),
             _fmt(_mean([ev[s].get("pixel_accuracy") for s in sites])),
             _fmt(_mean(others)) if others is not None else _fmt(_mean(dice)),
-            _fmt(max(eps)) if eps else "-",
-            _fmt(max(eps_slide)) if eps_slide else "-",
+            _eps_cell(max(eps)) if eps else "-",
+            _eps_cell(max(eps_slide)) if eps_slide else ("no guarantee" if dp_row else "-"),
             f"{row['seconds']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

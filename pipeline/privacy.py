@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import json
 import math
 import os
@@ -140,6 +141,7 @@ def group_epsilon(epsilon: float, delta: float, k: int) -> tuple[float, float]:
     return k * epsilon, 1.0 if log_d >= 0 else math.exp(log_d)
 
 
+@functools.lru_cache(maxsize=256)
 def noise_for_target(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:

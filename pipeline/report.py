@@ -295,11 +295,14 @@ def collect(run_dir: Path) -> dict[str, Any]:
     updates_dir = run_dir / "server" / "updates"
     n_updates = len(list(updates_dir.glob("*/*.safetensors"))) if updates_dir.is_dir() else 0
     summary = read_summary(run_dir)
+    from pipeline.statement import write_statement
+
     return {
         "run_dir": str(run_dir),
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "threat_model": THREAT_MODEL,
         "verdict": _verdict(attack),
+        "privacy_statement": write_statement(run_dir),
         "ledger": rows,
         "update_ledger": update_rows,
         "stored_updates": n_updates,

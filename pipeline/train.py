@@ -627,6 +627,7 @@ def _run(
         extra={
             "delta_slide": entry.delta_slide if entry else None,
             "noise_source": rng.source if rng is not None else None,
+            "privacy": ledger.statement() if ledger is not None else None,
         },
     )
 
@@ -729,8 +730,9 @@ def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str | None = None
         "steps": res.steps,
         "n_train_tiles": res.n_train_tiles,
         "epsilon": res.epsilon,
-        "epsilon_slide": res.epsilon_slide,
         "delta": res.delta,
+        "unit": cfg.train.privacy.unit if res.epsilon is not None else None,
+        "privacy": res.extra.get("privacy"),
         "noise_multiplier": res.noise_multiplier,
         "sample_rate": res.sample_rate,
         "metrics": res.metrics,
@@ -744,11 +746,12 @@ def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str | None = None
 
     prev = read_summary(cfg.run_dir).get("train", {})
     update_summary(cfg.run_dir, "train", {**(prev if isinstance(prev, dict) else {}), **key_summary})
+    privacy = res.extra.get("privacy") or {}
     log.info(
-        "train %s: %d steps, eps=%s, val dice=%s -> %s",
+        "train %s: %d steps, %s, val dice=%s -> %s",
         sites,
         res.steps,
-        res.epsilon,
+        privacy.get("text", "no DP"),
         res.metrics.get("val_dice"),
         path,
     )

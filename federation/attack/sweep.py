@@ -3,7 +3,7 @@
 For every ε in ``attack.epsilons`` (``None`` = no DP) the sweep
 
 1. turns ε into the DP-SGD noise multiplier σ that reaches it for the federation's planned training
-   (sampling rate, steps, δ; Opacus' ``get_noise_multiplier`` with the configured accountant);
+   (sampling rate, steps, δ; :func:`pipeline.privacy.noise_for_target` with the configured accountant);
 2. lets the honest-but-curious aggregator attack what a site would send at that σ: the DP-SGD gradient
    of one step (per-sample clipping to C plus N(0, σ²C²), exactly Opacus' release) for Inverting
    Gradients and DLG, and the update after ``local_steps`` DP-SGD steps for the multi-step attack;
@@ -62,17 +62,9 @@ class DPParams:
     def sigma(self, epsilon: float | None) -> float:
         if epsilon is None:
             return 0.0
-        from opacus.accountants.utils import get_noise_multiplier
+        from pipeline.privacy import noise_for_target
 
-        return float(
-            get_noise_multiplier(
-                target_epsilon=epsilon,
-                target_delta=self.delta,
-                sample_rate=self.sample_rate,
-                steps=self.steps,
-                accountant=self.accountant,
-            )
-        )
+        return noise_for_target(epsilon, self.delta, self.sample_rate, self.steps, self.accountant)
 
 
 def _eps_key(eps: float | None) -> str:
@@ -275,11 +267,12 @@ def dp_train_and_evaluate(
     ``epsilon`` (Poisson sampling, per-sample clipping, σ from Opacus for this training's own sampling
     rate and steps), then validation Dice on held-out tiles and loss-threshold membership inference."""
     from monai.metrics import DiceMetric
-    from opacus import PrivacyEngine
-    from opacus.accountants.utils import get_noise_multiplier
     from torch.utils.data import DataLoader, TensorDataset
 
+    from pipeline.dprandom import SecureRandom
+    from pipeline.dpsgd import PoissonSampler, collate_or_none, make_private
     from pipeline.models import build_model
+    from pipeline.privacy import epsilon_of, noise_for_target
 
     a, pv = cfg.attack, cfg.train.privacy
     loss_fn = segmentation_loss(a.loss)
@@ -292,45 +285,40 @@ def dp_train_and_evaluate(
     delta = 1.0 / (10 * n)
     clip = a.clip or pv.max_grad_norm
     opt = torch.optim.Adam(net.parameters(), lr=a.utility_lr)
-    loader = DataLoader(TensorDataset(members.images, members.masks), batch_size=bs, shuffle=True)
+    dataset = TensorDataset(members.images, members.masks)
+    loader: Any = DataLoader(dataset, batch_size=bs, shuffle=True)
     sigma = 0.0
-    engine = None
     if epsilon is not None:
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=epsilon,
-                target_delta=delta,
-                sample_rate=q,
-                steps=a.utility_steps,
-                accountant=pv.accountant,
-            )
+        # fedpath's own DP-SGD path (CSPRNG noise and Poisson coins), as the sites run it
+        sigma = noise_for_target(epsilon, delta, q, a.utility_steps, pv.accountant)
+        rng = SecureRandom()
+        net, opt = make_private(
+            net, opt, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=int(n * q), rng=rng
         )
-        engine = PrivacyEngine(accountant=pv.accountant)
-        net, opt, loader = engine.make_private(
-            module=net,
-            optimizer=opt,
-            data_loader=loader,
-            noise_multiplier=sigma,
-            max_grad_norm=clip,
-            poisson_sampling=True,
+        loader = DataLoader(
+            dataset, batch_sampler=PoissonSampler(n, q, a.utility_steps, rng), collate_fn=collate_or_none
         )
     t0 = time.perf_counter()
     net.train()
     steps = 0
     while steps < a.utility_steps:
-        for xb, mb in loader:
+        for batch in loader:
             if steps >= a.utility_steps:
                 break
-            if xb.shape[0] == 0:  # Poisson sampling may draw an empty batch; it still counts as a step
+            if batch is None:  # Poisson sampling may draw an empty batch; a noise-only step
+                for p in opt.params:  # type: ignore[attr-defined]
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                opt.step()
                 opt.zero_grad()
                 steps += 1
                 continue
+            xb, mb = batch
             opt.zero_grad()
             loss_fn(net(xb), mb).backward()
             opt.step()
             steps += 1
     seconds = time.perf_counter() - t0
-    spent = engine.get_epsilon(delta) if engine is not None else None
+    spent = epsilon_of([(sigma, q, a.utility_steps)], delta, pv.accountant) if epsilon is not None else None
     plain.eval()  # Opacus' GradSampleModule wraps (and shares the parameters of) this module
     dice = DiceMetric(include_background=False, reduction="mean")
     with torch.no_grad():
@@ -343,7 +331,7 @@ def dp_train_and_evaluate(
             dice(pred, true)
     out: dict[str, Any] = {
         "what": (
-            f"sweep-local training of the configured network with Opacus DP-SGD: {n} member tiles, "
+            f"sweep-local training of the configured network with fedpath's DP-SGD: {n} member tiles, "
             f"{a.utility_steps} steps, batch {bs} (Poisson), {a.utility_tile_size}px"
         ),
         "dice": float(torch.as_tensor(dice.aggregate()).item()),
@@ -486,7 +474,7 @@ def _run_training_results(run_dir: Path) -> list[dict[str, Any]]:
                     {
                         "sites": key,
                         "epsilon": t.get("epsilon"),
-                        "epsilon_slide": t.get("epsilon_slide"),
+                        "privacy": (t.get("privacy") or {}).get("text"),
                         "val_dice": metrics.get("val_dice", metrics.get("dice")),
                         "steps": t.get("steps"),
                     }

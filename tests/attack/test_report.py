@@ -158,7 +158,10 @@ def test_sweep_and_report_on_a_small_real_run(tmp_path: Path, data_root: Path) -
     assert len(re.findall(r'src="data:image/png;base64,', html)) >= 2 + 2 + 1  # grids, curves, real update
     assert 'src="http' not in html and "<link" not in html  # nothing fetched from outside
     ledger = json.loads((run / "sites/a/privacy.json").read_text())
-    assert f"{ledger['epsilon']:.3g}" in html and f"{ledger['epsilon_slide']:.3g}" in html
+    assert f"{ledger['epsilon']:.3g}" in html and ledger["epsilon_slide"] is None
+    # the privacy statement section: ε with δ and unit, the vacuous slide figure said in words
+    assert 'id="privacy-statement"' in html and ledger["statement"]["text"] in html
+    assert "no slide-level guarantee" in html and "who must be trusted" in html
     report = json.loads((run / "report/report.json").read_text())
     assert report["ledger"][0]["site"] == "a" and report["ledger"][0]["noise_multiplier"] == 1.2
     assert report["stored_updates"] == 1 and report["config"]["name"] == "tiny"

@@ -51,6 +51,10 @@ def _run_demo(repo_root: Path, tmp_path: Path, full: bool) -> dict:
         assert stage in summary, f"stage {stage} missing from summary.json"
     assert (run_dir / "report" / "index.html").is_file()
     assert "report:" in proc.stdout
+    assert json.loads((run_dir / "privacy_statement.json").read_text()) == summary["privacy"]
+    # the two warnings that said the guarantee did not hold are gone because they are untrue now
+    logs = proc.stdout + proc.stderr + "".join(p.read_text() for p in run_dir.glob("sites/*/rounds/*/job.log"))
+    assert "Secure RNG turned off" not in logs and "Optimal order is the" not in logs
     return summary
 
 
@@ -60,7 +64,15 @@ def _check(summary: dict, rounds: int, min_dice: float) -> None:
     assert head["held_out_slides"] == 3
     assert head["held_out_dice"] is not None and head["held_out_dice"] > min_dice
     for site, e in head["epsilon"].items():
-        assert 0 < e["epsilon_per_tile"] <= 8.0 + 0.05, (site, e)
+        assert 0 < e["tile"]["epsilon"] <= 8.0 + 0.05, (site, e)
+        assert 0 < e["tile"]["delta"] < 1 and "per tile" in e["tile"]["text"]
+        assert e["site"]["epsilon"] is None  # no update-level DP in the demo: no site-level guarantee
+    statement = summary["privacy"]  # privacy_statement.json, as the run's summary carries it
+    assert set(statement["sites"]) == {"a", "b", "c"}
+    for st in statement["sites"].values():
+        sample = st["mechanisms"][0]
+        assert "os.urandom" in sample["noise_source"] and sample["budget"]["epsilon"] == 8.0
+        assert sample["slide"]["epsilon"] is None  # group privacy over a slide's tiles: nothing at ε = 8
     slides = summary["infer"]["slides"]
     assert {s["slide_id"][0] for s in slides} == {"a", "b", "c"}
     for s in slides:

@@ -38,6 +38,9 @@ def test_experiment_small(repo_root: Path, tmp_path: Path) -> None:
     # the DP variant spent at most its budget at every site; the clip-only one is recorded as unbounded
     for site, led in rows["feddp eps=8"]["ledger"].items():
         assert 0 < led["epsilon"] <= 8.05, (site, led)
+        assert 0 < led["delta"] < 1 and led["unit"] == "tile" and "per tile" in led["text"]
+    for led in rows["feddp eps=inf"]["ledger"].values():
+        assert "no guarantee" in led["text"] or "no tile-level guarantee" in led["text"]
     table = (run_dir / "experiment.md").read_text()
     assert table.count("\n") == 2 + len(rows)
     # a second call resumes: nothing is retrained, the table is the same

@@ -151,8 +151,17 @@ def test_two_round_simulated_federation_over_real_sites(
         dp.noise_multiplier, dp.delta = 0.05, 1e-5
         assert [e["round"] for e in ledger["entries"]] == [0, 1]
         assert ledger["epsilon"] == pytest.approx(LocalUpdateDP.epsilon(dp, 2))
-        assert summary["epsilon_update_level"][site] == ledger["epsilon"]
-        assert summary["epsilon_sample_level"][site] is not None and summary["epsilon_sample_level"][site] > 0
+        assert summary["epsilon_update_level"][site] == {"epsilon": ledger["epsilon"], "delta": 1e-5, "unit": "site"}
+        sample = summary["epsilon_sample_level"][site]
+        assert sample["epsilon"] > 0 and sample["unit"] == "tile" and 0 < sample["delta"] < 1
+        # the run's privacy statement composes both, each with δ and unit, noise from the CSPRNG
+        st = json.loads((cfg.run_dir / "privacy_statement.json").read_text())["sites"][site]
+        assert [m["level"] for m in st["mechanisms"]] == ["sample", "update"]
+        assert all("os.urandom" in m["noise_source"] for m in st["mechanisms"])
+        tile = st["against_aggregator"]["tile"]
+        assert tile["epsilon"] == pytest.approx(sample["epsilon"] + ledger["epsilon"])
+        assert tile["delta"] == pytest.approx(sample["delta"] + 1e-5) and "per tile" in tile["text"]
+        assert st["against_aggregator"]["site"]["epsilon"] == pytest.approx(ledger["epsilon"])
     audit = [json.loads(x) for x in (server / "audit.jsonl").read_text().splitlines()]
     assert sum(1 for e in audit if e["outcome"] == "accepted") == 4
 
