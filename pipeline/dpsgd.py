@@ -153,6 +153,17 @@ def collate_or_none(batch: list[Any]) -> Any:
     return torch.utils.data.default_collate(batch) if batch else None
 
 
+def _input_requires_grad(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Make the image batch require a gradient. Opacus' full backward hooks then always see an input
+    gradient (torch otherwise warns at the first layer), and :func:`pipeline.models.per_sample_only` skips
+    the first convolution's summed weight gradient too, computing its input gradient instead: the same cost,
+    and no warning that a user could not act on."""
+    return tuple(
+        a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args
+    )
+
+
 def make_private(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -179,6 +190,7 @@ def make_private(
     per_sample_only(net)  # before Opacus' hooks: hook order matters
     model = GradSampleModule(net, batch_first=True, loss_reduction="mean")
     model.forbid_grad_accumulation()
+    model.register_forward_pre_hook(_input_requires_grad)
     cls = SlideDPOptimizer if slide_level else SecureDPOptimizer
     dp_opt = cls(
         optimizer,
