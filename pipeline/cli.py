@@ -148,8 +148,12 @@ def site_round(config: ConfigOpt = None, set_: SetOpt = None, site: SiteOpt = ""
 
     if not site:
         _fail("--site is required")
-    result = run_site_round(_cfg(config, set_), site)
+    cfg = _cfg(config, set_)
+    result = run_site_round(cfg, site)
     typer.echo(f"site {site}: round {result['round']}: {result['outcome']}")
+    from pipeline.statement import site_statement, statement_lines
+
+    _print_privacy(statement_lines({"sites": {site: site_statement(cfg.run_dir, site)}}))
 
 
 @app.command()
