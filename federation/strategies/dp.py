@@ -159,6 +159,8 @@ class CentralDP(StrategyWrapper):
             if std > 0:
                 t.add_(torch.randn(t.shape, generator=gen, dtype=torch.float32), alpha=std)
             t.div_(m)
+        # keyed by round: a retried close replaces its entry instead of spending the round twice
+        self.history = [h for h in self.history if h["round"] != round_index]
         self.history.append(
             {
                 "round": round_index,
