@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from pipeline.config import ModelConfig
@@ -64,9 +65,12 @@ def save_model(path: Path | str, state: dict[str, torch.Tensor], meta: ModelMeta
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    data = st_save(state_to_cpu(strip_wrappers(state)), metadata=meta.to_header())
     try:
-        save_file(state_to_cpu(strip_wrappers(state)), str(tmp), metadata=meta.to_header())
-        _fsync_path(tmp)
+        with open(tmp, "wb") as f:  # a full disk is an OSError here, not a serialiser error
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -18,13 +18,11 @@ import pytest
 import torch
 from fedtest_utils import Fed, random_delta, update_body, write_config
 
-from federation.client import SiteClient
 from federation.provision import run_provision
-from federation.server import Aggregator, server_paths
-from federation.simulate import AggregatorProcess
+from federation.server import Aggregator
 from federation.wire import encode_state, update_metadata
 from pipeline.checkpoint import read_model_file
-from pipeline.config import ExperimentConfig, load_config
+from pipeline.config import load_config
 
 
 @pytest.fixture(scope="module")
