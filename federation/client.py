@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: 409 codes after which waiting helps (the round will open); others are final
 _RETRY_CODES = {"not_open"}
+#: 4xx answers about the transfer, not the update (a stalled body, too many failures): retried like 5xx
+_TRANSIENT_4XX = {408, 429}
 
 
 class ServerRefused(FedpathError):
@@ -129,7 +131,7 @@ class SiteClient:
             else:
                 if resp.status_code < 400:
                     return resp
-                if resp.status_code < 500:
+                if resp.status_code < 500 and resp.status_code not in _TRANSIENT_4XX:
                     try:
                         body = resp.json()
                     except ValueError:
@@ -139,7 +141,7 @@ class SiteClient:
                         resp.status_code,
                         str(body.get("code", "")),
                     )
-                last = FedpathError(f"{self.url}{path}: server error {resp.status_code}")
+                last = FedpathError(f"{self.url}{path}: server answered {resp.status_code}")
             if attempt < self.retries:
                 time.sleep(self.backoff_s * 2**attempt)
         raise FedpathError(f"{self.url}{path}: failed after {self.retries + 1} attempts ({last})")

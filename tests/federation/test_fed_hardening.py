@@ -406,6 +406,7 @@ def test_a_refused_update_is_final_for_the_site_job(tmp_path: Path) -> None:
 
 
 def test_full_disk_while_saving_an_update_answers_507_and_stores_nothing(tmp_path: Path) -> None:
+    """Before the commit rename: 507 and nothing stored. After it: 200, and the state catches up."""
     fed = Fed(tmp_path, ["a", "b"], rounds=1, min_sites=2)
     try:
         body = update_body(random_delta(fed.global0, 0.01, 1), "a", 0, 5)
@@ -421,6 +422,24 @@ def test_full_disk_while_saving_an_update_answers_507_and_stores_nothing(tmp_pat
         ack = fed.clients["a"].upload(body)  # the retry is accepted, once
         assert ack["status"] == "accepted" and fed.clients["a"].upload(body) == ack
         assert fed.paths.update(0, "a").read_bytes() == body
+
+        # after the commit rename, state.json cannot be written (its temporary name is taken by a
+        # directory): the update is stored, so the answer is 200, and the state catches up once it can
+        assert fed.proc.proc is not None
+        blocker = fed.paths.root / f".state.json.{fed.proc.proc.pid}.tmp"
+        blocker.mkdir()
+        body_b = update_body(random_delta(fed.global0, 0.01, 2), "b", 0, 5)
+        fed_b = fed.client("b")
+        try:
+            ack_b = fed_b.upload(body_b)
+            assert ack_b["status"] == "accepted" and fed.paths.update(0, "b").read_bytes() == body_b
+            st = fed.clients["a"].status()
+            assert st["state_saved"] is False or st["round"] == 1
+        finally:
+            blocker.rmdir()
+            fed_b.close()
+        state = fed.wait_round(1)  # both updates counted: the round closed and state.json caught up
+        assert state["history"][0]["sites"] == ["a", "b"] and state["phase"] == "finished"
     finally:
         fed.close()
 
@@ -476,7 +495,8 @@ def test_a_retried_close_advances_fedadam_and_central_dp_once(tmp_path: Path) ->
         for s in "ab":
             fed.clients[s].upload(bodies[s])
         st = _wait(
-            lambda: (x := fed.clients["a"].status())["publish_failures"] >= 3 and x, what="three failed closes"
+            lambda: (x := fed.clients["a"].status())["publish_failures"] >= 3 and x,
+            what="three failed closes",
         )
         assert st["round"] == 0 and "storage error" in st["publish_error"]
         _limit_disk(fed, None)  # the disk is freed: the same process retries and publishes
