@@ -698,7 +698,7 @@ class Aggregator:
             m = len(self.accepted)
             if time.monotonic() < self._retry_at:
                 return False
-            if self.resume_close and m > 0:
+            if self.resume_close and m >= self.fed.min_sites:  # a close already decided (or retried)
                 return True
             if m >= len(self.sites):
                 return True

@@ -648,3 +648,28 @@ def test_plain_http_needs_loopback_or_insecure(tmp_path: Path) -> None:
             assert c.status()["round"] == 0
     finally:
         proc.stop()
+
+
+def test_an_unbounded_n_tiles_stored_by_an_older_version_does_not_stall_the_round(tmp_path: Path) -> None:
+    """A round left 'aggregating' with a 10^400-tile update on disk: quarantined at restart, round goes on."""
+    fed = Fed(tmp_path, ["a", "b"], rounds=1, min_sites=2, close_policy="min_sites")
+    try:
+        body_b = update_body(random_delta(fed.global0, 0.01, 2), "b", 0, 5)
+        fed.clients["b"].upload(body_b)
+        for c in fed.clients.values():
+            c.close()
+        fed.proc.stop()
+        poisoned = update_body(random_delta(fed.global0, 0.01, 1), "a", 0, 10**400)
+        fed.paths.update(0, "a").write_bytes(poisoned)  # what the unbounded service accepted
+        state = fed.state() | {"phase": "aggregating"}
+        fed.paths.state.write_text(json.dumps(state))
+        fed.url = fed.proc.start()
+        fed.clients = {s: fed.client(s) for s in "ab"}
+        st = fed.clients["a"].status()
+        assert st["phase"] == "open" and st["sites_reported"] == ["b"] and st["round"] == 0
+        assert fed.paths.quarantine(0, "a.safetensors").read_bytes() == poisoned  # kept, not counted
+        fed.clients["a"].upload(update_body(random_delta(fed.global0, 0.01, 3), "a", 0, 7))
+        state = fed.wait_round(1)
+        assert state["phase"] == "finished" and state["history"][0]["n_tiles"] == {"a": 7, "b": 5}
+    finally:
+        fed.close()
