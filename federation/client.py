@@ -7,7 +7,13 @@ re-run at any point:
 * ``update.safetensors`` exists locally (trained, maybe not uploaded) -> upload it again; the server
   answers a byte-identical re-send with the same acknowledgement, so nothing is trained or counted twice;
 * otherwise train from the downloaded global model, save the update (after recording any update-level
-  DP spend in the ledger), then upload with retries and write ``done.json``.
+  DP spend in the ledger), then upload with retries and write ``done.json``;
+* a 4xx refusal of the upload is final: the saved update is renamed ``update.refused.safetensors``,
+  ``refused.json`` keeps the server's reason, and this and every later run of the job for that round
+  exits 2 with that reason instead of re-sending it (delete ``refused.json`` to train the round again).
+
+Tokens never travel over plain HTTP to another machine: an ``http://`` URL is refused unless its host is
+loopback or ``federation.insecure`` (``--insecure``) is set.
 
 The aggregator is trusted only through the provisioned CA (``provision/ca.pem``); weights are read with
 :func:`federation.wire.decode_state` (header checked, never unpickled).
@@ -28,6 +34,7 @@ import httpx
 import torch
 
 from federation.provision import provision_paths, read_site_token
+from federation.server import is_loopback
 from federation.strategies import LocalUpdateDP, Strategy, build_strategy
 from federation.wire import (
     UPDATE_META_KEY,
@@ -47,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: 409 codes after which waiting helps (the round will open); others are final
 _RETRY_CODES = {"not_open"}
+#: 4xx answers about the transfer, not the update (a stalled body, too many failures): retried like 5xx
+_TRANSIENT_4XX = {408, 429}
 
 
 class ServerRefused(FedpathError):
@@ -79,9 +88,19 @@ class SiteClient:
     retries: int = 5
     timeout_s: float = 300.0
     backoff_s: float = 0.5
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         verify: ssl.SSLContext | bool = True
+        if not self.url.startswith("https://"):
+            host = httpx.URL(self.url).host
+            if not self.insecure and not is_loopback(host):
+                raise FedpathError(
+                    f"{self.url}: refusing to send site {self.site!r}'s token over plain HTTP to {host!r}; "
+                    "use https://, or pass --insecure (federation.insecure) to allow it"
+                )
+            if not is_loopback(host):
+                log.warning("site %s: sending the token over plain HTTP to %s (--insecure)", self.site, host)
         if self.url.startswith("https://"):
             if self.ca_cert is None or not Path(self.ca_cert).is_file():
                 raise FedpathError(f"{self.ca_cert}: CA certificate not found (needed to trust {self.url})")
@@ -112,7 +131,7 @@ class SiteClient:
             else:
                 if resp.status_code < 400:
                     return resp
-                if resp.status_code < 500:
+                if resp.status_code < 500 and resp.status_code not in _TRANSIENT_4XX:
                     try:
                         body = resp.json()
                     except ValueError:
@@ -122,7 +141,7 @@ class SiteClient:
                         resp.status_code,
                         str(body.get("code", "")),
                     )
-                last = FedpathError(f"{self.url}{path}: server error {resp.status_code}")
+                last = FedpathError(f"{self.url}{path}: server answered {resp.status_code}")
             if attempt < self.retries:
                 time.sleep(self.backoff_s * 2**attempt)
         raise FedpathError(f"{self.url}{path}: failed after {self.retries + 1} attempts ({last})")
@@ -164,6 +183,7 @@ def client_for(cfg: ExperimentConfig, site: str) -> SiteClient:
         token=read_site_token(cfg, site),
         ca_cert=fed.ca_cert or provision_paths(cfg).ca_cert,
         retries=fed.upload_retries,
+        insecure=fed.insecure,
     )
 
 
@@ -257,6 +277,21 @@ def _own_update(path: Path, site: str, r: int) -> bytes | None:
     return body if meta.get("site") == site and meta.get("round") == r else None
 
 
+def _refusal_error(site: str, r: int, refused: Path) -> ServerRefused:
+    """The one-line error of a refused update (exit 2), from its ``refused.json``."""
+    try:
+        info = json.loads(refused.read_text())
+        status, code, reason = int(info["status"]), str(info["code"]), str(info["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        status, code, reason = 400, "", "(unreadable)"
+    return ServerRefused(
+        f"site {site}: round {r}: the server refused this site's update ({status} {code}): {reason}; "
+        f"not re-sending it (see {refused}; delete it to train the round again)",
+        status,
+        code,
+    )
+
+
 def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None = None) -> dict[str, Any]:
     """One site's job for the open round; returns (and writes to rounds/<r>/done.json) what happened."""
     fed = cfg.federation
@@ -276,6 +311,9 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
                 atomic_write_json(done, {"site": site, "round": r, "outcome": "already_submitted"})
             return {"site": site, "round": r, "outcome": "already_submitted"}
         update_file = job / "update.safetensors"
+        refused = job / "refused.json"
+        if refused.is_file():
+            raise _refusal_error(site, r, refused)
         body = _own_update(update_file, site, r)
         trained = False
         if body is None:
@@ -331,10 +369,14 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
         except ServerRefused as exc:
             if exc.code in _RETRY_CODES:
                 raise
+            # final: never re-send this update; keep it (renamed) for the site engineer to inspect
+            if update_file.is_file():
+                update_file.replace(job / "update.refused.safetensors")
             atomic_write_json(
-                job / "refused.json", {"status": exc.status, "code": exc.code, "reason": str(exc)}
+                refused,
+                {"site": site, "round": r, "status": exc.status, "code": exc.code, "reason": str(exc)},
             )
-            raise
+            raise _refusal_error(site, r, refused) from None
         out = {"site": site, "round": r, "outcome": "uploaded", "trained": trained, "ack": ack}
         atomic_write_json(done, out)
         log.info("site %s: round %d update accepted (%s)", site, r, ack["sha256"][:12])

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from federation.wire import atomic_write_bytes, atomic_write_json
-from pipeline.config import ExperimentConfig
+from pipeline.config import ConfigError, ExperimentConfig, check_site_name
 from pipeline.errors import FedpathError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class ProvisionPaths:
         return self.root / "tokens.json"
 
     def site_token(self, site: str) -> Path:
-        return self.root / "sites" / site / "token"
+        return self.root / "sites" / check_site_name(site) / "token"
 
 
 def provision_paths(cfg: ExperimentConfig) -> ProvisionPaths:
@@ -160,14 +160,20 @@ def _make_server_cert(
 
 
 def load_token_hashes(path: Path) -> dict[str, str]:
-    """The server's {site: sha256(token)} table."""
+    """The server's {site: sha256(token)} table; every site name in it must be a valid name."""
     if not path.is_file():
         raise FedpathError(f"{path}: no token table; run `fedpath provision --config ...` first")
     try:
         data = json.loads(path.read_text())
-        return {str(k): str(v["sha256"]) for k, v in data["sites"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        table = {str(k): str(v["sha256"]) for k, v in data["sites"].items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise FedpathError(f"{path}: malformed token table") from None
+    try:
+        for site in table:
+            check_site_name(site)
+    except ConfigError as exc:
+        raise FedpathError(f"{path}: {exc}") from None
+    return table
 
 
 def verify_token(hashes: dict[str, str], site: str, token: str) -> bool:
@@ -190,6 +196,8 @@ def run_provision(cfg: ExperimentConfig, sites: list[str] | None = None) -> Prov
     """Create (or complete) the run's CA, server certificate and site tokens; return their paths."""
     p = provision_paths(cfg)
     names = sites if sites is not None else [s.name for s in cfg.sites]
+    for name in names:
+        check_site_name(name)
     if not names:
         raise FedpathError("config: no sites to provision (the config's `sites` list is empty)")
     p.root.mkdir(parents=True, exist_ok=True)

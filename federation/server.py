@@ -9,7 +9,17 @@ Durability model (``<run>/server/``):
   the next global model (``global/round_<r+1>.safetensors``, with ``ModelMeta``), then ``state.json``;
   a restart that finds the global model of the next round rolls forward, one that finds the round
   mid-aggregation aggregates it again from the same stored updates;
-* ``audit.jsonl`` records every request (site, round, outcome, reason).
+* ``audit.jsonl`` records every authenticated request (site, round, outcome, reason); failed
+  authentications are rate-limited per client address and summarised once per window instead of
+  one fsynced line each (see :class:`UnauthGuard`);
+* ``serve.lock`` is held (``flock``) by the one ``fedpath serve`` that owns the folder;
+* a full or failing disk never leaves a round stuck: an upload that cannot be stored is answered 507 and
+  not stored; a publish that fails is retried (with backoff) and reported in ``/v1/status``.
+
+Nothing a site reports is trusted: its name must be a provisioned, valid name; ``n_tiles`` (the FedAvg
+weight) is bounded by ``federation.max_n_tiles``; the update's L2 norm by ``federation.max_update_norm``
+(default: ``max_update_rms * sqrt(parameters)``); the body by ``federation.max_body_mb`` (default: the
+model's size plus a header allowance).
 
 Round ``r`` trains from ``global/round_<r>.safetensors`` (``round_0`` is the initial model, built from the
 config with a fixed seed) and ends by publishing ``round_<r+1>``; after ``rounds`` rounds the service
@@ -21,7 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -30,21 +42,26 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import h11
 import torch
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from safetensors import safe_open
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from federation.audit import AuditLog
 from federation.provision import load_token_hashes, provision_paths, verify_token
 from federation.strategies import Strategy, UpdateInfo, build_strategy
 from federation.wire import (
+    DTYPE_SIZES,
     UPDATE_META_KEY,
     TensorSpec,
     WireError,
@@ -60,7 +77,7 @@ from federation.wire import (
     spec_of,
 )
 from pipeline.checkpoint import ModelMeta, read_model_file, save_model
-from pipeline.config import ExperimentConfig, load_config
+from pipeline.config import ConfigError, ExperimentConfig, check_site_name, is_site_name, load_config
 from pipeline.errors import FedpathError
 
 log = logging.getLogger(__name__)
@@ -69,13 +86,32 @@ log = logging.getLogger(__name__)
 class Rejection(Exception):
     """A refused request: HTTP status, a short machine code and a one-line reason. Changes no state."""
 
-    def __init__(self, status: int, code: str, reason: str, *, round: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        reason: str,
+        *,
+        round: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(reason)
         self.status, self.code, self.reason, self.round = status, code, reason, round
+        self.headers = headers
+
+
+#: the one answer to every failed authentication: it does not say which part was wrong, so it does not
+#: reveal which site names exist
+UNAUTHORIZED = "missing or invalid credentials (X-Fedpath-Site and Authorization: Bearer)"
+#: bytes of safetensors header allowed on top of the tensors' data (JSON entries and update metadata)
+HEADER_ALLOWANCE = 64 * 1024
+HEADER_PER_TENSOR = 512
 
 
 @dataclass(frozen=True)
 class ServerPaths:
+    """Every path of the aggregator's folder; site names are validated here, the one place they meet disk."""
+
     root: Path
 
     @property
@@ -90,11 +126,22 @@ class ServerPaths:
     def endpoint(self) -> Path:
         return self.root / "endpoint.json"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / "serve.lock"
+
+    def corrupt_state(self, stamp: int) -> Path:
+        return self.root / f"state.json.corrupt-{stamp}"
+
     def updates(self, r: int) -> Path:
-        return self.root / "updates" / str(r)
+        return self.root / "updates" / str(int(r))
 
     def update(self, r: int, site: str) -> Path:
-        return self.updates(r) / f"{site}.safetensors"
+        return self.updates(r) / f"{check_site_name(site)}.safetensors"
+
+    def quarantine(self, r: int, name: str) -> Path:
+        """Where an unusable file found in ``updates/<r>/`` is moved (kept, never counted)."""
+        return self.updates(r) / "quarantine" / Path(name).name
 
     def global_model(self, r: int) -> Path:
         return self.root / "global" / f"round_{r}.safetensors"
@@ -117,7 +164,8 @@ def initial_model_state(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def _parse_update_meta(metadata: dict[str, str], what: str) -> dict[str, Any]:
+def _parse_update_meta(metadata: dict[str, str], what: str, max_n_tiles: int | None) -> dict[str, Any]:
+    """The update's ``fedpath_update`` metadata, checked; ``max_n_tiles`` None: stored before (lenient)."""
     raw = metadata.get(UPDATE_META_KEY)
     if raw is None:
         raise WireError(f"{what}: no '{UPDATE_META_KEY}' metadata in the safetensors header")
@@ -128,27 +176,94 @@ def _parse_update_meta(metadata: dict[str, str], what: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise WireError(f"{what}: '{UPDATE_META_KEY}' metadata is not an object")
     site, rnd, n_tiles, eps = meta.get("site"), meta.get("round"), meta.get("n_tiles"), meta.get("epsilon")
-    if not isinstance(site, str) or not site:
-        raise WireError(f"{what}: metadata 'site' missing")
-    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
-        raise WireError(f"{what}: metadata 'round' must be a non-negative integer (got {rnd!r})")
+    if not is_site_name(site):
+        raise WireError(f"{what}: metadata 'site' missing or not a valid site name")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd < 2**31:
+        raise WireError(f"{what}: metadata 'round' must be a non-negative integer (got {str(rnd)[:40]})")
     if not isinstance(n_tiles, int) or isinstance(n_tiles, bool) or n_tiles < 1:
-        raise WireError(f"{what}: metadata 'n_tiles' must be a positive integer (got {n_tiles!r})")
+        raise WireError(f"{what}: metadata 'n_tiles' must be a positive integer (got {str(n_tiles)[:40]})")
+    if max_n_tiles is not None and n_tiles > max_n_tiles:
+        raise WireError(
+            f"{what}: metadata 'n_tiles' {str(n_tiles)[:40]} exceeds federation.max_n_tiles={max_n_tiles}"
+        )
     # inf is legitimate (DP-SGD without noise: no guarantee); NaN and negatives are not
     if eps is not None and (not isinstance(eps, int | float) or math.isnan(eps) or eps < 0):
         raise WireError(
-            f"{what}: metadata 'epsilon' must be a non-negative number, inf or null (got {eps!r})"
+            f"{what}: metadata 'epsilon' must be a non-negative number, inf or null (got {str(eps)[:40]})"
         )
     meta.setdefault("update_id", "")
-    if not isinstance(meta["update_id"], str):
-        raise WireError(f"{what}: metadata 'update_id' must be a string")
+    if not isinstance(meta["update_id"], str) or len(meta["update_id"]) > 128:
+        raise WireError(f"{what}: metadata 'update_id' must be a string of at most 128 characters")
     return meta
+
+
+def model_nbytes(spec: dict[str, TensorSpec]) -> int:
+    """Bytes of tensor data in a state dict of these specs (what an update's data section must be)."""
+    return sum(DTYPE_SIZES[t.dtype] * math.prod(t.shape) for t in spec.values())
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost``, 127.0.0.0/8, ::1)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def acquire_run_lock(paths: ServerPaths) -> IO[str]:
+    """Hold ``server/serve.lock`` exclusively for this process's life, or refuse naming the holder's PID."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    f = open(paths.lock, "a+")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise FedpathError(
+            f"{paths.lock}: another `fedpath serve` (PID {holder}) already serves this run directory"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+_PHASES = ("open", "aggregating", "finished")
+
+
+def _read_state_file(path: Path) -> dict[str, Any]:
+    """``state.json`` checked field by field; a corrupt one is a one-line error saying how to rebuild it."""
+    if not path.is_file():
+        return {}
+    how = (
+        "restore it, or run `fedpath serve --rebuild-state` to rebuild it from the updates and global models"
+    )
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FedpathError(f"{path}: corrupt server state ({type(exc).__name__}); {how}") from None
+    if not isinstance(state, dict):
+        raise FedpathError(f"{path}: corrupt server state (not a JSON object); {how}")
+    checks = {
+        "round": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "phase": lambda v: v in _PHASES,
+        "opened_at": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+        "history": lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
+    }
+    for key, ok in checks.items():
+        if key in state and not ok(state[key]):
+            raise FedpathError(f"{path}: corrupt server state (field '{key}'); {how}")
+    return state
 
 
 class Aggregator:
     """The federation's durable state machine, independent of HTTP (the app is a thin layer on it)."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: ExperimentConfig, *, rebuild_state: bool = False) -> None:
         self.cfg = cfg
         self.fed = cfg.federation
         self.paths = server_paths(cfg)
@@ -161,13 +276,46 @@ class Aggregator:
             )
         self.audit = AuditLog(self.paths.audit)
         self.strategy: Strategy = build_strategy(self.fed, len(self.sites))
-        self.max_body = int(self.fed.max_body_mb * 1024 * 1024)
         self._lock = threading.RLock()
         self._closing = threading.Lock()
         self.resume_close = False
-        self._recover()
+        self.state_dirty = False  # state.json could not be written; retried by the round watcher
+        self.close_error: str | None = None  # why the last close/publish attempt failed
+        self.close_failures = 0
+        self._retry_at = 0.0
+        self.storage_errors = 0
+        self._recover(rebuild_state)
+
+    def _set_limits(self) -> None:
+        """Bounds derived from the model: update norm and body size (unless the config sets them)."""
+        n_params = sum(
+            math.prod(t.shape) for t in self.spec.values() if t.dtype in ("F64", "F32", "F16", "BF16")
+        )
+        self.max_norm = float(
+            self.fed.max_update_norm
+            if self.fed.max_update_norm is not None
+            else self.fed.max_update_rms * math.sqrt(max(n_params, 1))
+        )
+        if self.fed.max_body_mb is not None:
+            self.max_body = int(self.fed.max_body_mb * 1024 * 1024)
+        else:
+            self.max_body = (
+                8 + model_nbytes(self.spec) + HEADER_ALLOWANCE + HEADER_PER_TENSOR * len(self.spec)
+            )
 
     # -- persistence ---------------------------------------------------------------------------------
+    def _try_write_state(self) -> bool:
+        """Write state.json; on a storage error keep serving (the update files are the truth) and retry later."""
+        try:
+            self._write_state()
+        except OSError as exc:
+            self.state_dirty = True
+            self.storage_errors += 1
+            log.error("aggregator: could not write %s (%s); will retry", self.paths.state, exc.strerror)
+            return False
+        self.state_dirty = False
+        return True
+
     def _write_state(self) -> None:
         atomic_write_json(
             self.paths.state,
@@ -203,6 +351,16 @@ class Aggregator:
         data = encode_state(tensors, {"fedpath_strategy": json.dumps(meta, default=str)})
         atomic_write_bytes(self.paths.strategy_state(r), data)
 
+    def _fresh_strategy(self, r: int) -> Strategy:
+        """The strategy with its server state as it was when round ``r`` opened (durable, keyed by round).
+
+        Every close of round ``r`` starts from this, so a close retried after a failed publish cannot
+        advance FedAdam's moments or the central-DP accountant twice.
+        """
+        self.strategy = build_strategy(self.fed, len(self.sites))
+        self._load_strategy(r)
+        return self.strategy
+
     def _load_strategy(self, r: int) -> None:
         path = self.paths.strategy_state(r)
         if not path.is_file():
@@ -212,8 +370,13 @@ class Aggregator:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
         self.strategy.load_state_dict(tensors, meta)
 
-    def _scan_round(self, r: int) -> dict[str, UpdateInfo]:
-        """Rebuild a round's accepted updates from its folder (the folder is the source of truth)."""
+    def _scan_round(self, r: int, *, open_round: bool = True) -> dict[str, UpdateInfo]:
+        """Rebuild a round's accepted updates from its folder (the folder is the source of truth).
+
+        For the open round every file is checked as an upload would be; one that fails (written by an
+        older version, or by hand) is moved to ``quarantine/`` with a log line, never counted. For a
+        closed round (history only) files are read as they are.
+        """
         folder = self.paths.updates(r)
         out: dict[str, UpdateInfo] = {}
         if not folder.is_dir():
@@ -221,9 +384,32 @@ class Aggregator:
         for tmp in folder.glob(".incoming-*"):
             tmp.unlink(missing_ok=True)  # an upload that was never acknowledged
         for path in sorted(folder.glob("*.safetensors")):
-            header = read_header(path)
-            meta = _parse_update_meta(header.metadata, str(path))
-            norm = check_finite_and_norm(path, list(header.specs))
+            try:
+                if path.stem not in self.tokens:
+                    raise WireError(f"{path.name}: not a provisioned site's update")
+                header = read_header(path)
+                meta = _parse_update_meta(
+                    header.metadata, path.name, self.fed.max_n_tiles if open_round else None
+                )
+                if meta["site"] != path.stem:
+                    raise WireError(f"{path.name}: metadata names site {meta['site']!r}")
+                norm = 0.0
+                if open_round:
+                    check_specs(header.specs, self.spec, path.name)
+                    norm = check_finite_and_norm(path, list(header.specs))
+                    if norm > self.max_norm:
+                        raise WireError(
+                            f"{path.name}: L2 norm {norm:.4g} exceeds the bound {self.max_norm:.4g}"
+                        )
+            except (WireError, OSError) as exc:
+                if not open_round:
+                    log.warning("aggregator: round %d history skips %s (%s)", r, path.name, exc)
+                    continue
+                dest = self.paths.quarantine(r, path.name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, dest)
+                log.warning("aggregator: %s is not a usable update (%s); moved to %s", path, exc, dest)
+                continue
             out[meta["site"]] = self._info(meta, path, sha256_file(path), norm, r)
         return out
 
@@ -241,11 +427,13 @@ class Aggregator:
             late_from=None if meta["round"] == target_round else int(meta["round"]),
         )
 
-    def _recover(self) -> None:
+    def _recover(self, rebuild_state: bool = False) -> None:
         p = self.paths
-        state: dict[str, Any] = {}
-        if p.state.is_file():
-            state = json.loads(p.state.read_text())
+        if rebuild_state and p.state.exists():
+            aside = p.corrupt_state(int(time.time()))
+            os.replace(p.state, aside)  # kept for inspection; the state is rebuilt from the files on disk
+            log.warning("aggregator: moved %s to %s; rebuilding the state from disk", p.state, aside)
+        state = _read_state_file(p.state)
         self.round = int(state.get("round", 0))
         self.phase = str(state.get("phase", "open"))
         self.opened_at = float(state.get("opened_at", time.time()))
@@ -253,19 +441,26 @@ class Aggregator:
         if not p.global_model(0).is_file():
             self._save_global(0, initial_model_state(self.cfg))
             log.info("aggregator: initial global model %s", p.global_model(0))
+        if not p.global_model(self.round).is_file():
+            raise FedpathError(
+                f"{p.state}: names round {self.round} but {p.global_model(self.round)} is missing; "
+                "run `fedpath serve --rebuild-state` to rebuild the state from the files on disk"
+            )
+        g0, _ = read_model_file(p.global_model(0))
+        self.spec: dict[str, TensorSpec] = spec_of(g0)
+        self._set_limits()
         self._load_strategy(self.round)
         # roll forward a close whose global model was written but whose state.json was not
         while p.global_model(self.round + 1).is_file() and self.round < self.fed.rounds:
             r = self.round
             self._load_strategy(r + 1)
-            done = self._scan_round(r)
-            self.history.append(self._history_entry(r, done, recovered=True))
+            done = self._scan_round(r, open_round=False)
+            self._record_history(self._history_entry(r, done, recovered=True))
             self.round, self.opened_at = r + 1, time.time()
             self.phase = "finished" if self.round >= self.fed.rounds else "open"
         if self.round >= self.fed.rounds:
             self.phase = "finished"
         self.global_state, _ = read_model_file(p.global_model(self.round))
-        self.spec: dict[str, TensorSpec] = spec_of(self.global_state)
         self.accepted: dict[str, UpdateInfo] = (
             {} if self.phase == "finished" else self._scan_round(self.round)
         )
@@ -281,17 +476,22 @@ class Aggregator:
             self.strategy.describe(),
         )
 
+    def _record_history(self, entry: dict[str, Any]) -> None:
+        """One history entry per round: a retried close or a roll-forward replaces, never duplicates."""
+        self.history = [h for h in self.history if h.get("round") != entry["round"]] + [entry]
+
     # -- queries -------------------------------------------------------------------------------------
-    def check_auth(self, site: str | None, token: str | None) -> str:
+    def auth_failure(self, site: str | None, token: str | None) -> str | None:
+        """Why these credentials fail (for the audit only; clients all get :data:`UNAUTHORIZED`), or None."""
         if not site:
-            raise Rejection(401, "no_site", "missing X-Fedpath-Site header")
+            return "no_site"
         if not token:
-            raise Rejection(401, "no_token", f"site {site!r}: missing bearer token")
-        if site not in self.tokens:
-            raise Rejection(403, "unknown_site", f"site {site!r} is not provisioned for this federation")
+            return "no_token"
+        if not is_site_name(site) or site not in self.tokens:
+            return "unknown_site"
         if not verify_token(self.tokens, site, token):
-            raise Rejection(401, "bad_token", f"site {site!r}: invalid token")
-        return site
+            return "bad_token"
+        return None
 
     def deadline(self) -> float:
         return self.opened_at + self.fed.round_deadline_s
@@ -314,6 +514,14 @@ class Aggregator:
                 "strategy": self.strategy.describe(),
                 "fit": {"proximal_mu": fit.proximal_mu, **fit.extra},
                 "central_privacy": self.strategy.privacy_report(),
+                "publish_error": self.close_error,
+                "publish_failures": self.close_failures,
+                "state_saved": not self.state_dirty,
+                "limits": {
+                    "max_body_bytes": self.max_body,
+                    "max_update_norm": self.max_norm,
+                    "max_n_tiles": self.fed.max_n_tiles,
+                },
             }
 
     def model_path(self, r: int | None) -> tuple[int, Path]:
@@ -341,17 +549,27 @@ class Aggregator:
         return folder / f".incoming-{uuid.uuid4().hex}"
 
     def _existing(self, site: str, update_round: int) -> UpdateInfo | None:
-        """An already accepted update of ``site`` computed for ``update_round`` (maybe counted later)."""
+        """An already accepted update of ``site`` computed for ``update_round``, wherever it was counted.
+
+        A late update (``late_updates: next_round``) is stored in the round that was open when it came,
+        so every closed round from ``update_round`` on is looked at: a re-send after that round closed
+        is the same update again, never a new one for the open round.
+        """
         if update_round == self.round and site in self.accepted:
             return self.accepted[site]
         u = self.accepted.get(site)
         if u is not None and u.late_from == update_round:
             return u
-        path = self.paths.update(update_round, site)
-        if update_round < self.round and path.is_file():
-            header = read_header(path)
-            meta = _parse_update_meta(header.metadata, str(path))
-            return self._info(meta, path, sha256_file(path), 0.0, update_round)
+        for r in range(update_round, self.round):
+            path = self.paths.update(r, site)
+            if not path.is_file():
+                continue
+            try:
+                meta = _parse_update_meta(read_header(path, path.name).metadata, path.name, None)
+            except WireError:
+                continue
+            if meta["round"] == update_round:
+                return self._info(meta, path, sha256_file(path), 0.0, r)
         return None
 
     def _target_round(self, site: str, update_round: int) -> int:
@@ -386,8 +604,8 @@ class Aggregator:
         """Validate a fully received upload and commit it; returns (ack, whether it was a duplicate)."""
         try:
             try:
-                header = read_header(tmp)
-                meta = _parse_update_meta(header.metadata, "update")
+                header = read_header(tmp, "update")
+                meta = _parse_update_meta(header.metadata, "update", self.fed.max_n_tiles)
             except WireError as exc:
                 raise Rejection(422, "malformed", str(exc)) from None
             r_upd = int(meta["round"])
@@ -412,17 +630,20 @@ class Aggregator:
                 self._target_round(site, r_upd)
             try:
                 check_specs(header.specs, self.spec, "update")
-                norm = check_finite_and_norm(tmp, list(header.specs))
+                norm = check_finite_and_norm(tmp, list(header.specs), "update")
             except WireError as exc:
-                raise Rejection(422, "invalid", str(exc).replace(str(tmp), "update"), round=r_upd) from None
-            if self.fed.max_update_norm is not None and norm > self.fed.max_update_norm:
+                raise Rejection(422, "invalid", str(exc), round=r_upd) from None
+            if norm > self.max_norm:
                 raise Rejection(
                     422,
                     "norm",
-                    f"update L2 norm {norm:.4g} exceeds federation.max_update_norm={self.fed.max_update_norm}",
+                    f"update L2 norm {norm:.4g} exceeds the bound federation.max_update_norm={self.max_norm:.4g}",
                     round=r_upd,
                 )
-            fsync_file(tmp)  # the slow part of the commit, outside the lock
+            try:
+                fsync_file(tmp)  # the slow part of the commit, outside the lock
+            except OSError as exc:
+                raise self._storage_rejection(exc, r_upd) from None
             with self._lock:  # the round may have moved on while we validated
                 prior = self._existing(site, r_upd)
                 if prior is not None:
@@ -436,19 +657,38 @@ class Aggregator:
                     )
                 target = self._target_round(site, r_upd)
                 final = self.paths.update(target, site)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                if tmp.parent != final.parent:
-                    moved = final.parent / tmp.name
-                    os.replace(tmp, moved)
-                    tmp = moved
-                os.replace(tmp, final)
-                fsync_dir(final.parent)
+                try:
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    if tmp.parent != final.parent:
+                        moved = final.parent / tmp.name
+                        os.replace(tmp, moved)
+                        tmp = moved
+                    os.replace(tmp, final)  # the commit point: from here on the update is accepted
+                except OSError as exc:
+                    raise self._storage_rejection(exc, r_upd) from None
                 info = self._info(meta, final, sha, norm, target)
                 self.accepted[site] = info
-                self._write_state()
+                try:
+                    fsync_dir(final.parent)
+                except OSError as exc:
+                    self.storage_errors += 1
+                    log.error("aggregator: fsync of %s failed (%s)", final.parent, exc.strerror)
+                self._try_write_state()  # derived from the folder; a failure is retried, the answer stands
                 return self._ack(info), False
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _storage_rejection(self, exc: OSError, r: int | None = None) -> Rejection:
+        """507 for an update the server could not store: nothing of it was kept, a retry may succeed."""
+        self.storage_errors += 1
+        log.error("aggregator: storage error while receiving an update (%s)", exc.strerror or exc)
+        return Rejection(
+            507,
+            "storage",
+            "the server could not store the update (storage full or failing); nothing was stored, retry later",
+            round=r,
+            headers={"Retry-After": "5"},
+        )
 
     # -- rounds --------------------------------------------------------------------------------------
     def should_close(self, now: float | None = None) -> bool:
@@ -456,7 +696,9 @@ class Aggregator:
             if self.phase != "open":
                 return False
             m = len(self.accepted)
-            if self.resume_close and m > 0:
+            if time.monotonic() < self._retry_at:
+                return False
+            if self.resume_close and m >= self.fed.min_sites:  # a close already decided (or retried)
                 return True
             if m >= len(self.sites):
                 return True
@@ -487,30 +729,45 @@ class Aggregator:
                 r = self.round
                 updates = [self.accepted[s] for s in sorted(self.accepted)]
                 self.phase = "aggregating"
-                self._write_state()
+                self._try_write_state()
             t0 = time.perf_counter()
             try:
-                new_state = self.strategy.aggregate(self.global_state, updates, r)
-            except Exception as exc:  # keep the round open; the stored updates are untouched
-                log.exception("aggregator: aggregation of round %d failed", r)
+                strategy = self._fresh_strategy(r)
+                new_state = strategy.aggregate(self.global_state, updates, r)
+                self._save_strategy(r + 1)
+                path = self._save_global(r + 1, new_state)
+            except Exception as exc:  # keep the round open; the stored updates are untouched; retry later
+                what = (
+                    f"storage error ({exc.strerror or exc})"
+                    if isinstance(exc, OSError)
+                    else type(exc).__name__
+                )
+                log.error("aggregator: closing round %d failed (%s); will retry", r, exc)
                 with self._lock:
-                    self.phase = "open"
-                    self._write_state()
+                    self.close_failures += 1
+                    self.close_error = f"publishing round {r + 1} failed: {what}"
+                    self._retry_at = time.monotonic() + min(5.0, 0.25 * 2**self.close_failures)
+                    self.phase, self.resume_close = "open", True
+                    self._try_write_state()
                 self.audit.record(
-                    action="aggregate", site=None, round=r, outcome="error", status=500, reason=str(exc)
+                    action="aggregate",
+                    site=None,
+                    round=r,
+                    outcome="error",
+                    status=500,
+                    reason=self.close_error,
                 )
                 return False
-            self._save_strategy(r + 1)
-            path = self._save_global(r + 1, new_state)
             seconds = time.perf_counter() - t0
             with self._lock:
-                self.history.append(
+                self._record_history(
                     self._history_entry(r, dict(self.accepted), aggregate_s=round(seconds, 4))
                 )
                 self.global_state = new_state
                 self.round, self.opened_at, self.accepted, self.resume_close = r + 1, time.time(), {}, False
                 self.phase = "finished" if self.round >= self.fed.rounds else "open"
-                self._write_state()
+                self.close_error, self.close_failures, self._retry_at = None, 0, 0.0
+                self._try_write_state()
             self.audit.record(
                 action="aggregate",
                 site=None,
@@ -533,20 +790,163 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def _clip(text: object, n: int = 64) -> str | None:
+    """A client-supplied string as it may appear in the audit: bounded, never the whole thing."""
+    return None if text is None else str(text)[:n]
+
+
+class UnauthGuard:
+    """Bounds what failed authentications cost: a token bucket per client address, and audit by counting.
+
+    The first failure of an address in a window is written to the audit log (clipped); the others are
+    counted and written as one summary line when the window ends, so a flood of strangers costs a few
+    lines per window instead of one fsynced line per request. Addresses past their allowance get 429.
+    All methods run on the event loop thread.
+    """
+
+    def __init__(
+        self, burst: int, per_s: float, window_s: float, max_addresses: int = 4096, max_lines: int = 32
+    ) -> None:
+        self.burst, self.per_s, self.window_s = float(burst), float(per_s), float(window_s)
+        self.max_addresses, self.max_lines = max_addresses, max_lines
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._new_window(time.monotonic())
+
+    def _new_window(self, now: float) -> None:
+        self.window_start = now
+        self.count = 0
+        self.limited = 0
+        self.causes: Counter[str] = Counter()
+        self.addresses: Counter[str] = Counter()
+        self.sites: Counter[str] = Counter()
+        self.logged: set[str] = set()
+
+    def allow(self, addr: str, now: float | None = None) -> bool:
+        """Take one failure from ``addr``'s allowance; False when it has none left (answer 429)."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self.buckets.pop(addr, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.per_s)
+        ok = tokens >= 1.0
+        self.buckets[addr] = (tokens - 1.0 if ok else tokens, now)
+        while len(self.buckets) > self.max_addresses:
+            self.buckets.popitem(last=False)
+        return ok
+
+    def note(
+        self, addr: str, site: str | None, cause: str, action: str, limited: bool
+    ) -> dict[str, Any] | None:
+        """Count one failure; returns the audit line to write if it is the first of ``addr`` this window."""
+        self.count += 1
+        self.limited += int(limited)
+        self.causes[cause] += 1
+        for counter, key in ((self.addresses, addr), (self.sites, _clip(site) or "")):
+            if key in counter or len(counter) < 256:
+                counter[key] += 1
+        if addr in self.logged or len(self.logged) >= self.max_lines:
+            return None
+        self.logged.add(addr)
+        return {
+            "action": _clip(action, 80),
+            "site": _clip(site),
+            "round": None,
+            "outcome": "unauthenticated",
+            "status": 429 if limited else 401,
+            "reason": cause,
+            "client": addr,
+        }
+
+    def flush(self, now: float | None = None, force: bool = False) -> dict[str, Any] | None:
+        """The summary line of a finished window (None if nothing happened or the window is running)."""
+        now = time.monotonic() if now is None else now
+        if not force and now - self.window_start < self.window_s:
+            return None
+        out = None
+        if self.count:
+            out = {
+                "action": "unauthenticated",
+                "site": None,
+                "round": None,
+                "outcome": "summary",
+                "status": 401,
+                "reason": f"{self.count} failed authentication(s), {self.limited} rate-limited",
+                "count": self.count,
+                "rate_limited": self.limited,
+                "window_s": round(now - self.window_start, 3),
+                "causes": dict(self.causes),
+                "addresses": dict(self.addresses.most_common(20)),
+                "sites": dict(self.sites.most_common(20)),
+            }
+        self._new_window(now)
+        return out
+
+
+def timed_h11(header_timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a request-head timeout (uvicorn has none: slowloris keeps sockets)."""
+
+    class TimedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_timer is None and self.conn.their_state is h11.IDLE:
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no complete request head in time
+
+    return TimedH11Protocol
+
+
 def create_app(agg: Aggregator, *, tick_s: float = 0.25) -> FastAPI:
     """The FastAPI app over an :class:`Aggregator` (status, model download, update upload, health)."""
+    fed = agg.fed
+    guard = UnauthGuard(fed.unauth_burst, fed.unauth_per_s, fed.audit_unauth_window_s)
+    uploads = {"active": 0}
+    scrub = sorted({str(agg.paths.root), str(agg.paths.root.resolve()), str(agg.cfg.run_dir)}, key=len)[::-1]
+
+    def clean(reason: str) -> str:
+        """A reason as a client sees it: never a server path."""
+        for root in scrub:
+            reason = reason.replace(root, "<server>")
+        return reason.replace(".incoming-", "upload-")[:500]
+
+    async def audit(**entry: Any) -> None:
+        await asyncio.to_thread(agg.audit.record, **entry)
 
     async def close_if_due() -> None:
         # the aggregator's lock may be held by a commit in a worker thread: never wait on it in the loop
         if await asyncio.to_thread(agg.should_close):
             await asyncio.to_thread(agg.close_round)
 
+    async def housekeeping() -> None:
+        summary = guard.flush()
+        if summary is not None:
+            await audit(**summary)
+        if agg.state_dirty:
+            await asyncio.to_thread(lambda: agg._try_write_state())
+        await close_if_due()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def ticker() -> None:
             while True:
                 try:
-                    await close_if_due()
+                    await housekeeping()
                 except Exception:  # never let the deadline watcher die
                     log.exception("aggregator: round watcher")
                 await asyncio.sleep(tick_s)
@@ -556,25 +956,60 @@ def create_app(agg: Aggregator, *, tick_s: float = 0.25) -> FastAPI:
             yield
         finally:
             task.cancel()
+            summary = guard.flush(force=True)
+            if summary is not None:
+                agg.audit.record(**summary)
 
-    app = FastAPI(title="fedpath aggregator", lifespan=lifespan)
+    docs = fed.api_docs
+    app = FastAPI(
+        title="fedpath aggregator",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
 
     @app.exception_handler(Rejection)
     async def _rejected(request: Request, exc: Rejection) -> JSONResponse:
-        await asyncio.to_thread(
-            agg.audit.record,
-            action=f"{request.method} {request.url.path}",
-            site=request.headers.get("x-fedpath-site"),
-            round=exc.round,
-            outcome="rejected",
-            status=exc.status,
-            reason=exc.reason,
-            code=exc.code,
-        )
-        return JSONResponse({"detail": exc.reason, "code": exc.code}, status_code=exc.status)
+        reason = clean(exc.reason)
+        if exc.code not in ("unauthorized", "rate_limited"):  # those are counted by the guard
+            await audit(
+                action=f"{request.method} {request.url.path}"[:80],
+                site=_clip(request.headers.get("x-fedpath-site")),
+                round=exc.round,
+                outcome="rejected",
+                status=exc.status,
+                reason=reason,
+                code=exc.code,
+            )
+        return JSONResponse({"detail": reason, "code": exc.code}, status_code=exc.status, headers=exc.headers)
 
-    def auth(request: Request) -> str:
-        return agg.check_auth(request.headers.get("x-fedpath-site"), _bearer(request))
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        return JSONResponse(
+            {"detail": f"{field}: {first.get('msg', 'invalid')}", "code": "bad_request"}, status_code=422
+        )
+
+    async def auth(request: Request) -> str:
+        site, token = request.headers.get("x-fedpath-site"), _bearer(request)
+        cause = agg.auth_failure(site, token)
+        if cause is None:
+            return str(site)
+        addr = request.client.host if request.client else "unknown"
+        limited = not guard.allow(addr)
+        line = guard.note(addr, site, cause, f"{request.method} {request.url.path}", limited)
+        if line is not None:
+            await audit(**line)
+        if limited:
+            raise Rejection(
+                429,
+                "rate_limited",
+                "too many failed authentications; slow down",
+                headers={"Retry-After": str(max(1, math.ceil(1 / fed.unauth_per_s)))},
+            )
+        raise Rejection(401, "unauthorized", UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
@@ -582,36 +1017,24 @@ def create_app(agg: Aggregator, *, tick_s: float = 0.25) -> FastAPI:
 
     @app.get("/v1/status")
     async def status(request: Request) -> dict[str, Any]:
-        site = auth(request)
+        site = await auth(request)
         st = await asyncio.to_thread(agg.status, site)
-        await asyncio.to_thread(
-            agg.audit.record, action="status", site=site, round=st["round"], outcome="ok", status=200
-        )
+        await audit(action="status", site=site, round=st["round"], outcome="ok", status=200)
         return st
 
     @app.get("/v1/model")
-    async def model(request: Request, round: int | None = Query(None, ge=0)) -> FileResponse:  # noqa: A002
-        site = auth(request)
+    async def model(request: Request, round: int | None = Query(None, ge=0, lt=2**31)) -> FileResponse:  # noqa: A002
+        site = await auth(request)
         r, path = await asyncio.to_thread(agg.model_path, round)
-        await asyncio.to_thread(
-            agg.audit.record, action="model", site=site, round=r, outcome="ok", status=200
-        )
+        await audit(action="model", site=site, round=r, outcome="ok", status=200)
         return FileResponse(path, media_type="application/octet-stream", headers={"X-Fedpath-Round": str(r)})
 
-    @app.post("/v1/update")
-    async def update(request: Request) -> JSONResponse:
-        site = auth(request)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > agg.max_body:
-            raise Rejection(
-                413,
-                "too_large",
-                f"body of {declared} bytes exceeds federation.max_body_mb={agg.fed.max_body_mb}",
-            )
-        tmp = agg.incoming_path()
-        h = hashlib.sha256()
+    async def receive(request: Request, tmp: Path, h: Any) -> int:
+        """Stream the body to ``tmp`` with size, idle and total-time bounds; returns its size."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + fed.upload_timeout_s
         size = 0
-        t0 = time.perf_counter()
+        stream = request.stream().__aiter__()
         try:
             with open(tmp, "wb") as f:
 
@@ -619,14 +1042,53 @@ def create_app(agg: Aggregator, *, tick_s: float = 0.25) -> FastAPI:
                     h.update(chunk)
                     f.write(chunk)
 
-                async for chunk in request.stream():
+                while True:
+                    wait = min(fed.body_idle_timeout_s, deadline - loop.time())
+                    if wait <= 0:
+                        raise Rejection(408, "timeout", "upload exceeded federation.upload_timeout_s")
+                    try:
+                        chunk = await asyncio.wait_for(stream.__anext__(), wait)
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError:
+                        raise Rejection(
+                            408, "timeout", f"no body data for {wait:.0f} s; upload dropped"
+                        ) from None
                     size += len(chunk)
                     if size > agg.max_body:
                         raise Rejection(
-                            413, "too_large", f"body exceeds federation.max_body_mb={agg.fed.max_body_mb}"
+                            413, "too_large", f"body exceeds the upload limit of {agg.max_body} bytes"
                         )
                     # hashing and disk writes run beside the event loop, which keeps decrypting TLS
                     await asyncio.to_thread(sink, chunk)
+        except OSError as exc:  # opening, writing or closing (flushing) the temporary file
+            raise agg._storage_rejection(exc) from None
+        return size
+
+    @app.post("/v1/update")
+    async def update(request: Request) -> JSONResponse:
+        site = await auth(request)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > agg.max_body:
+            raise Rejection(
+                413,
+                "too_large",
+                f"body of {declared[:20]} bytes exceeds the upload limit of {agg.max_body} bytes",
+            )
+        if uploads["active"] >= fed.max_concurrent_uploads:
+            raise Rejection(
+                503, "busy", "too many uploads in progress; retry later", headers={"Retry-After": "1"}
+            )
+        uploads["active"] += 1
+        tmp: Path | None = None
+        try:
+            try:
+                tmp = await asyncio.to_thread(agg.incoming_path)
+            except OSError as exc:
+                raise agg._storage_rejection(exc) from None
+            h = hashlib.sha256()
+            t0 = time.perf_counter()
+            size = await receive(request, tmp, h)
             if size == 0:
                 raise Rejection(422, "malformed", "empty body: expected a safetensors update")
             t1 = time.perf_counter()
@@ -635,9 +1097,10 @@ def create_app(agg: Aggregator, *, tick_s: float = 0.25) -> FastAPI:
         except ClientDisconnect:
             raise Rejection(400, "incomplete", "connection closed before the body was complete") from None
         finally:
-            tmp.unlink(missing_ok=True)
-        await asyncio.to_thread(
-            agg.audit.record,
+            uploads["active"] -= 1
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        await audit(
             action="update",
             site=site,
             round=ack["round"],
@@ -657,8 +1120,10 @@ def create_app(agg: Aggregator, *, tick_s: float = 0.25) -> FastAPI:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket. ``IPPROTO_TCP`` explicitly: asyncio sets TCP_NODELAY on accepted sockets only
+    when their protocol says TCP, and without it every response waits ~40 ms for a delayed ACK."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)
@@ -666,15 +1131,31 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(cfg: ExperimentConfig) -> None:
+def check_bind(cfg: ExperimentConfig) -> None:
+    """Refuse to serve without TLS on a non-loopback address unless ``federation.insecure`` says so."""
+    fed = cfg.federation
+    if not fed.tls and not is_loopback(fed.host) and not fed.insecure:
+        raise FedpathError(
+            f"federation.tls is off and federation.host={fed.host!r} is not a loopback address: site tokens "
+            "would cross the network in clear; enable TLS, bind 127.0.0.1, or pass --insecure"
+        )
+
+
+def run_server(cfg: ExperimentConfig, *, rebuild_state: bool = False) -> None:
     """Serve until interrupted; the bound URL is written to ``server/endpoint.json`` (port 0: ephemeral)."""
     import uvicorn
 
-    agg = Aggregator(cfg)
     fed = cfg.federation
+    check_bind(cfg)
     prov = provision_paths(cfg)
     if fed.tls and not (prov.server_cert.is_file() and prov.server_key.is_file()):
         raise FedpathError(f"{prov.root}: no server certificate; run `fedpath provision` first")
+    paths = server_paths(cfg)
+    lock = acquire_run_lock(paths)  # before anything in the folder is read or written
+    try:
+        agg = Aggregator(cfg, rebuild_state=rebuild_state)
+    except OSError as exc:
+        raise FedpathError(f"{paths.root}: cannot prepare the server state ({exc.strerror or exc})") from None
     sock = _bind(fed.host, fed.port)
     port = sock.getsockname()[1]
     host = "127.0.0.1" if fed.host in ("0.0.0.0", "") else fed.host
@@ -683,12 +1164,20 @@ def run_server(cfg: ExperimentConfig) -> None:
     log.info("aggregator: listening on %s (round %d, %s)", url, agg.round, agg.phase)
     config = uvicorn.Config(
         create_app(agg),
+        http=timed_h11(fed.header_timeout_s),
         ssl_certfile=str(prov.server_cert) if fed.tls else None,
         ssl_keyfile=str(prov.server_key) if fed.tls else None,
         log_level="warning",
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=max(1, int(fed.keep_alive_s)),
+        limit_concurrency=fed.max_connections,
+        server_header=False,
+        date_header=False,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        lock.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -696,11 +1185,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m federation.server")
     ap.add_argument("--config", "-c", type=Path)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument(
+        "--insecure", action="store_true", help="allow serving without TLS on a non-loopback host"
+    )
+    ap.add_argument("--rebuild-state", action="store_true", help="rebuild state.json from the files on disk")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides) + (["federation.insecure=true"] if args.insecure else [])
     try:
-        run_server(load_config(args.config, args.overrides))
-    except FedpathError as exc:
+        run_server(load_config(args.config, overrides), rebuild_state=args.rebuild_state)
+    except (FedpathError, ConfigError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

@@ -74,14 +74,18 @@ class AggregatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
-    def start(self, timeout_s: float = 120.0) -> str:
+    def start(
+        self, timeout_s: float = 120.0, args: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> str:
+        """Start the process (``args``: extra server flags, ``env``: its environment) and wait until it serves."""
         self.paths.endpoint.unlink(missing_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "federation.server", "--config", str(self.config_path)],
+            [sys.executable, "-m", "federation.server", "--config", str(self.config_path), *(args or [])],
             stdout=logf,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:

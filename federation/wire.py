@@ -148,16 +148,21 @@ def parse_header(prefix: bytes, total_len: int, what: str) -> Header:
     return Header(specs=specs, metadata=dict(meta_raw), header_len=n, data_len=data_len)
 
 
-def read_header(path: Path) -> Header:
-    """Validated header of a safetensors file on disk (reads only the header bytes)."""
+def read_header(path: Path, what: str | None = None) -> Header:
+    """Validated header of a safetensors file on disk (reads only the header bytes).
+
+    ``what`` names the file in error messages (default: its path); a server passes a neutral name so
+    that a reason sent to a client never carries a server path.
+    """
+    what = what or str(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         first = f.read(8)
         if len(first) < 8:
-            raise WireError(f"{path}: malformed safetensors (shorter than the 8-byte header length)")
+            raise WireError(f"{what}: malformed safetensors (shorter than the 8-byte header length)")
         (n,) = struct.unpack("<Q", first)
         rest = f.read(min(n, MAX_HEADER_BYTES)) if n <= MAX_HEADER_BYTES else b""
-    return parse_header(first + rest, size, str(path))
+    return parse_header(first + rest, size, what)
 
 
 def check_specs(got: Mapping[str, TensorSpec], want: Mapping[str, TensorSpec], what: str) -> None:
@@ -178,36 +183,37 @@ def check_specs(got: Mapping[str, TensorSpec], want: Mapping[str, TensorSpec], w
             raise WireError(f"{what}: tensor {k!r} has dtype {g.dtype}, the global model's is {w.dtype}")
 
 
-def iter_tensors(path: Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(
+    path: Path, names: list[str] | None = None, what: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield a file's tensors one at a time (bounded memory: one tensor resident)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             for name in names if names is not None else list(f.keys()):
                 yield name, f.get_tensor(name)
     except SafetensorError as exc:
-        raise WireError(f"{path}: unreadable safetensors ({exc})") from None
+        raise WireError(f"{what or path}: unreadable safetensors ({exc})") from None
 
 
-def check_finite_and_norm(path: Path, names: list[str]) -> float:
+def check_finite_and_norm(path: Path, names: list[str], what: str | None = None) -> float:
     """Check every float tensor is finite; return the update's global L2 norm over float tensors.
 
     One float32 dot product per tensor does both jobs: a sum of squares is finite exactly when every
     value is (up to float32 overflow, which is reported as such), at a fraction of an elementwise check.
     """
+    what = what or path.name
     sq = 0.0
-    for name, t in iter_tensors(path, names):
+    for name, t in iter_tensors(path, names, what):
         if not t.is_floating_point() or t.numel() == 0:
             continue
         flat = t.reshape(-1).to(torch.float32)
         s = float(torch.dot(flat, flat))
         if not math.isfinite(s):
             if bool(torch.isnan(flat).any()):
-                raise WireError(f"{path.name}: tensor {name!r} contains NaN values")
+                raise WireError(f"{what}: tensor {name!r} contains NaN values")
             if bool(torch.isinf(flat).any()):
-                raise WireError(f"{path.name}: tensor {name!r} contains Inf values")
-            raise WireError(
-                f"{path.name}: tensor {name!r}: values too large (squared norm overflows float32)"
-            )
+                raise WireError(f"{what}: tensor {name!r} contains Inf values")
+            raise WireError(f"{what}: tensor {name!r}: values too large (squared norm overflows float32)")
         sq += s
     return math.sqrt(sq)
 
@@ -258,6 +264,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (the directory entry itself is fsynced)."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)

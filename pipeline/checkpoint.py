@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from pipeline.config import ModelConfig
@@ -56,13 +57,35 @@ def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_model(path: Path | str, state: dict[str, torch.Tensor], meta: ModelMeta) -> Path:
-    """Write weights and metadata atomically (tmp file, then rename)."""
+    """Write weights and metadata atomically and durably: tmp file, fsync, rename, fsync the directory.
+
+    Without both fsyncs a power loss after the rename can leave an empty or truncated file under the
+    final name (the aggregator then publishes a global model that is not on disk).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state_to_cpu(strip_wrappers(state)), str(tmp), metadata=meta.to_header())
-    os.replace(tmp, path)
+    data = st_save(state_to_cpu(strip_wrappers(state)), metadata=meta.to_header())
+    try:
+        with open(tmp, "wb") as f:  # a full disk is an OSError here, not a serialiser error
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
     return path
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file's data, or a directory's entries (what makes a rename durable)."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_model_file(path: Path | str) -> tuple[dict[str, torch.Tensor], ModelMeta]:

@@ -133,22 +133,42 @@ def provision(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     run_provision(_cfg(config, set_))
 
 
+InsecureOpt = Annotated[
+    bool,
+    typer.Option("--insecure", help="allow plain HTTP (tokens in clear) to or on a non-loopback address"),
+]
+
+
+def _insecure(overrides: list[str] | None, insecure: bool) -> list[str]:
+    return list(overrides or []) + (["federation.insecure=true"] if insecure else [])
+
+
 @app.command()
-def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def serve(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    insecure: InsecureOpt = False,
+    rebuild_state: Annotated[
+        bool,
+        typer.Option("--rebuild-state", help="rebuild server/state.json from the updates and global models on disk"),
+    ] = False,
+) -> None:
     """Run the aggregator service (FastAPI on uvicorn, TLS)."""
     from federation.server import run_server
 
-    run_server(_cfg(config, set_))
+    run_server(_cfg(config, _insecure(set_, insecure)), rebuild_state=rebuild_state)
 
 
 @app.command("site-round")
-def site_round(config: ConfigOpt = None, set_: SetOpt = None, site: SiteOpt = "") -> None:
+def site_round(
+    config: ConfigOpt = None, set_: SetOpt = None, site: SiteOpt = "", insecure: InsecureOpt = False
+) -> None:
     """One site's batch job: pull the global model, train locally with DP, push the update, exit."""
     from federation.client import run_site_round
 
     if not site:
         _fail("--site is required")
-    cfg = _cfg(config, set_)
+    cfg = _cfg(config, _insecure(set_, insecure))
     result = run_site_round(cfg, site)
     typer.echo(f"site {site}: round {result['round']}: {result['outcome']}")
     from pipeline.statement import site_statement, statement_lines

@@ -8,11 +8,12 @@ through :func:`apply_overrides` (dotted paths, e.g. ``train.epochs=3``).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from wsi.config import SynthConfig, TilingConfig, TissueConfig, _Strict
 
@@ -21,11 +22,38 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message is one line naming the file and the key."""
 
 
+#: what a site name may be: it becomes a directory name, a file name and an HTTP header value
+SITE_NAME_PATTERN = "[a-z0-9_-]{1,64}"
+_SITE_NAME_RE = re.compile(SITE_NAME_PATTERN)
+
+
+def is_site_name(name: object) -> bool:
+    """Whether ``name`` is a valid site name (lowercase letters, digits, ``_`` and ``-``; 1-64 chars)."""
+    return isinstance(name, str) and _SITE_NAME_RE.fullmatch(name) is not None
+
+
+def check_site_name(name: object, what: str = "site name") -> str:
+    """``name`` if it is a valid site name, else a :class:`ConfigError` saying which rule it breaks.
+
+    Site names become path components (``sites/<site>/``, ``updates/<r>/<site>.safetensors``), so one
+    that is not a plain name could escape the run directory or collide after a restart.
+    """
+    if not is_site_name(name):
+        shown = repr(name)[:80]
+        raise ConfigError(f"{what} {shown}: must match {SITE_NAME_PATTERN} (lowercase letters, digits, _ and -)")
+    return str(name)
+
+
 class SiteConfig(_Strict):
     """One institution: its name and the manifest that lists its slides."""
 
     name: str
     manifest: Path
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        return check_site_name(v)
 
 
 class ModelConfig(_Strict):
@@ -123,7 +151,7 @@ class UpdateDPConfig(_Strict):
 
 
 class FederationConfig(_Strict):
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = "fedavg"
     rounds: int = Field(3, ge=1)
     min_sites: int = Field(2, ge=1, description="k of n: the fewest reports a round may close with")
     close_policy: Literal["all_or_deadline", "min_sites"] = Field(
@@ -141,8 +169,36 @@ class FederationConfig(_Strict):
     server_beta2: float = Field(0.99, ge=0, lt=1)
     server_tau: float = Field(1e-3, gt=0)
     update_dp: UpdateDPConfig = UpdateDPConfig()
-    max_update_norm: float | None = Field(None, gt=0, description="reject updates whose L2 norm exceeds this")
-    max_body_mb: float = Field(512.0, gt=0)
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="fedtrimmedavg: share of updates cut at each end, per coordinate"
+    )
+    max_update_norm: float | None = Field(
+        None, gt=0, description="reject updates whose L2 norm exceeds this (default: max_update_rms * sqrt(params))"
+    )
+    max_update_rms: float = Field(
+        1.0, gt=0, description="default norm bound: largest root-mean-square change per model parameter"
+    )
+    max_n_tiles: int = Field(
+        1_000_000, ge=1, description="largest n_tiles (the FedAvg weight) a site may report; larger is refused"
+    )
+    max_body_mb: float | None = Field(
+        None, gt=0, description="upload size limit (default: the model's size plus a small header allowance)"
+    )
+    insecure: bool = Field(
+        False, description="allow tokens over plain HTTP to a non-loopback host, and serving without TLS on one"
+    )
+    api_docs: bool = Field(False, description="serve /docs and /openapi.json")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request head within this")
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
+    body_idle_timeout_s: float = Field(30.0, gt=0, description="an upload that sends nothing for this is dropped")
+    upload_timeout_s: float = Field(900.0, gt=0, description="longest time one upload may take")
+    max_concurrent_uploads: int = Field(32, ge=1, description="uploads received at once; more get 503 + Retry-After")
+    max_connections: int = Field(1024, ge=1, description="open connections served at once; more get 503")
+    unauth_burst: int = Field(20, ge=1, description="failed authentications per client address before 429")
+    unauth_per_s: float = Field(1.0, gt=0, description="refill rate of that allowance")
+    audit_unauth_window_s: float = Field(
+        60.0, gt=0, description="failed authentications are counted and summarised once per window"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=0, le=65535)
     server_url: str | None = Field(
@@ -277,7 +333,7 @@ class ExperimentConfig(_Strict):
         raise ConfigError(f"site {name!r} is not in the config (known: {known})")
 
     def site_dir(self, name: str) -> Path:
-        return self.run_dir / "sites" / name
+        return self.run_dir / "sites" / check_site_name(name)
 
     def store_path(self, name: str) -> Path:
         return self.site_dir(name) / "store.zarr"
@@ -355,5 +411,7 @@ __all__ = [
     "SynthConfig",
     "TilingConfig",
     "TissueConfig",
+    "check_site_name",
+    "is_site_name",
     "load_config",
 ]

@@ -14,6 +14,8 @@ from federation.strategies.dp import CentralDP, LocalUpdateDP
 from federation.strategies.fedadam import FedAdam
 from federation.strategies.fedavg import FedAvg
 from federation.strategies.fedprox import FedProx
+from federation.strategies.median import FedMedian
+from federation.strategies.trimmed_mean import FedTrimmedAvg
 from pipeline.config import FederationConfig
 
 
@@ -26,6 +28,10 @@ def build_strategy(fed: FederationConfig, n_sites: int) -> Strategy:
         base = FedProx(fed.proximal_mu)
     elif fed.strategy == "fedadam":
         base = FedAdam(fed.server_lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
+    elif fed.strategy == "fedmedian":
+        base = FedMedian()
+    elif fed.strategy == "fedtrimmedavg":
+        base = FedTrimmedAvg(fed.trim_fraction)
     else:  # pragma: no cover - pydantic restricts the literal
         raise ValueError(f"unknown strategy {fed.strategy!r}")
     dp = fed.update_dp
@@ -41,7 +47,9 @@ __all__ = [
     "ClientUpdateResult",
     "FedAdam",
     "FedAvg",
+    "FedMedian",
     "FedProx",
+    "FedTrimmedAvg",
     "FitConfig",
     "LocalUpdateDP",
     "State",

@@ -152,6 +152,8 @@ class CentralDP(StrategyWrapper):
         std = self.noise_multiplier * c
         for name, t in total.items():
             total[name] = rng.add_gaussian(t, std).div_(m)
+        # keyed by round: a retried close replaces its entry instead of spending the round twice
+        self.history = [h for h in self.history if h["round"] != round_index]
         self.history.append(
             {
                 "round": round_index,

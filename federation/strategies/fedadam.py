@@ -4,6 +4,9 @@ The tile-weighted mean delta is a pseudo-gradient for a server-side Adam without
 ``m = b1 m + (1-b1) D``, ``v = b2 v + (1-b2) D^2``, ``x = x + lr * m / (sqrt(v) + tau)``, with
 ``m_0 = 0`` and ``v_0 = tau^2`` (the paper's initialisation ``v_{-1} >= tau^2``). The moments are
 server state: they are saved with every global model so a restarted aggregator continues exactly.
+
+Each step is keyed by its round: applying round ``r`` again (a close that is retried after a failed
+publish) starts again from the moments as they were before round ``r``, so they never advance twice.
 """
 
 from __future__ import annotations
@@ -22,8 +25,15 @@ class FedAdam(Strategy):
         self.lr, self.beta1, self.beta2, self.tau = float(lr), float(beta1), float(beta2), float(tau)
         self.m: State = {}
         self.v: State = {}
+        #: (round, m, v) before the last applied round: what a retry of that round starts from
+        self._before: tuple[int, State, State] | None = None
 
     def apply(self, global_state: State, avg_delta: State, round_index: int) -> State:
+        if self._before is not None and self._before[0] == round_index:
+            _, m0, v0 = self._before  # a retried round: undo its first application
+            self.m, self.v = dict(m0), dict(v0)
+        else:
+            self._before = (round_index, dict(self.m), dict(self.v))
         out = {k: v.clone() for k, v in global_state.items()}
         for k, d in avg_delta.items():
             d64 = d.to(torch.float64)

@@ -219,3 +219,32 @@ def test_build_strategy_wraps_dp_around_the_configured_algorithm() -> None:
     c = build_strategy(FederationConfig(strategy="fedprox", update_dp=UpdateDPConfig(mode="central")), 3)
     assert isinstance(c, CentralDP) and isinstance(c.inner, FedProx)
     assert c.configure_fit(0).proximal_mu == FederationConfig().proximal_mu
+
+
+@pytest.mark.parametrize("m", [4, 5])
+def test_median_and_trimmed_mean_against_numpy(tmp_path: Path, m: int) -> None:
+    """Coordinate-wise median (np.median) and trimmed mean (sort, cut int(beta*m) each end) vs numpy."""
+    from federation.strategies import FedMedian, FedTrimmedAvg
+
+    rng = np.random.default_rng(m)
+    like = {"w": torch.zeros(3, 4), "b": torch.zeros(5), "steps": torch.tensor([7], dtype=torch.int64)}
+    deltas = [
+        {
+            "w": torch.tensor(rng.normal(size=(3, 4)), dtype=torch.float32),
+            "b": torch.tensor(rng.normal(size=5), dtype=torch.float32),
+            "steps": torch.tensor([0], dtype=torch.int64),
+        }
+        for _ in range(m)
+    ]
+    ups = [_store(tmp_path, f"s{i}", d, 10**i) for i, d in enumerate(deltas)]  # weights must not matter
+    med = FedMedian().aggregate(like, ups, 0)
+    trimmed = FedTrimmedAvg(0.25).aggregate(like, ups, 0)
+    k = int(0.25 * m)
+    for name in ("w", "b"):
+        stack = np.stack([d[name].numpy() for d in deltas])
+        np.testing.assert_allclose(med[name].numpy(), np.median(stack, axis=0), rtol=1e-6, atol=1e-6)
+        cut = np.sort(stack, axis=0)[k : m - k]
+        np.testing.assert_allclose(trimmed[name].numpy(), cut.mean(axis=0), rtol=1e-6, atol=1e-6)
+    assert med["steps"].tolist() == [7] and trimmed["steps"].tolist() == [7]
+    for name in ("fedmedian", "fedtrimmedavg"):
+        assert build_strategy(FederationConfig(strategy=name), m).name == name  # type: ignore[arg-type]

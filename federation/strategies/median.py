@@ -1,0 +1,39 @@
+"""FedMedian (Yin et al. 2018): the coordinate-wise median of the sites' deltas, as Flower's FedMedian.
+
+Robust to a minority of arbitrary updates: each coordinate of the result lies between honest values
+as long as fewer than half the sites are malicious. Sites' weights (``n_tiles``) are ignored, so a
+site cannot buy influence by over-reporting them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from federation.strategies.base import State, UpdateInfo, float_names
+from federation.strategies.coordinatewise import reduce_coordinatewise
+from federation.strategies.fedavg import FedAvg
+from pipeline.dprandom import NoiseSource
+
+
+def _median(sorted_stack: torch.Tensor) -> torch.Tensor:
+    m = sorted_stack.shape[0]
+    if m % 2:
+        return sorted_stack[m // 2]
+    return (sorted_stack[m // 2 - 1] + sorted_stack[m // 2]) / 2
+
+
+class FedMedian(FedAvg):
+    """``global + median_i(delta_i)``, coordinate by coordinate (the mean of the middle two if m is even)."""
+
+    name = "fedmedian"
+
+    def average(
+        self,
+        global_state: State,
+        updates: Sequence[UpdateInfo],
+        round_index: int,
+        generator: NoiseSource | None = None,
+    ) -> State:
+        return reduce_coordinatewise(updates, float_names(global_state), global_state, _median)
