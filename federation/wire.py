@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pipeline.checkpoint import fsync_path
 from pipeline.errors import FedpathError
 
 #: safetensors dtype codes and their size in bytes (the subset a fedpath model may contain).
@@ -263,21 +264,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (the directory entry itself is fsynced)."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+#: fsync a directory (makes a rename or a new entry durable) or a file's data: one helper for both
+fsync_dir = fsync_path
+fsync_file = fsync_path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

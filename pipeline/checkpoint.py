@@ -75,11 +75,11 @@ def save_model(path: Path | str, state: dict[str, torch.Tensor], meta: ModelMeta
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
     return path
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """fsync a file's data, or a directory's entries (what makes a rename durable)."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
