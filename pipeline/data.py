@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,11 +122,12 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if si not in self._arrays:
             store = SiteStore(self.store_path)
             sid = self.slide_ids[si]
-            images, masks = store.images(sid), store.masks(sid)
+            images: Any = store.images(sid)
+            masks: Any = store.masks(sid)
             size = int(getattr(images, "nbytes", 1 << 62)) + int(getattr(masks, "nbytes", 1 << 62))
             if size <= WHOLE_SLIDE_BYTES and self._cached_bytes + size <= DATASET_CACHE_BYTES:
                 try:
-                    images, masks = np.asarray(images[:]), np.asarray(masks[:])  # type: ignore[index]
+                    images, masks = np.asarray(images[:]), np.asarray(masks[:])
                 except Exception as exc:  # noqa: BLE001 - any zarr/codec failure is a bad store
                     raise WSIError(f"{self.store_path}: slide {sid!r}: unreadable ({exc})") from None
                 self._cached_bytes += size
