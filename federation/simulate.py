@@ -239,6 +239,12 @@ def _worker_main(conn: Connection, site: str) -> None:
     """A warm site worker: runs each job it is sent (``(argv, log path)``), answers its exit status; stops
     on ``None`` or when the simulation's end of the pipe closes."""
     _reseed()
+    # logging as a fresh process has it (a preloaded library may have configured the root logger, which
+    # would turn the CLI's basicConfig into a no-op and drop the job's INFO lines from its log)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.WARNING)
     while True:
         try:
             msg = conn.recv()

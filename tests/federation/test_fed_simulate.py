@@ -165,6 +165,7 @@ def test_two_round_simulated_federation_over_real_sites(
         ]
         log0 = (cfg.site_dir(site) / "rounds" / "0" / "job.log").read_text()
         assert f"site {site}: round 0: uploaded" in log0 and "per tile" in log0  # the CLI's own output
+        assert f"site {site}: round 0 update accepted" in log0  # and the job's log lines
         sample = summary["epsilon_sample_level"][site]
         assert sample["epsilon"] > 0 and sample["unit"] == "tile" and 0 < sample["delta"] < 1
         # the run's privacy statement composes both, each with δ and unit, noise from the CSPRNG
