@@ -178,7 +178,8 @@ def site_round(
 
 @app.command()
 def simulate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """A whole federation on one machine: the real aggregator on loopback with TLS, one process per site."""
+    """A whole federation on one machine: the real aggregator on loopback with TLS; every site's round job
+    (`fedpath site-round`) in a warm per-site worker process, or a fresh process (federation.simulate_workers)."""
     from federation.simulate import run_simulation
     from pipeline.statement import statement_lines
 
@@ -289,27 +290,40 @@ def experiment(
     run_experiment(cfg, data_root=cfg.resolved_data_root(data_root), epsilons=eps)
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run ``fedpath`` on ``argv`` (default: ``sys.argv[1:]``) and return its exit status: 0, 2 with a
+    one-line reason for bad input or a refusal, 130 when interrupted. An unexpected exception propagates
+    (a traceback, exit 1). :func:`main` exits with it; ``fedpath simulate``'s warm site workers call it
+    with the very argv of a ``fedpath site-round`` process."""
     try:
-        rc = app(standalone_mode=False)  # click returns (not raises) a command's typer.Exit code here
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
+        rc = app(args=argv, standalone_mode=False)  # click returns (not raises) a typer.Exit code here
+        return rc if isinstance(rc, int) else 0
     except (ConfigError, FedpathError) as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
-        sys.exit(2)
+        return 2
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        return int(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    except SystemExit:
-        raise
+        return 130
+    except SystemExit as exc:
+        code = exc.code
+        if code is None or isinstance(code, int):
+            return int(code or 0)
+        print(code, file=sys.stderr)
+        return 1
     except Exception as exc:  # click usage errors and the like
         import click
 
         if isinstance(exc, click.ClickException):
             exc.show()
-            sys.exit(exc.exit_code)
+            return int(exc.exit_code)
         raise
+
+
+def main() -> None:
+    rc = run()
+    if rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -214,6 +214,11 @@ class FederationConfig(_Strict):
     wait_timeout_s: float = Field(600.0, gt=0, description="site client: longest wait for a round to open")
     parallel_sites: int = Field(2, ge=1, description="simulate: site jobs run at the same time")
     site_timeout_s: float = Field(3600.0, gt=0, description="simulate: one site job's time limit")
+    simulate_workers: Literal["warm", "cold"] = Field(
+        "warm",
+        description="simulate: run each site's round job (the same `fedpath site-round` command) in a warm "
+        "per-site worker forked from a preloaded fork server (warm), or in a fresh process per job (cold)",
+    )
 
 
 class InferenceConfig(_Strict):

@@ -117,16 +117,21 @@ def _fresh_run(
     return cfg
 
 
+@pytest.mark.parametrize("workers", ["warm", "cold"])
 def test_two_round_simulated_federation_over_real_sites(
-    stores: tuple[Path, Path], data_root: Path, repo_root: Path
+    stores: tuple[Path, Path], data_root: Path, repo_root: Path, workers: str
 ) -> None:
+    """Warm per-site workers and a fresh process per job give the same outputs: every update accepted,
+    done.json, the ledgers, the privacy statement."""
     from federation.simulate import run_simulation
     from pipeline.checkpoint import load_model, read_model_file
     from pipeline.summary import read_summary
 
-    cfg = _fresh_run(stores, data_root, repo_root, "sim")
+    cfg = _fresh_run(stores, data_root, repo_root, f"sim_{workers}", simulate_workers=workers)
     summary = run_simulation(cfg)
     assert summary["rounds"] == 2
+    assert summary["site_jobs"] == {"workers": workers, "fallbacks": []}
+    assert all(set(j["exit_codes"].values()) == {0} for j in summary["jobs"])
     assert summary == read_summary(cfg.run_dir)["federation"]
     for r in ("0", "1"):
         assert sorted(summary["sites_per_round"][r]) == sorted(SITES)
@@ -152,6 +157,15 @@ def test_two_round_simulated_federation_over_real_sites(
         assert [e["round"] for e in ledger["entries"]] == [0, 1]
         assert ledger["epsilon"] == pytest.approx(LocalUpdateDP.epsilon(dp, 2))
         assert summary["epsilon_update_level"][site] == {"epsilon": ledger["epsilon"], "delta": 1e-5, "unit": "site"}
+        # sample-level ledger: one entry per round's job, each spending its steps once
+        sample_ledger = json.loads((cfg.site_dir(site) / "privacy.json").read_text())
+        assert [(e["job"], e["steps"], e["complete"]) for e in sample_ledger["entries"]] == [
+            ("round-0", 2, True),
+            ("round-1", 2, True),
+        ]
+        log0 = (cfg.site_dir(site) / "rounds" / "0" / "job.log").read_text()
+        assert f"site {site}: round 0: uploaded" in log0 and "per tile" in log0  # the CLI's own output
+        assert f"site {site}: round 0 update accepted" in log0  # and the job's log lines
         sample = summary["epsilon_sample_level"][site]
         assert sample["epsilon"] > 0 and sample["unit"] == "tile" and 0 < sample["delta"] < 1
         # the run's privacy statement composes both, each with δ and unit, noise from the CSPRNG
@@ -247,4 +261,90 @@ def test_site_job_rerun_never_trains_twice_nor_double_submits(
             time.sleep(0.1)
         assert run_site_round(live, site_a)["outcome"] == "finished"
     finally:
+        agg.stop()
+
+
+def test_warm_worker_rerun_and_death_mid_job(stores: tuple[Path, Path], data_root: Path, repo_root: Path) -> None:
+    """In a warm worker, a re-run of a finished job neither trains nor spends again; a one-line refusal
+    exits 2 as the process would; a worker SIGKILLed mid-job is replaced and the job re-run as a fresh
+    process, which finishes the round without spending ε twice."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from federation.provision import run_provision
+    from federation.simulate import AggregatorProcess, WarmWorkers, freeze_config, run_site_jobs
+
+    cfg = _fresh_run(stores, data_root, repo_root, "warm", rounds=1, parallel_sites=1)
+    run_provision(cfg)
+    frozen = freeze_config(cfg, cfg.run_dir / "frozen.yaml")
+    agg = AggregatorProcess(cfg, frozen, cfg.run_dir / "server.log")
+    url = agg.start()
+    assert agg.proc is not None
+    site_a, site_b = list(SITES)
+    workers = WarmWorkers([site_a, site_b])
+    try:
+        pid_a = workers.workers[site_a].proc.pid
+        assert run_site_jobs(cfg, frozen, url, 0, [site_a], workers) == {site_a: 0}
+        job_a = cfg.site_dir(site_a) / "rounds" / "0"
+        done = json.loads((job_a / "done.json").read_text())
+        assert done["outcome"] == "uploaded" and done["trained"] is True
+        stamp = (job_a / "train.json").stat().st_mtime_ns
+        ledger_a = (cfg.site_dir(site_a) / "privacy.json").read_text()
+        # the same job again, in the same (warm) process: already submitted, nothing trained or spent
+        assert run_site_jobs(cfg, frozen, url, 0, [site_a], workers) == {site_a: 0}
+        assert workers.workers[site_a].proc.pid == pid_a
+        assert (job_a / "train.json").stat().st_mtime_ns == stamp
+        assert (cfg.site_dir(site_a) / "privacy.json").read_text() == ledger_a
+        assert "round 0: already_submitted" in (job_a / "job.log").read_text()
+        # bad input: the CLI's one-line error and exit 2, from the warm worker as from a process
+        bad = cfg.model_copy(update={"sites": [*cfg.sites, cfg.sites[0].model_copy(update={"name": "nosuchsite"})]})
+        assert run_site_jobs(bad, frozen, url, 0, ["nosuchsite"], workers) == {"nosuchsite": 2}
+        assert "error:" in (bad.site_dir("nosuchsite") / "rounds" / "0" / "job.log").read_text()
+
+        # site b: freeze the aggregator once b's job has downloaded the model, SIGKILL b's worker mid-job
+        audit = cfg.run_dir / "server" / "audit.jsonl"
+        out: dict[str, Any] = {}
+        fallbacks: list[dict[str, Any]] = []
+        th = threading.Thread(
+            target=lambda: out.update(run_site_jobs(cfg, frozen, url, 0, [site_b], workers, fallbacks))
+        )
+        th.start()
+        pid_b = workers.workers[site_b].proc.pid
+        end = time.monotonic() + 600
+        while not any(
+            json.loads(x).get("action") == "model" and json.loads(x).get("site") == site_b
+            for x in audit.read_text().splitlines()
+        ):
+            assert th.is_alive() and time.monotonic() < end, "site b's job ended before downloading"
+            time.sleep(0.02)
+        os.kill(agg.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.3)
+            os.kill(pid_b, signal.SIGKILL)
+            time.sleep(0.3)
+        finally:
+            os.kill(agg.proc.pid, signal.SIGCONT)
+        th.join(600)
+        assert not th.is_alive()
+        assert out == {site_b: 0}
+        assert fallbacks == [{"site": site_b, "round": 0, "worker_exit": -signal.SIGKILL}]
+        job_b = cfg.site_dir(site_b) / "rounds" / "0"
+        assert json.loads((job_b / "done.json").read_text())["outcome"] == "uploaded"
+        assert "warm worker died" in (job_b / "job.log").read_text()
+        entries = json.loads((cfg.site_dir(site_b) / "privacy.json").read_text())["entries"]
+        assert [(e["job"], e["steps"]) for e in entries] == [("round-0", 2)]  # spent once
+        updates = json.loads((cfg.site_dir(site_b) / "update_privacy.json").read_text())["entries"]
+        assert [e["round"] for e in updates] == [0]
+        server_copy = cfg.run_dir / "server" / "updates" / "0" / f"{site_b}.safetensors"
+        assert server_copy.read_bytes() == (job_b / "update.safetensors").read_bytes()
+        # the next job of site b gets a fresh warm worker
+        assert workers.get(site_b).proc.pid != pid_b
+        end = time.monotonic() + 60
+        while json.loads((cfg.run_dir / "server" / "state.json").read_text())["phase"] != "finished":
+            assert time.monotonic() < end
+            time.sleep(0.1)
+    finally:
+        workers.close()
         agg.stop()
