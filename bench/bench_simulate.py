@@ -26,7 +26,6 @@ JSON goes to ``bench/out/simulate.json`` (``simulate_smoke.json`` with ``--smoke
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import ExperimentConfig, load_config  # noqa: E402
+from wsi.manifest import subset_manifest  # noqa: E402
 
 SMOKE_SITES = {"monuseg_kidney_bladder": "monuseg_kidney_bladder.csv", "gbm40_emory": "gbm40.csv"}
 
@@ -53,27 +53,12 @@ def _data_root() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
-def _small_manifest(src: Path, dst: Path, per_split: dict[str, int]) -> Path:
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep, seen = [], dict.fromkeys(per_split, 0)
-    for r in rows:
-        if r["split"] in per_split and seen[r["split"]] < per_split[r["split"]]:
-            keep.append(r)
-            seen[r["split"]] += 1
-    with open(dst, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(keep)
-    return dst
-
-
 def base_config(smoke: bool, dp: bool, work: Path, data_root: Path) -> dict[str, Any]:
     """The experiment's config (or a tiny one), as a dict, with absolute manifest paths."""
     if smoke:
         sites = []
         for name, manifest in SMOKE_SITES.items():
-            m = _small_manifest(REPO / "data_manifests" / manifest, work / manifest, {"train": 2, "val": 1})
+            m = subset_manifest(REPO / "data_manifests" / manifest, work / manifest, {"train": 2, "val": 1})
             sites.append({"name": name, "manifest": str(m)})
         data: dict[str, Any] = {
             "name": "bench-simulate-smoke",

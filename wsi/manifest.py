@@ -278,3 +278,20 @@ def _stem(p: Path) -> str:
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return p.stem
+
+
+def subset_manifest(src: Path, dst: Path, per_split: dict[str, int]) -> Path:
+    """Write the first ``per_split[split]`` rows of each split of manifest ``src`` to ``dst`` (same files,
+    same checksums): a small, valid site for tests and smoke benchmarks."""
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep, seen = [], dict.fromkeys(per_split, 0)
+    for r in rows:
+        if r["split"] in per_split and seen[r["split"]] < per_split[r["split"]]:
+            keep.append(r)
+            seen[r["split"]] += 1
+    with open(dst, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    return dst

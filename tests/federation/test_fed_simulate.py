@@ -7,7 +7,6 @@ steps per round, two rounds.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -19,32 +18,17 @@ import yaml
 
 from federation.strategies import LocalUpdateDP
 from pipeline.config import ExperimentConfig, load_config
+from wsi.manifest import subset_manifest
 
 pytestmark = pytest.mark.realdata
 
 SITES = {"monuseg_kidney_bladder": "monuseg_kidney_bladder.csv", "gbm40_emory": "gbm40.csv"}
 
 
-def _small_manifest(src: Path, dst: Path, per_split: dict[str, int]) -> Path:
-    """The first few rows of each split of a shipped manifest (same files, same checksums)."""
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep, seen = [], dict.fromkeys(per_split, 0)
-    for r in rows:
-        if r["split"] in per_split and seen[r["split"]] < per_split[r["split"]]:
-            keep.append(r)
-            seen[r["split"]] += 1
-    with open(dst, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(keep)
-    return dst
-
-
 def _config(tmp: Path, data_root: Path, repo_root: Path, run: str, **federation: Any) -> Path:
     sites = []
     for name, manifest in SITES.items():
-        m = _small_manifest(repo_root / "data_manifests" / manifest, tmp / manifest, {"train": 3, "val": 1})
+        m = subset_manifest(repo_root / "data_manifests" / manifest, tmp / manifest, {"train": 3, "val": 1})
         sites.append({"name": name, "manifest": str(m)})
     fed = {
         "strategy": "fedprox",
