@@ -17,6 +17,7 @@ from rich.table import Table
 
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
+from pipeline.statement import statement_lines, write_statement
 from pipeline.summary import read_summary, update_summary
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,6 @@ def _headline(run_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
         for s in infer.get("slides", [])
         if isinstance(s, dict) and isinstance(s.get("metrics"), dict) and "dice" in s["metrics"]
     ]
-    from pipeline.statement import write_statement
-
     statement = write_statement(run_dir)
     eps = {site: st["against_aggregator"] for site, st in statement["sites"].items()}
     attack = summary.get("attack", {})
@@ -129,8 +128,8 @@ def run_demo(cfg: ExperimentConfig) -> dict[str, Any]:
     table.add_column("value")
     dice = head["held_out_dice"]
     table.add_row("Dice on held-out slides", "n/a" if dice is None else f"{dice:.3f} ({head['held_out_slides']} slides)")
-    for site, units in head["epsilon"].items():
-        table.add_row(f"privacy, site {site}", "; ".join(dict.fromkeys(u["text"] for u in units.values())))
+    for label, text in statement_lines(read_summary(run_dir)["privacy"]):
+        table.add_row(label, text)
     ssim = head["attack_ssim"]
     if isinstance(ssim, dict):
         ssim_text = ", ".join(f"{k}: {v:.2f}" if isinstance(v, (int, float)) else f"{k}: {v}" for k, v in ssim.items())

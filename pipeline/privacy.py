@@ -22,7 +22,6 @@ opened with the debug switch for seeded noise stays "not private" for good.
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import functools
 import json
@@ -539,7 +538,3 @@ def ledger_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lf, fcntl.LOCK_UN)
-
-
-def copy_ledger(ledger: PrivacyLedger) -> PrivacyLedger:
-    return copy.deepcopy(ledger)
