@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check wsi pipeline federation tests bench scripts
+	$(BIN)/ruff check fedcore wsi pipeline federation fedpath tests bench scripts
 	$(BIN)/mypy
 
 test: install lint

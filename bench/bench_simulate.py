@@ -5,7 +5,7 @@ Measured in one run, on the same tile stores and the same model:
 * ``centralised``: every site's training tiles pooled, ``rounds * steps * sites`` optimiser steps by
   ``pipeline.train.train_local`` in this process (the experiment's reference row);
 * ``simulate cold``: ``fedpath simulate`` with a fresh ``fedpath site-round`` process per site job
-  (``federation.simulate_workers=cold``): the real aggregator process (TLS on loopback), ``rounds`` rounds of
+  (``fedpath.simulate_workers=cold``): the real aggregator process (TLS on loopback), ``rounds`` rounds of
   ``steps`` local steps at every site, so the same total number of optimiser steps;
 * ``simulate warm``: the same with warm per-site workers forked from a preloaded fork server (the default).
 
@@ -138,7 +138,7 @@ def run_central(data: dict[str, Any], stores: Path, work: Path) -> dict[str, Any
 
 
 def run_sim(data: dict[str, Any], stores: Path, work: Path, mode: str) -> dict[str, Any]:
-    from federation.simulate import run_simulation
+    from fedpath.simulate import run_simulation
 
     cfg = load_config_dict(data, work / f"sim_{mode}", simulate_workers=mode)
     _link(stores, cfg)

@@ -45,8 +45,8 @@ sys.path.insert(0, str(REPO))
 from bench.bench_federation import RssSampler  # noqa: E402
 from federation.provision import run_provision  # noqa: E402
 from federation.server import server_paths  # noqa: E402
-from federation.simulate import AggregatorProcess  # noqa: E402
 from federation.wire import encode_state, fsync_dir, update_metadata  # noqa: E402
+from fedpath.simulate import AggregatorProcess  # noqa: E402
 from pipeline.checkpoint import read_model_file  # noqa: E402
 from pipeline.config import ModelConfig, load_config  # noqa: E402
 

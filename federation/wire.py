@@ -8,10 +8,8 @@ parser in an unknown state. Tensors are then read with ``safetensors`` only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline.checkpoint import fsync_path
+from fedcore.hashing import sha256_file  # noqa: F401  (re-exported)
+from fedcore.io import atomic_write_bytes, atomic_write_json, fsync_path  # noqa: F401  (re-exported)
 from pipeline.errors import FedpathError
 
 #: safetensors dtype codes and their size in bytes (the subset a fedpath model may contain).
@@ -256,32 +255,6 @@ def update_metadata(
     return {UPDATE_META_KEY: json.dumps(d, sort_keys=True)}
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-#: fsync a directory (makes a rename or a new entry durable) or a file's data: one helper for both
+#: one fsync helper for files and directories (fedcore.io.fsync_path)
 fsync_dir = fsync_path
 fsync_file = fsync_path
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` so that ``path`` is either absent/old or complete: tmp, fsync, rename, fsync dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())

@@ -7,7 +7,6 @@ never unpickled: the model config, the tile size and MPP it was trained at, and 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
+from fedcore.io import atomic_write_bytes, fsync_path  # noqa: F401  (fsync_path re-exported for callers)
 from pipeline.config import ModelConfig
 from pipeline.errors import FedpathError
 
@@ -62,30 +62,8 @@ def save_model(path: Path | str, state: dict[str, torch.Tensor], meta: ModelMeta
     Without both fsyncs a power loss after the rename can leave an empty or truncated file under the
     final name (the aggregator then publishes a global model that is not on disk).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     data = st_save(state_to_cpu(strip_wrappers(state)), metadata=meta.to_header())
-    try:
-        with open(tmp, "wb") as f:  # a full disk is an OSError here, not a serialiser error
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-    return path
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file's data, or a directory's entries (what makes a rename durable)."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return atomic_write_bytes(path, data)
 
 
 def read_model_file(path: Path | str) -> tuple[dict[str, torch.Tensor], ModelMeta]:

@@ -1,12 +1,10 @@
-"""Errors that the CLI prints as one line (no traceback) and turns into a non-zero exit status."""
+"""Pipeline errors: all are ``fedcore.errors.FedpathError``, printed by the CLI as one line."""
 
 from __future__ import annotations
 
-from wsi.errors import WSIError
+from fedcore.errors import FedpathError
 
-
-class FedpathError(WSIError):
-    """Bad input or a refused action; the message names the file or object and the reason."""
+__all__ = ["FedpathError", "PrivacyBudgetExceeded"]
 
 
 class PrivacyBudgetExceeded(FedpathError):

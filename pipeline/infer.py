@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcore.summary import read_summary, update_summary
 from pipeline.checkpoint import ModelMeta, load_model, read_model_file
 from pipeline.config import ExperimentConfig, InferenceConfig
 from pipeline.errors import FedpathError
-from pipeline.summary import read_summary, update_summary
 from wsi.errors import WSIError
 from wsi.readers import SlideReader, open_slide
 from wsi.stitch import ArrayMerger, ZarrMerger, window_positions

@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedcore.summary import read_summary
 from pipeline.errors import FedpathError
-from pipeline.summary import read_summary
 
 THREAT_MODEL = (
     "The attacker is the aggregator itself (or anyone who can read what it stores): honest-but-curious, "

@@ -175,7 +175,7 @@ def build_statement(run_dir: Path | str) -> dict[str, Any]:
 
 def write_statement(run_dir: Path | str) -> dict[str, Any]:
     """Build and atomically write ``privacy_statement.json``; returns it."""
-    from federation.wire import atomic_write_json
+    from fedcore.io import atomic_write_json
 
     run_dir = Path(run_dir)
     st = build_statement(run_dir)

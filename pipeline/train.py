@@ -708,7 +708,7 @@ def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str | None = None
     """``fedpath train``: one site locally, or several pooled (the centralised baseline); writes the model
     and ``summary.json`` key "train". The job id derives from the config, so re-running the same command
     resumes (or returns) the same job, and a changed config is a new job whose ε adds to the ledger."""
-    from pipeline.summary import update_summary
+    from fedcore.summary import update_summary
 
     for s in sites:
         cfg.site(s)  # unknown site: one-line error
@@ -742,7 +742,7 @@ def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str | None = None
         "split": res.extra.get("split"),
     }
     key_summary = {"+".join(sites): summary}
-    from pipeline.summary import read_summary
+    from fedcore.summary import read_summary
 
     prev = read_summary(cfg.run_dir).get("train", {})
     update_summary(cfg.run_dir, "train", {**(prev if isinstance(prev, dict) else {}), **key_summary})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from fedcore.errors import FedpathError
 
-class WSIError(Exception):
+
+class WSIError(FedpathError):
     """Bad input at the pixel level (corrupt slide, checksum mismatch, unparsable annotation, ...)."""
 
 

@@ -9,15 +9,14 @@ file whose checksum differs is never used silently: :func:`verify_row` raises ``
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
 import re
-import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from fedcore.hashing import sha256_file
 from wsi.errors import AnnotationError, ChecksumMismatch, SlideOpenError, WSIError
 
 COLUMNS: tuple[str, ...] = (
@@ -83,27 +82,6 @@ def resolve_data_root(explicit: str | os.PathLike[str] | None = None) -> Path:
 # ------------------------------------------------------------------------------------------------------
 # Checksums
 # ------------------------------------------------------------------------------------------------------
-_sha_cache: dict[tuple[str, int, int], str] = {}
-_sha_lock = threading.Lock()
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed in 1 MiB chunks; cached per (path, size, mtime) in this process."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    with _sha_lock:
-        hit = _sha_cache.get(key)
-    if hit is not None:
-        return hit
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    digest = h.hexdigest()
-    with _sha_lock:
-        _sha_cache[key] = digest
-    return digest
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
+from fedcore.summary import update_summary
 from wsi.config import SynthConfig
 from wsi.manifest import ManifestRow, read_manifest, sha256_file, write_manifest
 
@@ -802,32 +803,7 @@ def run_synth(cfg: SynthConfig, out: Path, run_dir: Path | None = None) -> dict[
     }
     log.info("synth: %d slides written, %d kept, in %.1f s -> %s", made, kept, result["seconds"], out)
     if run_dir is not None:
-        _merge_summary(Path(run_dir), "synth", result)
+        update_summary(Path(run_dir), "synth", result)
     return result
 
 
-def _merge_summary(run_dir: Path, stage: str, data: Any, key: str | None = None) -> None:
-    """Merge into ``<run_dir>/summary.json`` under the same lock as ``pipeline.summary`` (wsi stays free of
-    ``pipeline``): ``{stage: data}``, or ``{stage: {key: data}}`` keeping the stage's other keys."""
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "summary.json"
-    with open(run_dir / ".summary.lock", "w") as lf:
-        fcntl.flock(lf, fcntl.LOCK_EX)
-        current: dict[str, Any] = {}
-        if path.exists():
-            try:
-                current = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                current = {}
-        if key is None:
-            current[stage] = data
-        else:
-            section = current.get(stage)
-            section = section if isinstance(section, dict) else {}
-            section[key] = data
-            current[stage] = section
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(current, indent=2, default=str))
-        os.replace(tmp, path)

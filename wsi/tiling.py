@@ -652,9 +652,9 @@ def run_tile_site(
         seconds,
     )
     if run_dir is not None:
-        from wsi.synth import _merge_summary
+        from fedcore.summary import update_summary
 
-        _merge_summary(Path(run_dir), "tile", summary, key=site)
+        update_summary(Path(run_dir), "tile", summary, key=site)
     return summary
 
 

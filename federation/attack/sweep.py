@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedcore.summary import update_summary
 from federation.attack.common import DPSGD, observed_gradient, segmentation_loss
 from federation.attack.dlg import DLGSettings, dlg_attack
 from federation.attack.inverting import InversionSettings, Reconstruction, invert_gradients
@@ -41,7 +42,6 @@ from federation.attack.multistep import LocalTraining, invert_update, local_upda
 from federation.attack.tiles import TileSet, load_monuseg_tiles, load_store_tiles, monuseg_dir
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
-from pipeline.summary import update_summary
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _run_training_results(run_dir: Path) -> list[dict[str, Any]]:
     """The run's own training results (summary.json "train", pipeline.train), next to the sweep's DP
     training: sites, ε spent and validation Dice of each training job, when the run has them."""
-    from pipeline.summary import read_summary
+    from fedcore.summary import read_summary
 
     train = read_summary(run_dir).get("train")
     rows: list[dict[str, Any]] = []

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fedcore.summary import read_summary
 from federation.attack.common import segmentation_loss
 from federation.attack.multistep import LocalTraining, local_update
 from federation.attack.sweep import run_attack
@@ -22,7 +23,6 @@ from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 from pipeline.privacy import PrivacyLedger
 from pipeline.report import build_report
-from pipeline.summary import read_summary
 from wsi.store import SiteStore
 
 TILE = 16

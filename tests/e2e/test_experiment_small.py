@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from fedpath.experiment import run_experiment
 from pipeline.config import load_config
-from pipeline.experiment import run_experiment
 from wsi.synth import run_synth
 
 

@@ -16,8 +16,8 @@ import yaml
 from federation.client import SiteClient
 from federation.provision import run_provision
 from federation.server import server_paths
-from federation.simulate import AggregatorProcess
 from federation.wire import encode_state, update_metadata
+from fedpath.simulate import AggregatorProcess
 from pipeline.checkpoint import read_model_file
 from pipeline.config import ExperimentConfig, load_config
 

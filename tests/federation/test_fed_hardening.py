@@ -28,8 +28,8 @@ from fedtest_utils import Fed, random_delta, update_body, write_config
 
 from federation.provision import provision_paths, run_provision
 from federation.server import HEADER_ALLOWANCE, HEADER_PER_TENSOR, model_nbytes, server_paths
-from federation.simulate import AggregatorProcess
 from federation.wire import spec_of
+from fedpath.simulate import AggregatorProcess
 from pipeline.checkpoint import read_model_file
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import FedpathError
@@ -44,7 +44,7 @@ def _env() -> dict[str, str]:
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``fedpath ARGS`` as its own process."""
     return subprocess.run(
-        [sys.executable, "-c", "from pipeline.cli import main; main()", *args],
+        [sys.executable, "-c", "from fedpath.cli import main; main()", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -107,9 +107,9 @@ def test_two_round_simulated_federation_over_real_sites(
 ) -> None:
     """Warm per-site workers and a fresh process per job give the same outputs: every update accepted,
     done.json, the ledgers, the privacy statement."""
-    from federation.simulate import run_simulation
+    from fedcore.summary import read_summary
+    from fedpath.simulate import run_simulation
     from pipeline.checkpoint import load_model, read_model_file
-    from pipeline.summary import read_summary
 
     cfg = _fresh_run(stores, data_root, repo_root, f"sim_{workers}", simulate_workers=workers)
     summary = run_simulation(cfg)
@@ -177,7 +177,7 @@ def test_site_job_rerun_never_trains_twice_nor_double_submits(
 
     from federation.client import run_site_round
     from federation.provision import run_provision
-    from federation.simulate import AggregatorProcess, freeze_config
+    from fedpath.simulate import AggregatorProcess, freeze_config
 
     cfg = _fresh_run(stores, data_root, repo_root, "rerun", rounds=1)
     run_provision(cfg)
@@ -203,7 +203,7 @@ def test_site_job_rerun_never_trains_twice_nor_double_submits(
         cmd = [
             sys.executable,
             "-m",
-            "pipeline.cli",
+            "fedpath.cli",
             "site-round",
             "--config",
             str(frozen),
@@ -258,7 +258,7 @@ def test_warm_worker_rerun_and_death_mid_job(stores: tuple[Path, Path], data_roo
     import time
 
     from federation.provision import run_provision
-    from federation.simulate import AggregatorProcess, WarmWorkers, freeze_config, run_site_jobs
+    from fedpath.simulate import AggregatorProcess, WarmWorkers, freeze_config, run_site_jobs
 
     cfg = _fresh_run(stores, data_root, repo_root, "warm", rounds=1, parallel_sites=1)
     run_provision(cfg)

@@ -11,11 +11,11 @@ import tifffile
 import zarr
 from infer_utils import write_constant_model, write_model, write_tissue_tiff
 
+from fedcore.summary import read_summary
 from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.errors import FedpathError
 from pipeline.infer import load_inference_model, run_infer
 from pipeline.metrics import aggregated_jaccard_index
-from pipeline.summary import read_summary
 from wsi.manifest import make_row, write_manifest
 
 

@@ -348,7 +348,7 @@ def test_bad_inputs_fail_alone_with_one_line_reasons(synth_root: Path, tmp_path:
         "tiling: {tile_size: 128}\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "tile", "--config", str(cfg), "--site", "x"],
+        [sys.executable, "-m", "fedpath.cli", "tile", "--config", str(cfg), "--site", "x"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -475,7 +475,7 @@ def test_kill_and_resume(tmp_path: Path) -> None:
     mf = root / "manifests" / "r.csv"
     cfg = _write_config(tmp_path, root, mf)
     store = tmp_path / "run" / "sites" / "r" / "store.zarr"
-    cmd = [sys.executable, "-m", "pipeline.cli", "tile", "--config", str(cfg), "--site", "r"]
+    cmd = [sys.executable, "-m", "fedpath.cli", "tile", "--config", str(cfg), "--site", "r"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240

@@ -15,10 +15,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedcore.summary import read_summary, update_summary
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 from pipeline.statement import statement_lines, write_statement
-from pipeline.summary import read_summary, update_summary
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -61,7 +61,7 @@ def _headline(run_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
 def run_demo(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run every stage on the synthetic default and print where the report is and what it found."""
     from federation.attack.sweep import run_attack
-    from federation.simulate import run_simulation
+    from fedpath.simulate import run_simulation
     from pipeline.infer import run_infer
     from pipeline.report import build_report
     from wsi.synth import run_synth

@@ -2,16 +2,16 @@
 
 The real aggregator runs as its own process (``python -m federation.server``) on loopback with TLS and
 an ephemeral port. Every site round is the deployment's batch job, ``fedpath site-round``, with the same
-arguments, on-disk state and exit status, run in one of two ways (``federation.simulate_workers``):
+arguments, on-disk state and exit status, run in one of two ways (``fedpath.simulate_workers``):
 
 * ``warm`` (default): one worker process per site, forked from a fork server that has imported torch,
   MONAI, Opacus and fedpath once. Each job is the same call a ``fedpath site-round`` process makes
-  (:func:`pipeline.cli.run` on the same argv), its output appended to the same ``job.log``. A worker keeps
+  (:func:`fedpath.cli.run` on the same argv), its output appended to the same ``job.log``. A worker keeps
   nothing between jobs but its imports and library caches: every job reloads its config, token, store,
   ledger and model, and makes its own CSPRNG (never before a fork: workers never fork). A worker that
   dies mid-job is replaced, and the job is re-run at once as a fresh process (``cold``), which resumes
   from the job's saved state, so nothing is trained or spent twice.
-* ``cold``: every job is a fresh ``python -m pipeline.cli site-round`` process, as a Slurm job would be.
+* ``cold``: every job is a fresh ``python -m fedpath.cli site-round`` process, as a Slurm job would be.
 
 The frozen config of the run is written to ``<run>/simulate/config.yaml`` so that every job sees
 exactly the same settings, including ``--set`` overrides given to ``fedpath simulate``.
@@ -40,12 +40,12 @@ from typing import Any, Protocol
 import httpx
 import yaml
 
+from fedcore.summary import update_summary
 from federation.provision import provision_paths, run_provision
 from federation.server import server_paths
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 from pipeline.statement import write_statement
-from pipeline.summary import update_summary
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def site_round_argv(config_path: Path, site: str, url: str) -> list[str]:
 
 
 def _site_cmd(config_path: Path, site: str, url: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *site_round_argv(config_path, site, url)]
+    return [sys.executable, "-m", "fedpath.cli", *site_round_argv(config_path, site, url)]
 
 
 def _job_env() -> dict[str, str]:
@@ -187,7 +187,7 @@ PRELOAD = [
     "opacus.utils.batch_memory_manager",
     "httpx",
     "rich.progress",
-    "pipeline.cli",
+    "fedpath.cli",
     "pipeline.train",
     "pipeline.statement",
     "federation.client",
@@ -210,7 +210,7 @@ def _reseed() -> None:
 def run_job_logged(argv: list[str], log_path: Path) -> int:
     """``fedpath <argv>`` in this process, stdout and stderr appended to ``log_path``; its exit status
     (an unexpected exception: its traceback in the log, 1, as a process would exit)."""
-    from pipeline.cli import run
+    from fedpath.cli import run
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -373,7 +373,7 @@ class _ColdJob:
     def __init__(self, argv: list[str], log_path: Path) -> None:
         with open(log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", *argv], stdout=logf, stderr=subprocess.STDOUT, env=_job_env()
+                [sys.executable, "-m", "fedpath.cli", *argv], stdout=logf, stderr=subprocess.STDOUT, env=_job_env()
             )
         self.started = time.monotonic()
 

@@ -179,8 +179,8 @@ def site_round(
 @app.command()
 def simulate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """A whole federation on one machine: the real aggregator on loopback with TLS; every site's round job
-    (`fedpath site-round`) in a warm per-site worker process, or a fresh process (federation.simulate_workers)."""
-    from federation.simulate import run_simulation
+    (`fedpath site-round`) in a warm per-site worker process, or a fresh process (fedpath.simulate_workers)."""
+    from fedpath.simulate import run_simulation
     from pipeline.statement import statement_lines
 
     summary = run_simulation(_cfg(config, set_))
@@ -265,7 +265,7 @@ def report(
 @app.command()
 def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """The whole pipeline on the synthetic default, ending with the report's path and headline figures."""
-    from pipeline.demo import run_demo
+    from fedpath.demo import run_demo
 
     run_demo(_cfg(config or Path("configs/demo.yaml"), set_))
 
@@ -280,7 +280,7 @@ def experiment(
     ] = "inf,8,4,1",
 ) -> None:
     """The real-data experiment: local, centralised, FedAvg, FedProx and FedDP at several ε, tabulated."""
-    from pipeline.experiment import run_experiment
+    from fedpath.experiment import run_experiment
 
     cfg = _cfg(config, set_)
     try:

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
+from fedcore.summary import update_summary
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 from pipeline.evaluate import evaluate_store
 from pipeline.models import build_model
-from pipeline.summary import update_summary
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def run_experiment(
     Resumable: a variant already evaluated under the same config (``experiment.json``) is not rerun, and
     training jobs themselves resume from their checkpoints.
     """
-    from federation.simulate import run_simulation
+    from fedpath.simulate import run_simulation
     from pipeline.train import train_local
     from wsi.tiling import run_tile_site
 
