@@ -28,27 +28,34 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import torch
+from pydantic import ValidationError
 
+from fedcore.layout import RunLayout
+from federation.ledger import UpdateLedger
+from federation.payloads import RoundStatus, UpdateMeta
 from federation.provision import provision_paths, read_site_token
 from federation.server import is_loopback
-from federation.strategies import LocalUpdateDP, Strategy, build_strategy
+from federation.site import site_algorithm
+from federation.strategies import ServerContext, Strategy, build_strategy
 from federation.wire import (
-    UPDATE_META_KEY,
     WireError,
     atomic_write_bytes,
     atomic_write_json,
     decode_state,
     encode_state,
     parse_header,
-    update_metadata,
+    spec_of,
 )
 from pipeline.checkpoint import ModelMeta, strip_wrappers
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
+
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ def server_url(cfg: ExperimentConfig) -> str:
     fed = cfg.federation
     if fed.server_url:
         return fed.server_url.rstrip("/")
-    endpoint = cfg.run_dir / "server" / "endpoint.json"
+    endpoint = RunLayout(cfg.run_dir).server.endpoint
     if fed.port == 0 and endpoint.is_file():
         return str(json.loads(endpoint.read_text())["url"]).rstrip("/")
     return f"{'https' if fed.tls else 'http'}://{fed.host}:{fed.port}"
@@ -111,6 +118,9 @@ class SiteClient:
             timeout=httpx.Timeout(self.timeout_s, connect=10.0),
             headers={"Authorization": f"Bearer {self.token}", "X-Fedpath-Site": self.site},
         )
+        #: payload bytes of model downloads and update uploads (the bodies on the wire)
+        self.bytes_down = 0
+        self.bytes_up = 0
 
     def close(self) -> None:
         self.http.close()
@@ -146,29 +156,47 @@ class SiteClient:
                 time.sleep(self.backoff_s * 2**attempt)
         raise FedpathError(f"{self.url}{path}: failed after {self.retries + 1} attempts ({last})")
 
-    def status(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/status").json()
+    def status(self) -> RoundStatus:
+        data = self._request("GET", "/v1/status").json()
+        try:
+            return RoundStatus.model_validate(data)
+        except ValidationError as err:
+            raise FedpathError(f"{self.url}/v1/status: unexpected answer ({err.errors()[0]['loc']})") from None
 
-    def wait_open(self, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+    def wait_open(self, timeout_s: float, poll_s: float = 0.5) -> RoundStatus:
         """Status once the current round accepts updates (or the federation finished)."""
         end = time.monotonic() + timeout_s
         while True:
             st = self.status()
-            if st["phase"] in ("open", "finished"):
+            if st.phase in ("open", "finished"):
                 return st
             if time.monotonic() > end:
-                raise FedpathError(f"{self.url}: round {st['round']} did not open within {timeout_s:.0f} s")
+                raise FedpathError(f"{self.url}: round {st.round} did not open within {timeout_s:.0f} s")
             time.sleep(poll_s)
 
     def download_model(self, round_index: int) -> tuple[dict[str, torch.Tensor], ModelMeta]:
         resp = self._request("GET", "/v1/model", params={"round": round_index})
+        self.bytes_down += len(resp.content)
         got = int(resp.headers.get("x-fedpath-round", -1))
         if got != round_index:
             raise FedpathError(f"{self.url}/v1/model: asked for round {round_index}, got round {got}")
         state, header = decode_state(resp.content, f"global model round {round_index}")
         return state, ModelMeta.from_header(header, f"global model round {round_index}")
 
+    def download_delta(self, round_index: int) -> dict[str, torch.Tensor] | None:
+        """Version ``round_index`` as its compressed delta from the previous one; None if not offered."""
+        try:
+            resp = self._request("GET", "/v1/model", params={"round": round_index, "form": "delta"})
+        except ServerRefused as exc:
+            if exc.status == 404:
+                return None
+            raise
+        self.bytes_down += len(resp.content)
+        state, _ = decode_state(resp.content, f"global delta version {round_index}")
+        return state
+
     def upload(self, body: bytes) -> dict[str, Any]:
+        self.bytes_up += len(body)
         return self._request(
             "POST", "/v1/update", content=body, headers={"Content-Type": "application/octet-stream"}
         ).json()
@@ -189,41 +217,27 @@ def client_for(cfg: ExperimentConfig, site: str) -> SiteClient:
 
 # -- update-level DP ledger ---------------------------------------------------------------------------
 def update_ledger_path(cfg: ExperimentConfig, site: str) -> Path:
-    return cfg.site_dir(site) / "update_privacy.json"
+    return RunLayout(cfg.run_dir).site(site).update_privacy
 
 
 def record_update_privacy(
-    cfg: ExperimentConfig, site: str, strategy: LocalUpdateDP, round_index: int, entry: dict[str, Any]
+    cfg: ExperimentConfig, site: str, strategy: Strategy, round_index: int, entry: dict[str, Any]
 ) -> dict[str, Any]:
-    """Append the update-level Gaussian release of ``round_index`` to the site's ledger; return ε so far.
+    """Record the update-level Gaussian release of ``round_index`` in the site's ledger; return it.
 
     Re-recording a round (a re-run job) replaces its entry rather than spending twice.
     """
-    path = update_ledger_path(cfg, site)
-    data: dict[str, Any] = {"site": site, "unit": "site", "entries": []}
-    if path.is_file():
-        data = json.loads(path.read_text())
-    entries = [e for e in data["entries"] if e["round"] != round_index]
-    participations = len(entries) + 1
-    eps = strategy.epsilon(participations)
-    entries.append(entry | {"round": round_index, "participations": participations, "epsilon": eps})
-    data["entries"] = sorted(entries, key=lambda e: e["round"])
-    data["epsilon"] = eps
-    data["delta"] = strategy.delta
-    data["unit"] = "site"
-    data["noise_source"] = entry.get("noise_source")
-    data["accountant"] = (
-        "rdp (opacus.accountants.analysis.rdp), one Gaussian per round, q=1, sensitivity 2C (replacement)"
-    )
-    atomic_write_json(path, data)
-    return data
+
+    def epsilon_of(participations: int) -> tuple[float, float]:
+        got = strategy.update_epsilon(participations)
+        if got is None:
+            raise FedpathError(f"strategy {strategy.describe()} reports update privacy but has no accountant")
+        return got
+
+    return UpdateLedger.load(update_ledger_path(cfg, site), site).record(round_index, entry, epsilon_of)
 
 
 # -- the batch job ------------------------------------------------------------------------------------
-def _round_dir(cfg: ExperimentConfig, site: str, r: int) -> Path:
-    return cfg.site_dir(site) / "rounds" / str(r)
-
-
 def compute_delta(
     local: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -246,23 +260,6 @@ def compute_delta(
     return out
 
 
-def _train(cfg: ExperimentConfig, site: str, r: int, global_state: dict[str, torch.Tensor], mu: float) -> Any:
-    """Local DP training from the global model (FedProx: with the proximal term towards it)."""
-    from pipeline.train import train_local
-
-    return train_local(
-        cfg,
-        [site],
-        cfg.run_dir,
-        init_state={k: v.clone() for k, v in global_state.items()},
-        round_index=r,
-        proximal_ref=global_state if mu > 0 else None,
-        proximal_mu=mu,
-        job_id=f"round-{r}",
-        progress=False,
-    )
-
-
 def _own_update(path: Path, site: str, r: int) -> bytes | None:
     """A locally saved update of this round, if complete and really this round's."""
     if not path.is_file():
@@ -270,11 +267,11 @@ def _own_update(path: Path, site: str, r: int) -> bytes | None:
     body = path.read_bytes()
     try:
         header = parse_header(body[: 8 + 16 * 1024 * 1024], len(body), str(path))
-        meta = json.loads(header.metadata[UPDATE_META_KEY])
-    except (WireError, KeyError, json.JSONDecodeError):
+        meta = UpdateMeta.from_header(header.metadata, str(path))
+    except WireError:
         log.warning("%s: unreadable saved update, retraining", path)
         return None
-    return body if meta.get("site") == site and meta.get("round") == r else None
+    return body if meta.site == site and meta.round == r else None
 
 
 def _refusal_error(site: str, r: int, refused: Path) -> ServerRefused:
@@ -296,70 +293,76 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
     """One site's job for the open round; returns (and writes to rounds/<r>/done.json) what happened."""
     fed = cfg.federation
     strategy = strategy or build_strategy(fed, len(cfg.sites))
+    layout = RunLayout(cfg.run_dir).site(site)
     with client_for(cfg, site) as client:
         st = client.wait_open(fed.wait_timeout_s)
-        if st["phase"] == "finished":
-            log.info("site %s: federation finished after %d rounds; nothing to do", site, st["rounds"])
-            return {"site": site, "round": st["round"], "outcome": "finished"}
-        r = int(st["round"])
-        job = _round_dir(cfg, site, r)
+        if st.phase == "finished":
+            log.info("site %s: federation finished after %d rounds; nothing to do", site, st.rounds)
+            return {"site": site, "round": st.round, "outcome": "finished"}
+        r = st.round
+        job = layout.round(r)
         job.mkdir(parents=True, exist_ok=True)
-        done = job / "done.json"
-        if st["submitted"]:
+        done = layout.done(r)
+        if st.submitted:
             log.info("site %s: round %d already submitted; not training again", site, r)
             if not done.is_file():
                 atomic_write_json(done, {"site": site, "round": r, "outcome": "already_submitted"})
             return {"site": site, "round": r, "outcome": "already_submitted"}
-        update_file = job / "update.safetensors"
-        refused = job / "refused.json"
+        update_file = layout.update(r)
+        refused = layout.refused(r)
         if refused.is_file():
             raise _refusal_error(site, r, refused)
         body = _own_update(update_file, site, r)
         trained = False
         if body is None:
             t0 = time.perf_counter()
-            global_state, gmeta = client.download_model(r)
-            if gmeta.model != cfg.model:
-                raise FedpathError(
-                    f"global model round {r}: its model config differs from this site's config"
-                )
-            mu = float(st.get("fit", {}).get("proximal_mu", 0.0))
-            result = _train(cfg, site, r, global_state, mu)
+            algo = site_algorithm(strategy)
+            global_state = algo.fetch_global(client, cfg, site, r)
+            spec = spec_of(global_state)
+            strategy.bind(ServerContext(global_spec=spec))
+            fit = st.fit
+            result = algo.train(cfg, site, r, global_state, fit)
             delta = compute_delta(result.state, global_state)
             cu = strategy.client_update(delta, site=site, round_index=r)
+            payload = strategy.encode_update(cu.delta, fit)
             extra: dict[str, Any] = {
-                "steps": int(getattr(result, "steps", 0)),
-                "sample_delta": getattr(result, "delta", None),
-                "sample_unit": cfg.train.privacy.unit if getattr(result, "epsilon", None) is not None else None,
-                "epsilon_slide": getattr(result, "epsilon_slide", None),
-                "noise_multiplier": getattr(result, "noise_multiplier", None),
-                "sample_rate": getattr(result, "sample_rate", None),
-                "proximal_mu": mu,
+                "steps": result.steps,
+                "sample_delta": result.delta,
+                "sample_unit": cfg.train.privacy.unit if result.epsilon is not None else None,
+                "epsilon_slide": result.epsilon_slide,
+                "noise_multiplier": result.noise_multiplier,
+                "sample_rate": result.sample_rate,
+                "proximal_mu": fit.proximal_mu,
                 "strategy": strategy.describe(),
             }
-            if cu.privacy is not None and isinstance(strategy, LocalUpdateDP):
+            if cu.privacy is not None:
                 ledger = record_update_privacy(cfg, site, strategy, r, cu.privacy)
                 extra["update_epsilon"] = ledger["epsilon"]
                 extra["update_delta"] = ledger["delta"]
-            meta = update_metadata(
+            meta = UpdateMeta(
                 site=site,
                 round=r,
                 n_tiles=int(result.n_train_tiles),
                 epsilon=None if result.epsilon is None else float(result.epsilon),
                 update_id=uuid.uuid4().hex,
+                kind=st.payload,
                 extra=extra,
             )
-            body = encode_state(cu.delta, meta)
+            body = encode_state(payload, meta.to_header())
             atomic_write_bytes(update_file, body)  # before upload: a killed job re-sends, never retrains
             atomic_write_json(
-                job / "train.json",
+                layout.train_json(r),
                 {
-                    "metrics": getattr(result, "metrics", {}),
+                    "metrics": result.metrics,
                     "epsilon": result.epsilon,
                     "n_train_tiles": result.n_train_tiles,
                     "seconds": time.perf_counter() - t0,
+                    "bytes_down": client.bytes_down,
+                    "bytes_up": len(body),
+                    "payload": st.payload,
                 }
-                | {k: v for k, v in extra.items() if k != "strategy"},
+                | {k: v for k, v in extra.items() if k != "strategy"}
+                | result.extra,
             )
             trained = True
         else:
@@ -371,13 +374,21 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
                 raise
             # final: never re-send this update; keep it (renamed) for the site engineer to inspect
             if update_file.is_file():
-                update_file.replace(job / "update.refused.safetensors")
+                update_file.replace(layout.refused_update(r))
             atomic_write_json(
                 refused,
                 {"site": site, "round": r, "status": exc.status, "code": exc.code, "reason": str(exc)},
             )
             raise _refusal_error(site, r, refused) from None
-        out = {"site": site, "round": r, "outcome": "uploaded", "trained": trained, "ack": ack}
+        out = {
+            "site": site,
+            "round": r,
+            "outcome": "uploaded",
+            "trained": trained,
+            "ack": ack,
+            "bytes_up": client.bytes_up,
+            "bytes_down": client.bytes_down,
+        }
         atomic_write_json(done, out)
         log.info("site %s: round %d update accepted (%s)", site, r, ack["sha256"][:12])
         return out

@@ -44,7 +44,6 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,18 +56,25 @@ from safetensors import safe_open
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedcore.layout import RunLayout, ServerLayout
 from federation.audit import AuditLog
+from federation.payloads import PayloadSpec, RoundStatus, UpdateMeta
 from federation.provision import load_token_hashes, provision_paths, verify_token
-from federation.strategies import Strategy, UpdateInfo, build_strategy
+from federation.strategies import (
+    Accumulator,
+    PublishView,
+    ServerContext,
+    Strategy,
+    UpdateInfo,
+    build_strategy,
+)
 from federation.wire import (
     DTYPE_SIZES,
-    UPDATE_META_KEY,
     TensorSpec,
     WireError,
     atomic_write_bytes,
     atomic_write_json,
     check_finite_and_norm,
-    check_specs,
     encode_state,
     fsync_dir,
     fsync_file,
@@ -77,7 +83,7 @@ from federation.wire import (
     spec_of,
 )
 from pipeline.checkpoint import ModelMeta, read_model_file, save_model
-from pipeline.config import ConfigError, ExperimentConfig, check_site_name, is_site_name, load_config
+from pipeline.config import ConfigError, ExperimentConfig, is_site_name, load_config
 from pipeline.errors import FedpathError
 
 log = logging.getLogger(__name__)
@@ -108,50 +114,12 @@ HEADER_ALLOWANCE = 64 * 1024
 HEADER_PER_TENSOR = 512
 
 
-@dataclass(frozen=True)
-class ServerPaths:
-    """Every path of the aggregator's folder; site names are validated here, the one place they meet disk."""
-
-    root: Path
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def audit(self) -> Path:
-        return self.root / "audit.jsonl"
-
-    @property
-    def endpoint(self) -> Path:
-        return self.root / "endpoint.json"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "serve.lock"
-
-    def corrupt_state(self, stamp: int) -> Path:
-        return self.root / f"state.json.corrupt-{stamp}"
-
-    def updates(self, r: int) -> Path:
-        return self.root / "updates" / str(int(r))
-
-    def update(self, r: int, site: str) -> Path:
-        return self.updates(r) / f"{check_site_name(site)}.safetensors"
-
-    def quarantine(self, r: int, name: str) -> Path:
-        """Where an unusable file found in ``updates/<r>/`` is moved (kept, never counted)."""
-        return self.updates(r) / "quarantine" / Path(name).name
-
-    def global_model(self, r: int) -> Path:
-        return self.root / "global" / f"round_{r}.safetensors"
-
-    def strategy_state(self, r: int) -> Path:
-        return self.root / "strategy" / f"round_{r}.safetensors"
+#: the aggregator's folder; every path is named by :class:`fedcore.layout.ServerLayout`
+ServerPaths = ServerLayout
 
 
-def server_paths(cfg: ExperimentConfig) -> ServerPaths:
-    return ServerPaths(cfg.run_dir / "server")
+def server_paths(cfg: ExperimentConfig) -> ServerLayout:
+    return RunLayout(cfg.run_dir).server
 
 
 def initial_model_state(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
@@ -164,37 +132,9 @@ def initial_model_state(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def _parse_update_meta(metadata: dict[str, str], what: str, max_n_tiles: int | None) -> dict[str, Any]:
-    """The update's ``fedpath_update`` metadata, checked; ``max_n_tiles`` None: stored before (lenient)."""
-    raw = metadata.get(UPDATE_META_KEY)
-    if raw is None:
-        raise WireError(f"{what}: no '{UPDATE_META_KEY}' metadata in the safetensors header")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise WireError(f"{what}: '{UPDATE_META_KEY}' metadata is not JSON") from None
-    if not isinstance(meta, dict):
-        raise WireError(f"{what}: '{UPDATE_META_KEY}' metadata is not an object")
-    site, rnd, n_tiles, eps = meta.get("site"), meta.get("round"), meta.get("n_tiles"), meta.get("epsilon")
-    if not is_site_name(site):
-        raise WireError(f"{what}: metadata 'site' missing or not a valid site name")
-    if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd < 2**31:
-        raise WireError(f"{what}: metadata 'round' must be a non-negative integer (got {str(rnd)[:40]})")
-    if not isinstance(n_tiles, int) or isinstance(n_tiles, bool) or n_tiles < 1:
-        raise WireError(f"{what}: metadata 'n_tiles' must be a positive integer (got {str(n_tiles)[:40]})")
-    if max_n_tiles is not None and n_tiles > max_n_tiles:
-        raise WireError(
-            f"{what}: metadata 'n_tiles' {str(n_tiles)[:40]} exceeds federation.max_n_tiles={max_n_tiles}"
-        )
-    # inf is legitimate (DP-SGD without noise: no guarantee); NaN and negatives are not
-    if eps is not None and (not isinstance(eps, int | float) or math.isnan(eps) or eps < 0):
-        raise WireError(
-            f"{what}: metadata 'epsilon' must be a non-negative number, inf or null (got {str(eps)[:40]})"
-        )
-    meta.setdefault("update_id", "")
-    if not isinstance(meta["update_id"], str) or len(meta["update_id"]) > 128:
-        raise WireError(f"{what}: metadata 'update_id' must be a string of at most 128 characters")
-    return meta
+def _parse_update_meta(metadata: dict[str, str], what: str, max_n_tiles: int | None) -> UpdateMeta:
+    """The update's typed metadata, checked; ``max_n_tiles`` None: stored before (lenient on the bound)."""
+    return UpdateMeta.from_header(metadata, what, max_n_tiles)
 
 
 def model_nbytes(spec: dict[str, TensorSpec]) -> int:
@@ -284,7 +224,28 @@ class Aggregator:
         self.close_failures = 0
         self._retry_at = 0.0
         self.storage_errors = 0
+        #: the running sum of the open version's accepted updates (streaming strategies); derived state,
+        #: rebuilt from the update files after a restart
+        self._acc: Accumulator | None = None
+        self._acc_lock = threading.Lock()
         self._recover(rebuild_state)
+
+    def _bind_strategy(self, strategy: Strategy) -> Strategy:
+        """Give the strategy its server context; derive the payload declaration it expects."""
+        strategy.bind(
+            ServerContext(
+                model_builder=self._build_model,
+                server_manifest=self.fed.server_manifest,
+                global_spec=dict(self.spec),
+            )
+        )
+        self.payload_spec: PayloadSpec = strategy.upload_spec(self.spec, self.max_norm)
+        return strategy
+
+    def _build_model(self) -> torch.nn.Module:
+        from pipeline.models import build_model
+
+        return build_model(self.cfg.model)
 
     def _set_limits(self) -> None:
         """Bounds derived from the model: update norm and body size (unless the config sets them)."""
@@ -332,19 +293,37 @@ class Aggregator:
             },
         )
 
-    def _save_global(self, r: int, state: dict[str, torch.Tensor]) -> Path:
+    def _save_global(
+        self, r: int, state: dict[str, torch.Tensor], updates: list[UpdateInfo] | None = None
+    ) -> Path:
+        """Publish version ``r``; its header records the updates it contains and their staleness."""
+        contains = [
+            {"site": u.site, "update_id": u.update_id, "sha256": u.sha256, "based_on": u.based_on,
+             "staleness": u.staleness, "kind": u.kind}
+            for u in updates or []
+        ]
         meta = ModelMeta(
             model=self.cfg.model,
             tile_size=self.cfg.tiling.tile_size,
             target_mpp=self.cfg.tiling.target_mpp,
             source="global",
             round=r,
-            extra={"strategy": self.strategy.describe()},
+            extra={"strategy": self.strategy.describe(), "version": r, "updates": contains},
         )
         path = save_model(self.paths.global_model(r), state, meta)
         fsync_file(path)
         fsync_dir(path.parent)
         return path
+
+    def _save_download(self, r: int, strategy: Strategy) -> None:
+        """The compressed form of version ``r`` (its delta from ``r - 1``), if the strategy has one."""
+        payload = strategy.download_payload()
+        if payload is None:
+            return
+        atomic_write_bytes(
+            self.paths.global_delta(r),
+            encode_state(payload, {"fedpath_delta": json.dumps({"base": r - 1, "version": r})}),
+        )
 
     def _save_strategy(self, r: int) -> None:
         tensors, meta = self.strategy.state_dict()
@@ -357,7 +336,7 @@ class Aggregator:
         Every close of round ``r`` starts from this, so a close retried after a failed publish cannot
         advance FedAdam's moments or the central-DP accountant twice.
         """
-        self.strategy = build_strategy(self.fed, len(self.sites))
+        self.strategy = self._bind_strategy(build_strategy(self.fed, len(self.sites)))
         self._load_strategy(r)
         return self.strategy
 
@@ -391,12 +370,11 @@ class Aggregator:
                 meta = _parse_update_meta(
                     header.metadata, path.name, self.fed.max_n_tiles if open_round else None
                 )
-                if meta["site"] != path.stem:
-                    raise WireError(f"{path.name}: metadata names site {meta['site']!r}")
+                if meta.site != path.stem:
+                    raise WireError(f"{path.name}: metadata names site {meta.site!r}")
                 norm = 0.0
                 if open_round:
-                    check_specs(header.specs, self.spec, path.name)
-                    norm = check_finite_and_norm(path, list(header.specs))
+                    norm = self._check_payload(path, header.specs, meta, path.name)
                     if norm > self.max_norm:
                         raise WireError(
                             f"{path.name}: L2 norm {norm:.4g} exceeds the bound {self.max_norm:.4g}"
@@ -410,22 +388,45 @@ class Aggregator:
                 os.replace(path, dest)
                 log.warning("aggregator: %s is not a usable update (%s); moved to %s", path, exc, dest)
                 continue
-            out[meta["site"]] = self._info(meta, path, sha256_file(path), norm, r)
+            out[meta.site] = self._info(meta, path, sha256_file(path), norm, r)
         return out
 
     @staticmethod
-    def _info(meta: dict[str, Any], path: Path, sha: str, norm: float, target_round: int) -> UpdateInfo:
+    def _info(meta: UpdateMeta, path: Path, sha: str, norm: float, target_round: int) -> UpdateInfo:
         return UpdateInfo(
-            site=meta["site"],
+            site=meta.site,
             round=target_round,
-            n_tiles=int(meta["n_tiles"]),
-            epsilon=None if meta.get("epsilon") is None else float(meta["epsilon"]),
+            n_tiles=meta.n_tiles,
+            epsilon=meta.epsilon,
             path=path,
             sha256=sha,
-            update_id=meta.get("update_id", ""),
+            update_id=meta.update_id,
             norm=norm,
-            late_from=None if meta["round"] == target_round else int(meta["round"]),
+            late_from=None if meta.round == target_round else meta.round,
+            kind=meta.kind,
         )
+
+    def _check_payload(self, path: Path, specs: dict[str, TensorSpec], meta: UpdateMeta, what: str) -> float:
+        """Check an upload against the strategy's declared payload; return the L2 norm of its delta.
+
+        Names, dtypes, shapes and ranks first (header only), then finiteness and value bounds of what was
+        sent, then the norm of what it decodes to (the same tensors for a full delta).
+        """
+        spec = self.payload_spec
+        if meta.kind != spec.kind:
+            raise WireError(f"{what}: payload kind {meta.kind!r}, the strategy expects {spec.kind!r}")
+        spec.validate(specs, what)
+        raw_norm = check_finite_and_norm(path, list(specs), what, max_abs=spec.max_abs)
+        if spec.kind == "full_delta":
+            return raw_norm
+        info = self._info(meta, path, "", 0.0, meta.round)
+        sq = 0.0
+        for _, t in self.strategy.iter_delta(info, self.float_names):
+            flat = t.reshape(-1).to(torch.float32)
+            sq += float(torch.dot(flat, flat))
+        if not math.isfinite(sq):
+            raise WireError(f"{what}: decoded update is not finite")
+        return math.sqrt(sq)
 
     def _recover(self, rebuild_state: bool = False) -> None:
         p = self.paths
@@ -448,7 +449,9 @@ class Aggregator:
             )
         g0, _ = read_model_file(p.global_model(0))
         self.spec: dict[str, TensorSpec] = spec_of(g0)
+        self.float_names = [k for k, t in self.spec.items() if t.dtype in ("F64", "F32", "F16", "BF16")]
         self._set_limits()
+        self._bind_strategy(self.strategy)
         self._load_strategy(self.round)
         # roll forward a close whose global model was written but whose state.json was not
         while p.global_model(self.round + 1).is_file() and self.round < self.fed.rounds:
@@ -467,6 +470,8 @@ class Aggregator:
         if self.phase == "aggregating":
             # killed mid-aggregation: aggregate the same stored updates again
             self.phase, self.resume_close = "open", True
+        for u in sorted(self.accepted.values(), key=lambda u: u.site):
+            self.on_update(u)  # the running sum is derived state: rebuilt from the update files
         self._write_state()
         log.info(
             "aggregator: round %d (%s), %d update(s) on disk, strategy %s",
@@ -497,38 +502,46 @@ class Aggregator:
         return self.opened_at + self.fed.round_deadline_s
 
     def status(self, site: str | None = None) -> dict[str, Any]:
+        """The typed :class:`RoundStatus` of the open version, as JSON (the fit config is per site)."""
         with self._lock:
-            fit = self.strategy.configure_fit(self.round)
-            return {
-                "round": self.round,
-                "phase": self.phase,
-                "rounds": self.fed.rounds,
-                "k": self.fed.min_sites,
-                "n": len(self.sites),
-                "sites_reported": sorted(self.accepted),
-                "submitted": site in self.accepted if site else None,
-                "opened_at": self.opened_at,
-                "deadline": self.deadline(),
-                "close_policy": self.fed.close_policy,
-                "global_round": self.round,
-                "strategy": self.strategy.describe(),
-                "fit": {"proximal_mu": fit.proximal_mu, **fit.extra},
-                "central_privacy": self.strategy.privacy_report(),
-                "publish_error": self.close_error,
-                "publish_failures": self.close_failures,
-                "state_saved": not self.state_dirty,
-                "limits": {
+            return RoundStatus(
+                round=self.round,
+                phase=self.phase,  # type: ignore[arg-type]
+                rounds=self.fed.rounds,
+                k=self.fed.min_sites,
+                n=len(self.sites),
+                sites_reported=sorted(self.accepted),
+                submitted=site in self.accepted if site else None,
+                opened_at=self.opened_at,
+                deadline=self.deadline(),
+                close_policy=self.fed.close_policy,
+                global_round=self.round,
+                version=self.round,
+                strategy=self.strategy.describe(),
+                payload=self.payload_spec.kind,
+                fit=self.strategy.configure_fit(self.round, site),
+                central_privacy=self.strategy.privacy_report(),
+                publish_error=self.close_error,
+                publish_failures=self.close_failures,
+                state_saved=not self.state_dirty,
+                limits={
                     "max_body_bytes": self.max_body,
                     "max_update_norm": self.max_norm,
                     "max_n_tiles": self.fed.max_n_tiles,
                 },
-            }
+            ).model_dump(mode="json")
 
-    def model_path(self, r: int | None) -> tuple[int, Path]:
+    def model_path(self, r: int | None, form: str = "full") -> tuple[int, Path]:
+        """Version ``r`` as a full model, or (``form="delta"``) as its compressed delta from ``r - 1``."""
         with self._lock:
             r = self.round if r is None else r
             if r < 0 or r > self.round:
                 raise Rejection(404, "no_model", f"no global model for round {r} (latest is {self.round})")
+            if form == "delta":
+                path = self.paths.global_delta(r)
+                if not path.is_file():
+                    raise Rejection(404, "no_delta", f"no compressed delta for version {r}; ask for the full model")
+                return r, path
             return r, self.paths.global_model(r)
 
     @staticmethod
@@ -568,7 +581,7 @@ class Aggregator:
                 meta = _parse_update_meta(read_header(path, path.name).metadata, path.name, None)
             except WireError:
                 continue
-            if meta["round"] == update_round:
+            if meta.round == update_round:
                 return self._info(meta, path, sha256_file(path), 0.0, r)
         return None
 
@@ -608,12 +621,12 @@ class Aggregator:
                 meta = _parse_update_meta(header.metadata, "update", self.fed.max_n_tiles)
             except WireError as exc:
                 raise Rejection(422, "malformed", str(exc)) from None
-            r_upd = int(meta["round"])
-            if meta["site"] != site:
+            r_upd = meta.round
+            if meta.site != site:
                 raise Rejection(
                     403,
                     "site_mismatch",
-                    f"update metadata names site {meta['site']!r}, token is {site!r}",
+                    f"update metadata names site {meta.site!r}, token is {site!r}",
                     round=r_upd,
                 )
             with self._lock:
@@ -629,8 +642,7 @@ class Aggregator:
                     )
                 self._target_round(site, r_upd)
             try:
-                check_specs(header.specs, self.spec, "update")
-                norm = check_finite_and_norm(tmp, list(header.specs), "update")
+                norm = self._check_payload(tmp, header.specs, meta, "update")
             except WireError as exc:
                 raise Rejection(422, "invalid", str(exc), round=r_upd) from None
             if norm > self.max_norm:
@@ -674,7 +686,9 @@ class Aggregator:
                     self.storage_errors += 1
                     log.error("aggregator: fsync of %s failed (%s)", final.parent, exc.strerror)
                 self._try_write_state()  # derived from the folder; a failure is retried, the answer stands
-                return self._ack(info), False
+                ack = self._ack(info)
+            self.on_update(info)  # streaming: fold it into the open version's running sum now
+            return ack, False
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -690,21 +704,40 @@ class Aggregator:
             headers={"Retry-After": "5"},
         )
 
-    # -- rounds --------------------------------------------------------------------------------------
+    # -- versions ------------------------------------------------------------------------------------
+    def on_update(self, info: UpdateInfo) -> None:
+        """Fold an accepted update into the open version's running sum (streaming strategies only).
+
+        Memory stays one model whatever the number of sites; a failure here only costs speed: the close
+        recomputes the average from the stored files when the sum does not hold exactly its updates.
+        """
+        if not self.strategy.streaming:
+            return
+        with self._acc_lock:
+            if self._acc is None or self._acc.round != info.round:
+                self._acc = self.strategy.new_accumulator(self.global_state, info.round)
+            if any(u.site == info.site for u in self._acc.updates):
+                return
+            try:
+                self.strategy.on_update(self._acc, info)
+            except (WireError, OSError, ValueError) as exc:
+                log.error("aggregator: could not fold %s into the running sum (%s)", info.path, exc)
+                self._acc = None
+
     def should_close(self, now: float | None = None) -> bool:
         with self._lock:
-            if self.phase != "open":
+            if self.phase != "open" or time.monotonic() < self._retry_at:
                 return False
-            m = len(self.accepted)
-            if time.monotonic() < self._retry_at:
-                return False
-            if self.resume_close and m >= self.fed.min_sites:  # a close already decided (or retried)
-                return True
-            if m >= len(self.sites):
-                return True
-            if m >= self.fed.min_sites:
-                return self.fed.close_policy == "min_sites" or (now or time.time()) >= self.deadline()
-            return False
+            return self.strategy.should_publish(
+                PublishView(
+                    accepted=len(self.accepted),
+                    n_sites=len(self.sites),
+                    min_sites=self.fed.min_sites,
+                    close_policy=self.fed.close_policy,
+                    deadline_passed=(now or time.time()) >= self.deadline(),
+                    resume=self.resume_close,
+                )
+            )
 
     def _history_entry(self, r: int, updates: dict[str, UpdateInfo], **extra: Any) -> dict[str, Any]:
         return {
@@ -732,10 +765,13 @@ class Aggregator:
                 self._try_write_state()
             t0 = time.perf_counter()
             try:
+                with self._acc_lock:  # waits for an update still being folded in
+                    acc = self._acc
                 strategy = self._fresh_strategy(r)
-                new_state = strategy.aggregate(self.global_state, updates, r)
+                new_state = strategy.aggregate(self.global_state, updates, r, accumulated=acc)
                 self._save_strategy(r + 1)
-                path = self._save_global(r + 1, new_state)
+                path = self._save_global(r + 1, new_state, updates)
+                self._save_download(r + 1, strategy)
             except Exception as exc:  # keep the round open; the stored updates are untouched; retry later
                 what = (
                     f"storage error ({exc.strerror or exc})"
@@ -765,6 +801,8 @@ class Aggregator:
                 )
                 self.global_state = new_state
                 self.round, self.opened_at, self.accepted, self.resume_close = r + 1, time.time(), {}, False
+                with self._acc_lock:
+                    self._acc = None
                 self.phase = "finished" if self.round >= self.fed.rounds else "open"
                 self.close_error, self.close_failures, self._retry_at = None, 0, 0.0
                 self._try_write_state()
@@ -1023,9 +1061,13 @@ def create_app(agg: Aggregator, *, tick_s: float = 0.25) -> FastAPI:
         return st
 
     @app.get("/v1/model")
-    async def model(request: Request, round: int | None = Query(None, ge=0, lt=2**31)) -> FileResponse:  # noqa: A002
+    async def model(
+        request: Request,
+        round: int | None = Query(None, ge=0, lt=2**31),  # noqa: A002
+        form: str = Query("full", pattern="^(full|delta)$"),
+    ) -> FileResponse:
         site = await auth(request)
-        r, path = await asyncio.to_thread(agg.model_path, round)
+        r, path = await asyncio.to_thread(agg.model_path, round, form)
         await audit(action="model", site=site, round=r, outcome="ok", status=200)
         return FileResponse(path, media_type="application/octet-stream", headers={"X-Fedpath-Round": str(r)})
 

@@ -195,8 +195,10 @@ def iter_tensors(
         raise WireError(f"{what or path}: unreadable safetensors ({exc})") from None
 
 
-def check_finite_and_norm(path: Path, names: list[str], what: str | None = None) -> float:
-    """Check every float tensor is finite; return the update's global L2 norm over float tensors.
+def check_finite_and_norm(
+    path: Path, names: list[str], what: str | None = None, max_abs: float | None = None
+) -> float:
+    """Check every float tensor is finite (and within ``max_abs``); return the global L2 norm over them.
 
     One float32 dot product per tensor does both jobs: a sum of squares is finite exactly when every
     value is (up to float32 overflow, which is reported as such), at a fraction of an elementwise check.
@@ -214,6 +216,8 @@ def check_finite_and_norm(path: Path, names: list[str], what: str | None = None)
             if bool(torch.isinf(flat).any()):
                 raise WireError(f"{what}: tensor {name!r} contains Inf values")
             raise WireError(f"{what}: tensor {name!r}: values too large (squared norm overflows float32)")
+        if max_abs is not None and float(flat.abs().max()) > max_abs:
+            raise WireError(f"{what}: tensor {name!r}: a value exceeds the payload's bound {max_abs:g}")
         sq += s
     return math.sqrt(sq)
 

@@ -32,7 +32,11 @@ DataRootOpt = Annotated[
 
 
 def _cfg(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
-    return load_config(config, overrides)
+    from federation.strategies import strategy_config
+
+    cfg = load_config(config, overrides)
+    strategy_config(cfg.federation, f"{config or '<config>'}: federation.strategy")  # one-line error if bad
+    return cfg
 
 
 def _fail(msg: str, code: int = 2) -> None:

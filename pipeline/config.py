@@ -151,7 +151,11 @@ class UpdateDPConfig(_Strict):
 
 
 class FederationConfig(_Strict):
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = "fedavg"
+    strategy: str | dict[str, Any] = Field(
+        "fedavg",
+        description="a strategy name (its options from the flat keys below, e.g. proximal_mu), or a mapping "
+        "{name: fedmic, energy_start: 0.9, ...} validated by federation.strategies.registry",
+    )
     rounds: int = Field(3, ge=1)
     min_sites: int = Field(2, ge=1, description="k of n: the fewest reports a round may close with")
     close_policy: Literal["all_or_deadline", "min_sites"] = Field(
@@ -210,6 +214,9 @@ class FederationConfig(_Strict):
         None, description="a site's token file (default: <run>/provision/sites/<site>/token)"
     )
     seed: int = Field(0, description="seed of the initial global model (round_0)")
+    server_manifest: Path | None = Field(
+        None, description="unlabelled or public tiles the server holds (for strategies that distil on it)"
+    )
     upload_retries: int = Field(5, ge=0, description="site client: retries of a failed request")
     wait_timeout_s: float = Field(600.0, gt=0, description="site client: longest wait for a round to open")
     parallel_sites: int = Field(2, ge=1, description="simulate: site jobs run at the same time")

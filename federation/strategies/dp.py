@@ -28,13 +28,12 @@ from typing import Any
 import torch
 
 from federation.strategies.base import (
+    Accumulator,
     ClientUpdateResult,
     State,
     Strategy,
     StrategyWrapper,
     UpdateInfo,
-    float_names,
-    streaming_sum,
 )
 from pipeline.dprandom import NoiseSource, SecureRandom
 from pipeline.privacy import gaussian_epsilon
@@ -101,6 +100,9 @@ class LocalUpdateDP(StrategyWrapper):
             },
         )
 
+    def update_epsilon(self, participations: int) -> tuple[float, float] | None:
+        return self.epsilon(participations), self.delta
+
     def epsilon(self, participations: int) -> float:
         """Update-level ε(δ), per site, after a site has released ``participations`` noised updates: a
         Gaussian mechanism of sensitivity 2C and std σC per release, composed (RDP)."""
@@ -128,9 +130,14 @@ class CentralDP(StrategyWrapper):
         )
         self.n_sites = int(n_sites)
         self.history: list[dict[str, Any]] = []
+        self.streaming = True  # clipping is per update: the clipped sum streams whatever the inner strategy
 
     def weight(self, update: UpdateInfo) -> float:
         return 1.0
+
+    def coefficient(self, update: UpdateInfo) -> float:
+        c = self.clip_norm
+        return min(1.0, c / update.norm) if update.norm > 0 else 1.0
 
     def average(
         self,
@@ -141,17 +148,19 @@ class CentralDP(StrategyWrapper):
     ) -> State:
         if not updates:
             raise ValueError("CentralDP: no updates to aggregate")
+        return Strategy.average(self, global_state, updates, round_index, generator)
+
+    def finish(self, acc: Accumulator, round_index: int, generator: NoiseSource | None = None) -> State:
+        updates = acc.updates
+        if not updates:
+            raise ValueError("CentralDP: no updates to aggregate")
         m = len(updates)
         c = self.clip_norm
-
-        def coef(u: UpdateInfo) -> float:
-            return min(1.0, c / u.norm) if u.norm > 0 else 1.0
-
-        total = streaming_sum(updates, coef, float_names(global_state), global_state)
         rng = generator or SecureRandom()
         std = self.noise_multiplier * c
-        for name, t in total.items():
-            total[name] = rng.add_gaussian(t, std).div_(m)
+        total: State = {}
+        for name, t in acc.sum.items():
+            total[name] = rng.add_gaussian(t, std).div_(m)  # a new tensor: acc stays as it was
         # keyed by round: a retried close replaces its entry instead of spending the round twice
         self.history = [h for h in self.history if h["round"] != round_index]
         self.history.append(

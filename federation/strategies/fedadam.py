@@ -11,15 +11,30 @@ publish) starts again from the moments as they were before round ``r``, so they 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
-from federation.strategies.base import State, Strategy
+from federation.strategies.base import State, Strategy, StrategyConfig
+
+
+class FedAdamConfig(StrategyConfig):
+    name: Literal["fedadam"] = "fedadam"
+    server_lr: float = Field(0.01, gt=0)
+    server_beta1: float = Field(0.9, ge=0, lt=1)
+    server_beta2: float = Field(0.99, ge=0, lt=1)
+    server_tau: float = Field(1e-3, gt=0)
 
 
 class FedAdam(Strategy):
     name = "fedadam"
+    Config = FedAdamConfig
+
+    @classmethod
+    def from_config(cls, c: StrategyConfig) -> Strategy:
+        assert isinstance(c, FedAdamConfig)
+        return cls(c.server_lr, c.server_beta1, c.server_beta2, c.server_tau)
 
     def __init__(self, lr: float, beta1: float, beta2: float, tau: float) -> None:
         self.lr, self.beta1, self.beta2, self.tau = float(lr), float(beta1), float(beta2), float(tau)

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from federation.strategies.base import State, Strategy
+from typing import Literal
+
+from federation.strategies.base import State, Strategy, StrategyConfig
+
+
+class FedAvgConfig(StrategyConfig):
+    name: Literal["fedavg"] = "fedavg"
 
 
 class FedAvg(Strategy):
     """``global + sum_i (n_i / sum n) * delta_i``; the weights are the sites' training tiles."""
 
     name = "fedavg"
+    Config: type[StrategyConfig] = FedAvgConfig
+
+    @classmethod
+    def from_config(cls, c: StrategyConfig) -> Strategy:
+        return cls()
 
     def apply(self, global_state: State, avg_delta: State, round_index: int) -> State:
         out = {k: v.clone() for k, v in global_state.items()}

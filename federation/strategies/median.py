@@ -8,13 +8,18 @@ site cannot buy influence by over-reporting them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-from federation.strategies.base import State, UpdateInfo, float_names
+from federation.strategies.base import State, Strategy, StrategyConfig, UpdateInfo, float_names
 from federation.strategies.coordinatewise import reduce_coordinatewise
 from federation.strategies.fedavg import FedAvg
 from pipeline.dprandom import NoiseSource
+
+
+class FedMedianConfig(StrategyConfig):
+    name: Literal["fedmedian"] = "fedmedian"
 
 
 def _median(sorted_stack: torch.Tensor) -> torch.Tensor:
@@ -28,6 +33,12 @@ class FedMedian(FedAvg):
     """``global + median_i(delta_i)``, coordinate by coordinate (the mean of the middle two if m is even)."""
 
     name = "fedmedian"
+    Config = FedMedianConfig
+    streaming = False  # a median needs every site's value of a coordinate at once
+
+    @classmethod
+    def from_config(cls, c: StrategyConfig) -> Strategy:
+        return cls()
 
     def average(
         self,

@@ -8,19 +8,33 @@ drag any coordinate outside the range of the honest values. Weights (``n_tiles``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from federation.strategies.base import State, UpdateInfo, float_names
+from federation.strategies.base import State, Strategy, StrategyConfig, UpdateInfo, float_names
 from federation.strategies.coordinatewise import reduce_coordinatewise
 from federation.strategies.fedavg import FedAvg
 from pipeline.dprandom import NoiseSource
+
+
+class FedTrimmedAvgConfig(StrategyConfig):
+    name: Literal["fedtrimmedavg"] = "fedtrimmedavg"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="share cut at each end, per coordinate")
 
 
 class FedTrimmedAvg(FedAvg):
     """``global + trimmed_mean_i(delta_i)`` coordinate by coordinate."""
 
     name = "fedtrimmedavg"
+    Config = FedTrimmedAvgConfig
+    streaming = False  # a trimmed mean needs every site's value of a coordinate at once
+
+    @classmethod
+    def from_config(cls, c: StrategyConfig) -> Strategy:
+        assert isinstance(c, FedTrimmedAvgConfig)
+        return cls(c.trim_fraction)
 
     def __init__(self, beta: float = 0.2) -> None:
         if not 0 <= beta < 0.5:

@@ -116,7 +116,7 @@ def test_n_tiles_out_of_range_is_refused_before_it_is_stored(live: Fed) -> None:
         assert resp.status_code == 422, resp.text
         assert "n_tiles" in resp.json()["detail"] and "max_n_tiles" in resp.json()["detail"]
         assert live.snapshot() == before
-    assert live.clients["a"].status()["limits"]["max_n_tiles"] == live.cfg.federation.max_n_tiles
+    assert live.clients["a"].status().limits["max_n_tiles"] == live.cfg.federation.max_n_tiles
 
 
 def test_default_norm_bound_refuses_a_huge_update_with_the_reason(live: Fed) -> None:
@@ -129,7 +129,7 @@ def test_default_norm_bound_refuses_a_huge_update_with_the_reason(live: Fed) -> 
     resp = live.raw("a", live.token("a"), update_body(moderate, "a", 0, 5))
     assert resp.status_code == 422 and resp.json()["code"] == "norm", resp.text
     n = sum(v.numel() for v in live.global0.values() if v.is_floating_point())
-    bound = live.clients["a"].status()["limits"]["max_update_norm"]
+    bound = live.clients["a"].status().limits["max_update_norm"]
     assert bound == pytest.approx(live.cfg.federation.max_update_rms * math.sqrt(n))
     assert f"{bound:.4g}" in resp.json()["detail"]
     assert live.snapshot() == before
@@ -139,7 +139,7 @@ def test_default_body_limit_is_derived_from_the_model_size(live: Fed) -> None:
     spec = spec_of(live.global0)
     want = 8 + model_nbytes(spec) + HEADER_ALLOWANCE + HEADER_PER_TENSOR * len(spec)
     assert live.cfg.federation.max_body_mb is None
-    assert live.clients["a"].status()["limits"]["max_body_bytes"] == want < 1024 * 1024
+    assert live.clients["a"].status().limits["max_body_bytes"] == want < 1024 * 1024
     before = live.snapshot()
     resp = live.raw("a", live.token("a"), b"\0" * (want + 1))
     assert resp.status_code == 413 and resp.json()["code"] == "too_large"
@@ -308,7 +308,7 @@ def test_unauthenticated_flood_is_rate_limited_and_counted_not_logged(tmp_path: 
         assert statuses.get(401, 0) <= 20 + 5.0 * seconds + 1, (statuses, seconds)
         grown = fed.paths.audit.stat().st_size - size0
         assert grown < 2048, f"audit grew by {grown} bytes for 2001 failed requests in {seconds:.1f} s"
-        assert fed.clients["a"].status()["round"] == 0  # same address, valid credentials: served
+        assert fed.clients["a"].status().round == 0  # same address, valid credentials: served
         fed.proc.stop()  # the window's summary is written at shutdown
         lines = fed.audit()
         assert max(len(json.dumps(e)) for e in lines) < 2048
@@ -329,7 +329,7 @@ def test_trimmed_mean_bounds_one_poisoned_site_of_five(tmp_path: Path) -> None:
             s: {k: common[k] + 0.002 * v for k, v in random_delta(g0, 1.0, 200 + i).items()}
             for i, s in enumerate("abcd")
         }
-        bound = fed.clients["a"].status()["limits"]["max_update_norm"]
+        bound = fed.clients["a"].status().limits["max_update_norm"]
         norm = math.sqrt(sum(float(v.pow(2).sum()) for v in common.values()))
         poison = {k: -v * (0.95 * bound / norm) for k, v in common.items()}  # just inside the bound
         for s, d in honest.items():
@@ -379,7 +379,7 @@ def test_a_late_update_is_counted_once(tmp_path: Path) -> None:
         # the job re-sends its saved round-0 update (it never saw the ack): the same ack, not a new count
         assert fed.clients["c"].upload(late) == ack
         st = fed.clients["c"].status()
-        assert st["round"] == 2 and st["sites_reported"] == [] and st["submitted"] is False
+        assert st.round == 2 and st.sites_reported == [] and st.submitted is False
         assert not fed.paths.update(2, "c").exists()
     finally:
         fed.close()
@@ -415,7 +415,7 @@ def test_full_disk_while_saving_an_update_answers_507_and_stores_nothing(tmp_pat
         resp = fed.raw("a", fed.token("a"), body)
         assert resp.status_code == 507 and resp.json()["code"] == "storage", resp.text
         assert "nothing was stored" in resp.json()["detail"] and resp.headers.get("retry-after")
-        assert fed.clients["b"].status()["sites_reported"] == []  # the answer and the state agree
+        assert fed.clients["b"].status().sites_reported == []  # the answer and the state agree
         _limit_disk(fed, None)
         assert fed.snapshot() == before
         assert not list(fed.paths.updates(0).glob(".incoming-*"))
@@ -434,7 +434,7 @@ def test_full_disk_while_saving_an_update_answers_507_and_stores_nothing(tmp_pat
             ack_b = fed_b.upload(body_b)
             assert ack_b["status"] == "accepted" and fed.paths.update(0, "b").read_bytes() == body_b
             st = fed.clients["a"].status()
-            assert st["state_saved"] is False or st["round"] == 1
+            assert st.state_saved is False or st.round == 1
         finally:
             blocker.rmdir()
             fed_b.close()
@@ -456,10 +456,10 @@ def test_full_disk_during_publish_is_reported_and_retried_after_a_restart(tmp_pa
         for s in "ab":
             fed.clients[s].upload(bodies[s])
         st = _wait(
-            lambda: (x := fed.clients["a"].status())["publish_failures"] >= 2 and x,
+            lambda: (x := fed.clients["a"].status()).publish_failures >= 2 and x,
             what="two failed publish attempts",
         )
-        assert st["phase"] == "open" and st["round"] == 0 and "storage error" in st["publish_error"]
+        assert st.phase == "open" and st.round == 0 and "storage error" in st.publish_error
         assert not fed.paths.global_model(1).exists()
         assert fed.proc.proc is not None
         fed.proc.proc.kill()  # the coordinator frees space and restarts the service
@@ -468,7 +468,7 @@ def test_full_disk_during_publish_is_reported_and_retried_after_a_restart(tmp_pa
         fed.clients = {s: fed.client(s) for s in "ab"}
         state = fed.wait_round(1)
         assert state["phase"] == "finished" and state["history"][0]["sites"] == ["a", "b"]
-        assert fed.clients["a"].status()["publish_error"] is None
+        assert fed.clients["a"].status().publish_error is None
         assert not list(fed.paths.global_model(1).parent.glob("*.tmp"))
     finally:
         fed.close()
@@ -495,10 +495,10 @@ def test_a_retried_close_advances_fedadam_and_central_dp_once(tmp_path: Path) ->
         for s in "ab":
             fed.clients[s].upload(bodies[s])
         st = _wait(
-            lambda: (x := fed.clients["a"].status())["publish_failures"] >= 3 and x,
+            lambda: (x := fed.clients["a"].status()).publish_failures >= 3 and x,
             what="three failed closes",
         )
-        assert st["round"] == 0 and "storage error" in st["publish_error"]
+        assert st.round == 0 and "storage error" in st.publish_error
         _limit_disk(fed, None)  # the disk is freed: the same process retries and publishes
         state = fed.wait_round(1)
         assert state["central_privacy"]["rounds"] == 1
@@ -523,7 +523,7 @@ def test_second_serve_on_one_run_directory_refuses_with_the_holders_pid(live: Fe
     assert res.returncode != 0
     line = _one_line_error(res.stderr)
     assert live.proc.proc is not None and f"PID {live.proc.proc.pid}" in line and "serve.lock" in line
-    assert live.proc.proc.poll() is None and live.clients["a"].status()["round"] == 0
+    assert live.proc.proc.poll() is None and live.clients["a"].status().round == 0
 
 
 def test_corrupt_state_is_a_one_line_error_and_can_be_rebuilt(tmp_path: Path) -> None:
@@ -544,7 +544,7 @@ def test_corrupt_state_is_a_one_line_error_and_can_be_rebuilt(tmp_path: Path) ->
         fed.url = fed.proc.start(args=["--rebuild-state"])
         fed.clients = {s: fed.client(s) for s in "ab"}
         st = fed.clients["b"].status()
-        assert st["round"] == 1 and st["sites_reported"] == ["a"] and st["phase"] == "open"
+        assert st.round == 1 and st.sites_reported == ["a"] and st.phase == "open"
         state = fed.state()
         assert [h["round"] for h in state["history"]] == [0]
         assert state["history"][0]["n_tiles"] == good["history"][0]["n_tiles"]
@@ -645,7 +645,7 @@ def test_plain_http_needs_loopback_or_insecure(tmp_path: Path) -> None:
         with SiteClient(
             url, "a", provision_paths(cfg).site_token("a").read_text().strip(), None, retries=0
         ) as c:
-            assert c.status()["round"] == 0
+            assert c.status().round == 0
     finally:
         proc.stop()
 
@@ -666,7 +666,7 @@ def test_an_unbounded_n_tiles_stored_by_an_older_version_does_not_stall_the_roun
         fed.url = fed.proc.start()
         fed.clients = {s: fed.client(s) for s in "ab"}
         st = fed.clients["a"].status()
-        assert st["phase"] == "open" and st["sites_reported"] == ["b"] and st["round"] == 0
+        assert st.phase == "open" and st.sites_reported == ["b"] and st.round == 0
         assert fed.paths.quarantine(0, "a.safetensors").read_bytes() == poisoned  # kept, not counted
         fed.clients["a"].upload(update_body(random_delta(fed.global0, 0.01, 3), "a", 0, 7))
         state = fed.wait_round(1)

@@ -129,8 +129,8 @@ def test_rounds_idempotent_resubmit_late_updates_and_fedavg(fed: Fed) -> None:
     resp = fed.raw("a", fed.token("a"), update_body(da, "a", 0, 11))
     assert resp.status_code == 409 and resp.json()["code"] == "conflict"
     st = fed.clients["c"].status()
-    assert st["sites_reported"] == ["a"] and st["submitted"] is False
-    assert fed.clients["a"].status()["submitted"] is True
+    assert st.sites_reported == ["a"] and st.submitted is False
+    assert fed.clients["a"].status().submitted is True
 
     fed.clients["b"].upload(update_body(db, "b", 0, 30))  # k = 2 reached: the round closes
     state = fed.wait_round(1)
@@ -153,7 +153,7 @@ def test_rounds_idempotent_resubmit_late_updates_and_fedavg(fed: Fed) -> None:
     fed.clients["a"].upload(update_body(random_delta(g0, 0.01, 13), "a", 1, 10))
     fed.clients["c"].upload(update_body(random_delta(g0, 0.01, 14), "c", 1, 10))
     state = fed.wait_round(2)
-    assert state["phase"] == "finished" and fed.clients["b"].status()["phase"] == "finished"
+    assert state["phase"] == "finished" and fed.clients["b"].status().phase == "finished"
     done = fed.raw("b", fed.token("b"), update_body(random_delta(g0, 0.01, 15), "b", 1, 5))
     assert done.status_code == 409 and done.json()["code"] == "finished"
     outcomes = {e["outcome"] for e in fed.audit()}
@@ -194,7 +194,7 @@ def test_sigkill_mid_round_and_mid_upload_then_restart_finishes_the_round(tmp_pa
         fed.url = fed.proc.start()  # a fresh ephemeral port
         fed.clients = {s: fed.client(s) for s in "abc"}
         st = fed.clients["c"].status()
-        assert st["round"] == 0 and st["sites_reported"] == ["a", "b"] and st["submitted"] is False
+        assert st.round == 0 and st.sites_reported == ["a", "b"] and st.submitted is False
         assert not list(fed.paths.updates(0).glob(".incoming-*"))
         assert fed.clients["a"].upload(bodies["a"]) == acks["a"]  # idempotent across the restart
         fed.clients["c"].upload(bodies["c"])

@@ -1,0 +1,156 @@
+"""One class names every path of a run directory, so no file spells ``rounds/<r>`` or ``endpoint.json``.
+
+The run directory's top level is fixed by the README (``sites/``, ``server/``, ``predictions/``,
+``attack/``, ``report/``, ``summary.json``). Every component that comes from outside (a site name, a
+round number) is checked here, the one place it meets the disk, so it can never escape the run folder.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedcore.errors import FedpathError
+
+#: what a path component taken from a site name may be (same rule as ``pipeline.config``'s site names)
+_NAME_RE = re.compile("[a-z0-9_-]{1,64}")
+
+
+def _name(name: str, what: str = "site name") -> str:
+    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
+        raise FedpathError(f"{what} {str(name)[:80]!r}: must match [a-z0-9_-]{{1,64}}")
+    return name
+
+
+def _index(r: int, what: str = "round") -> int:
+    if isinstance(r, bool) or int(r) != r or int(r) < 0:
+        raise FedpathError(f"{what} {r!r}: must be a non-negative integer")
+    return int(r)
+
+
+@dataclass(frozen=True)
+class ServerLayout:
+    """The aggregator's folder ``<run>/server/``: durable state, stored updates, published versions."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    @property
+    def endpoint(self) -> Path:
+        return self.root / "endpoint.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "serve.lock"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "server.log"
+
+    @property
+    def versions(self) -> Path:
+        """One JSON line per published version: the updates it contains and their staleness."""
+        return self.root / "versions.jsonl"
+
+    def corrupt_state(self, stamp: int) -> Path:
+        return self.root / f"state.json.corrupt-{stamp}"
+
+    def updates(self, r: int) -> Path:
+        return self.root / "updates" / str(_index(r))
+
+    def update(self, r: int, site: str) -> Path:
+        return self.updates(r) / f"{_name(site)}.safetensors"
+
+    def quarantine(self, r: int, name: str) -> Path:
+        """Where an unusable file found in ``updates/<r>/`` is moved (kept, never counted)."""
+        return self.updates(r) / "quarantine" / Path(name).name
+
+    def global_model(self, r: int) -> Path:
+        return self.root / "global" / f"round_{_index(r)}.safetensors"
+
+    def global_delta(self, r: int) -> Path:
+        """Version ``r`` as its compressed delta from ``r - 1`` (strategies that compress downloads)."""
+        return self.root / "global" / f"delta_{_index(r)}.safetensors"
+
+    def strategy_state(self, r: int) -> Path:
+        return self.root / "strategy" / f"round_{_index(r)}.safetensors"
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """One site's folder ``<run>/sites/<site>/``: its store, its ledgers, its round jobs, its state."""
+
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store.zarr"
+
+    @property
+    def privacy(self) -> Path:
+        """The sample-level DP ledger (``pipeline.privacy.PrivacyLedger``)."""
+        return self.root / "privacy.json"
+
+    @property
+    def update_privacy(self) -> Path:
+        """The update-level DP ledger (``federation.ledger.UpdateLedger``)."""
+        return self.root / "update_privacy.json"
+
+    @property
+    def state(self) -> Path:
+        """Private site state kept between batch jobs (personal model, optimiser, teacher); never sent."""
+        return self.root / "state"
+
+    def round(self, r: int) -> Path:
+        return self.root / "rounds" / str(_index(r))
+
+    def update(self, r: int) -> Path:
+        return self.round(r) / "update.safetensors"
+
+    def refused_update(self, r: int) -> Path:
+        return self.round(r) / "update.refused.safetensors"
+
+    def refused(self, r: int) -> Path:
+        return self.round(r) / "refused.json"
+
+    def done(self, r: int) -> Path:
+        return self.round(r) / "done.json"
+
+    def train_json(self, r: int) -> Path:
+        return self.round(r) / "train.json"
+
+    def job_log(self, r: int) -> Path:
+        return self.round(r) / "job.log"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of one run directory."""
+
+    root: Path
+
+    @property
+    def server(self) -> ServerLayout:
+        return ServerLayout(self.root / "server")
+
+    def site(self, name: str) -> SiteLayout:
+        return SiteLayout(self.root / "sites" / _name(name))
+
+    @property
+    def provision(self) -> Path:
+        return self.root / "provision"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+__all__ = ["RunLayout", "ServerLayout", "SiteLayout"]

@@ -1,0 +1,124 @@
+"""Dynamic low-rank compression of model deltas (FedKD / FedMIC): truncated SVD keeping an energy share.
+
+Each float tensor of two or more dimensions is seen as a matrix (conv kernels ``(out, in, k, k)`` become
+``(out, in*k*k)``) and sent as two factors: ``name::U`` of shape ``(m, r)`` (the left singular vectors
+scaled by the singular values) and ``name::V`` of shape ``(r, n)`` (orthonormal rows), so that
+``U @ V`` is the best rank-``r`` approximation and ``||U @ V||_F = ||U||_F``. The rank ``r`` is the
+smallest that keeps ``energy`` of ``sum s_i^2``, capped at ``r_max = m*n // (m+n)`` (beyond that the
+factors are no smaller than the matrix). Vectors and scalars (biases, norms) travel whole.
+
+The payload declares the rank as a dimension symbol ``r:<name>`` bounded by ``[1, r_max]``, so the
+server checks that ``U`` and ``V`` agree and stay in bounds before anything is multiplied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from federation.payloads import PayloadSpec, TensorDecl
+from federation.wire import TensorSpec, dtype_code
+
+SEP = "::"
+
+
+def factored(spec: TensorSpec) -> bool:
+    """Whether a tensor of this spec is sent as factors (float, 2-D or more, both sides > 1)."""
+    if spec.dtype not in ("F32", "F64", "F16", "BF16") or len(spec.shape) < 2:
+        return False
+    m, n = spec.shape[0], math.prod(spec.shape[1:])
+    return min(m, n) > 1 and max_rank(m, n) >= 1
+
+
+def max_rank(m: int, n: int) -> int:
+    """The largest rank worth sending: ``r (m + n) <= m n``."""
+    return min(m, n, (m * n) // (m + n))
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    return shape[0], math.prod(shape[1:])
+
+
+def rank_for_energy(s: torch.Tensor, energy: float, cap: int) -> int:
+    """Smallest ``r`` with ``sum_{i<r} s_i^2 >= energy * sum s_i^2`` (at least 1, at most ``cap``)."""
+    e = s.double().pow(2)
+    total = float(e.sum())
+    if total <= 0:
+        return 1
+    cum = torch.cumsum(e, 0) / total
+    r = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype)).item()) + 1
+    return max(1, min(r, cap, s.numel()))
+
+
+def compress(state: Mapping[str, torch.Tensor], energy: float) -> dict[str, torch.Tensor]:
+    """The low-rank payload of ``state``: factors for matrices, the tensor itself otherwise."""
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1] (got {energy})")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        spec = TensorSpec(dtype_code(t), tuple(t.shape))
+        if not factored(spec):
+            out[name] = t.detach().contiguous()
+            continue
+        m, n = matrix_shape(spec.shape)
+        mat = t.detach().reshape(m, n).to(torch.float32)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        r = rank_for_energy(s, energy, max_rank(m, n))
+        out[name + SEP + "U"] = (u[:, :r] * s[:r]).to(t.dtype).contiguous()
+        out[name + SEP + "V"] = vh[:r].to(t.dtype).contiguous()
+    return out
+
+
+def decompress_one(payload: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One tensor rebuilt from a payload (``U @ V`` reshaped, or the tensor as sent)."""
+    if name in payload:
+        return payload[name]
+    u, v = payload[name + SEP + "U"], payload[name + SEP + "V"]
+    return (u.to(torch.float32) @ v.to(torch.float32)).reshape(shape).to(u.dtype)
+
+
+def decompress(payload: Mapping[str, torch.Tensor], like: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
+    return {k: decompress_one(payload, k, s.shape) for k, s in like.items()}
+
+
+def iter_decompressed(
+    loader: Iterator[tuple[str, torch.Tensor]],
+    names: list[str],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Decode a stream of payload tensors (as stored: ``x`` or ``x::U`` then ``x::V``) into ``names``."""
+    pending: dict[str, torch.Tensor] = {}
+    want = set(names)
+    for key, t in loader:
+        base, _, part = key.partition(SEP)
+        if base not in want:
+            continue
+        if not part:
+            yield base, t
+            continue
+        pending[key] = t
+        if base + SEP + "U" in pending and base + SEP + "V" in pending:
+            u, v = pending.pop(base + SEP + "U"), pending.pop(base + SEP + "V")
+            yield base, (u.to(torch.float32) @ v.to(torch.float32)).reshape(shapes[base])
+
+
+def lowrank_spec(global_spec: Mapping[str, TensorSpec], max_norm: float | None, kind: str) -> PayloadSpec:
+    """The declaration of a low-rank payload of a model with these tensors (ranks as bounded symbols)."""
+    tensors: dict[str, TensorDecl] = {}
+    dims: dict[str, tuple[int, int]] = {}
+    for name, spec in global_spec.items():
+        if not factored(spec):
+            tensors[name] = TensorDecl.like(spec)
+            continue
+        m, n = matrix_shape(spec.shape)
+        sym = f"r:{name}"
+        tensors[name + SEP + "U"] = TensorDecl(frozenset({spec.dtype}), (m, sym))
+        tensors[name + SEP + "V"] = TensorDecl(frozenset({spec.dtype}), (sym, n))
+        dims[sym] = (1, max_rank(m, n))
+    return PayloadSpec(kind=kind, tensors=tensors, dims=dims, max_norm=max_norm)
+
+
+def payload_nbytes(payload: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in payload.values())

@@ -1,0 +1,73 @@
+"""Site algorithms: how a site turns the downloaded global version into a trained local model.
+
+The round job (:func:`federation.client.run_site_round`) is the same for every method: wait for an open
+version, fetch it, train, encode the payload the strategy declares, upload. What differs is behind two
+hooks of a :class:`SiteAlgorithm`:
+
+* :meth:`SiteAlgorithm.fetch_global` -- download the version (full, or as a compressed delta applied to
+  the copy kept in the site's private state);
+* :meth:`SiteAlgorithm.train` -- local training from it (plain DP-SGD for FedAvg/FedProx/FedAdam; mutual
+  distillation with a personal teacher for FedMIC, :mod:`federation.fedmic_site`).
+
+A strategy names its site algorithm in :data:`SITE_ALGORITHMS` (by strategy name; default: plain).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from federation.payloads import FitConfig
+from pipeline.config import ExperimentConfig
+from pipeline.errors import FedpathError
+
+if TYPE_CHECKING:
+    from federation.client import SiteClient
+    from federation.strategies import Strategy
+    from pipeline.train import TrainResult
+
+State = dict[str, torch.Tensor]
+
+
+class SiteAlgorithm(Protocol):
+    def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State: ...
+
+    def train(
+        self, cfg: ExperimentConfig, site: str, r: int, global_state: State, fit: FitConfig
+    ) -> TrainResult: ...
+
+
+class PlainSite:
+    """Download the full version; DP-SGD from it (FedProx: with the proximal term towards it)."""
+
+    def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State:
+        global_state, gmeta = client.download_model(r)
+        if gmeta.model != cfg.model:
+            raise FedpathError(f"global model round {r}: its model config differs from this site's config")
+        return global_state
+
+    def train(self, cfg: ExperimentConfig, site: str, r: int, global_state: State, fit: FitConfig) -> TrainResult:
+        from pipeline.train import train_local
+
+        mu = fit.proximal_mu
+        return train_local(
+            cfg,
+            [site],
+            cfg.run_dir,
+            init_state={k: v.clone() for k, v in global_state.items()},
+            round_index=r,
+            proximal_ref=global_state if mu > 0 else None,
+            proximal_mu=mu,
+            job_id=f"round-{r}",
+            progress=False,
+        )
+
+
+def site_algorithm(strategy: Strategy) -> SiteAlgorithm:
+    """The site algorithm of a strategy (FedMIC: teacher + student; every other one: plain)."""
+    if strategy.name == "fedmic":
+        from federation.fedmic_site import FedMICSite
+
+        return FedMICSite()
+    return PlainSite()

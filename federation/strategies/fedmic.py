@@ -1,0 +1,121 @@
+"""FedMIC (Ren et al., arXiv 2407.02261; close to FedKD, Wu et al. 2022): a shared student, sent low-rank.
+
+Each site trains two models by mutual distillation (:mod:`federation.fedmic_site`): a personal teacher,
+larger and never sent, and the shared student, whose delta is the only thing uploaded. This strategy is
+the federation side of it:
+
+* the payload is the student's delta as truncated-SVD factors (:mod:`federation.lowrank`), the rank
+  chosen per tensor and per round to keep an energy share that rises on a schedule
+  (``energy_start`` -> ``energy_end`` over ``energy_rounds`` rounds), declared with bounded rank symbols
+  so the server checks factor shapes before multiplying anything;
+* aggregation is FedAvg's tile-weighted mean of the decoded deltas, streamed as updates arrive;
+* the download is compressed the same way: the averaged delta is factorised again at the round's energy,
+  and the next version is ``global + U @ V`` on the server, so a site that holds the previous version
+  rebuilds the new one exactly from the factors (:meth:`download_payload`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from federation.lowrank import compress, decompress_one, iter_decompressed, lowrank_spec
+from federation.payloads import FitConfig, PayloadSpec
+from federation.strategies.base import State, Strategy, StrategyConfig, UpdateInfo
+from federation.wire import TensorSpec, iter_tensors
+
+PAYLOAD_KIND = "lowrank_delta"
+
+
+class FedMICConfig(StrategyConfig):
+    name: Literal["fedmic"] = "fedmic"
+    energy_start: float = Field(0.90, gt=0, le=1, description="energy share kept by the first round's factors")
+    energy_end: float = Field(0.98, gt=0, le=1, description="energy share kept once the schedule has risen")
+    energy_rounds: int = Field(4, ge=1, description="rounds over which the share rises linearly")
+    temperature: float = Field(2.0, gt=0, description="softening of the outputs in the decision-level KL")
+    kd_weight: float = Field(1.0, ge=0, description="weight of the decision-level (output) distillation")
+    feature_weight: float = Field(1.0, ge=0, description="weight of the representation-level distillation")
+    teacher_width: float = Field(2.0, ge=1, description="teacher channels = student channels x this")
+
+    @model_validator(mode="after")
+    def _rising(self) -> FedMICConfig:
+        if self.energy_end < self.energy_start:
+            raise ValueError("energy_end must be >= energy_start")
+        return self
+
+
+class FedMIC(Strategy):
+    name = "fedmic"
+    Config = FedMICConfig
+
+    def __init__(self, cfg: FedMICConfig | None = None) -> None:
+        self.cfg = cfg or FedMICConfig()
+        self._download: State | None = None
+
+    @classmethod
+    def from_config(cls, c: StrategyConfig) -> Strategy:
+        assert isinstance(c, FedMICConfig)
+        return cls(c)
+
+    def energy(self, round_index: int) -> float:
+        """The energy share of round ``round_index`` (linear from start to end, then flat)."""
+        c = self.cfg
+        if c.energy_rounds <= 1:
+            return c.energy_end
+        f = min(1.0, round_index / (c.energy_rounds - 1))
+        return c.energy_start + f * (c.energy_end - c.energy_start)
+
+    # -- payload --------------------------------------------------------------------------------------
+    def upload_spec(self, global_spec: Mapping[str, TensorSpec], max_norm: float | None) -> PayloadSpec:
+        return lowrank_spec(global_spec, max_norm, PAYLOAD_KIND)
+
+    def encode_update(self, delta: State, fit: FitConfig) -> State:
+        if fit.energy is None:
+            raise ValueError("fedmic: the round's fit config carries no energy share")
+        return compress(delta, fit.energy)
+
+    def iter_delta(self, update: UpdateInfo, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.context is None or not self.context.global_spec:
+            raise ValueError("fedmic: decoding needs the global model's specs (bind a ServerContext)")
+        shapes = {k: s.shape for k, s in self.context.global_spec.items()}
+        yield from iter_decompressed(iter_tensors(update.path), names, shapes)
+
+    # -- site side -----------------------------------------------------------------------------------
+    def configure_fit(self, round_index: int, site: str | None = None) -> FitConfig:
+        c = self.cfg
+        return FitConfig(
+            energy=self.energy(round_index),
+            extra={
+                "temperature": c.temperature,
+                "kd_weight": c.kd_weight,
+                "feature_weight": c.feature_weight,
+                "teacher_width": c.teacher_width,
+            },
+        )
+
+    # -- server side ---------------------------------------------------------------------------------
+    def apply(self, global_state: State, avg_delta: State, round_index: int) -> State:
+        """``global + U @ V`` of the averaged delta compressed at the round's energy (as sites rebuild it)."""
+        payload = compress(avg_delta, self.energy(round_index))
+        self._download = payload
+        out = {k: v.clone() for k, v in global_state.items()}
+        for k in avg_delta:
+            g = global_state[k]
+            out[k] = apply_delta(g, decompress_one(payload, k, tuple(g.shape)))
+        return out
+
+    def download_payload(self) -> State | None:
+        """The factors of the last applied delta: what a site holding the previous version downloads."""
+        return self._download
+
+    def describe(self) -> str:
+        c = self.cfg
+        return f"fedmic(energy={c.energy_start}->{c.energy_end}/{c.energy_rounds} rounds, T={c.temperature})"
+
+
+def apply_delta(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The one way a version is advanced by a decoded delta (server and site do exactly this)."""
+    return (g.to(torch.float32) + d.to(torch.float32)).to(g.dtype)
