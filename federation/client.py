@@ -121,6 +121,7 @@ class SiteClient:
         #: payload bytes of model downloads and update uploads (the bodies on the wire)
         self.bytes_down = 0
         self.bytes_up = 0
+        self.last_delta_digest: str | None = None
 
     def close(self) -> None:
         self.http.close()
@@ -192,7 +193,14 @@ class SiteClient:
                 return None
             raise
         self.bytes_down += len(resp.content)
-        state, _ = decode_state(resp.content, f"global delta version {round_index}")
+        state, meta = decode_state(resp.content, f"global delta version {round_index}")
+        try:
+            info = json.loads(meta["fedpath_delta"])
+            if int(info["version"]) != round_index:
+                raise ValueError("version")
+        except (KeyError, ValueError, TypeError):
+            raise FedpathError(f"{self.url}/v1/model: delta of version {round_index} has bad metadata") from None
+        self.last_delta_digest = str(info.get("digest")) if info.get("digest") else None
         return state
 
     def upload(self, body: bytes) -> dict[str, Any]:

@@ -81,6 +81,7 @@ from federation.wire import (
     read_header,
     sha256_file,
     spec_of,
+    state_digest,
 )
 from pipeline.checkpoint import ModelMeta, read_model_file, save_model
 from pipeline.config import ConfigError, ExperimentConfig, is_site_name, load_config
@@ -322,7 +323,14 @@ class Aggregator:
             return
         atomic_write_bytes(
             self.paths.global_delta(r),
-            encode_state(payload, {"fedpath_delta": json.dumps({"base": r - 1, "version": r})}),
+            encode_state(
+                payload,
+                {
+                    "fedpath_delta": json.dumps(
+                        {"base": r - 1, "version": r, "digest": state_digest(self._published)}
+                    )
+                },
+            ),
         )
 
     def _save_strategy(self, r: int) -> None:
@@ -771,6 +779,7 @@ class Aggregator:
                 new_state = strategy.aggregate(self.global_state, updates, r, accumulated=acc)
                 self._save_strategy(r + 1)
                 path = self._save_global(r + 1, new_state, updates)
+                self._published = new_state
                 self._save_download(r + 1, strategy)
             except Exception as exc:  # keep the round open; the stored updates are untouched; retry later
                 what = (

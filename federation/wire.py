@@ -222,6 +222,19 @@ def check_finite_and_norm(
     return math.sqrt(sq)
 
 
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names and bytes in sorted order: two sides agree on a version bit for bit."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(k.encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def encode_state(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialise a state dict to safetensors bytes (contiguous CPU tensors)."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

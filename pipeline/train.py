@@ -205,8 +205,16 @@ def train_local(
     job_id: str | None = None,
     max_steps: int | None = None,
     progress: bool = True,
+    hooks: Any = None,
 ) -> TrainResult:
-    """Train on ``sites``' training slides (several = pooled) with DP-SGD when enabled; resumable."""
+    """Train on ``sites``' training slides (several = pooled) with DP-SGD when enabled; resumable.
+
+    ``hooks`` (e.g. ``federation.fedmic_site.MutualHooks``) adds models and losses: ``wrap(net)`` returns
+    the module actually trained (DP-SGD then clips and noises all its parameters together, one mechanism),
+    ``criterion(base)`` the loss over its output, ``on_optimizer(opt)`` may restore optimiser state,
+    ``shared_state(module)`` the weights returned as the job's result, ``shared_model(module)`` the model
+    validated.
+    """
     t_start = time.perf_counter()
     if not sites:
         raise FedpathError("train: no site given")
@@ -331,6 +339,7 @@ def train_local(
             n_units,
             max_per_slide if not slide_unit else cap,
             progress,
+            hooks,
         )
     finally:
         if lock is not None:
@@ -425,6 +434,7 @@ def _run(
     n_units: int,
     group_k: int,
     show_progress: bool,
+    hooks: Any = None,
 ) -> TrainResult:
     from monai.losses import DiceCELoss
 
@@ -434,11 +444,15 @@ def _run(
     net = build_model(cfg.model)
     if init_state is not None:
         net.load_state_dict(strip_wrappers(init_state))
+    if hooks is not None:  # extra models trained (and checkpointed) together with net
+        net = hooks.wrap(net)
     params = [p for p in net.parameters() if p.requires_grad]
     if tc.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
+    if hooks is not None:
+        hooks.on_optimizer(opt)
 
     step = 0
     if prog.get("checkpoint"):
@@ -458,7 +472,9 @@ def _run(
     ref = None
     if proximal_ref is not None and mu > 0:
         ref = {k: v.detach().clone().float() for k, v in strip_wrappers(proximal_ref).items()}
-    criterion = DiceCELoss(to_onehot_y=True, softmax=True)
+    criterion: Any = DiceCELoss(to_onehot_y=True, softmax=True)
+    if hooks is not None:
+        criterion = hooks.criterion(criterion)
     seed = tc.seed * 1_000_003 + (round_index or 0) * 7919 + step
 
     model: nn.Module = net
@@ -604,15 +620,17 @@ def _run(
                         step, steps_total, tc.checkpoint_every, commit, prog_bar, task, losses, None, job
                     )
         val_ds = _concat(val_parts) if val_parts else None
-        metrics = evaluate_dataset(net, val_ds, max_tiles=tc.max_val_tiles) if val_ds is not None else {}
+        val_net = hooks.shared_model(net) if hooks is not None else net
+        metrics = evaluate_dataset(val_net, val_ds, max_tiles=tc.max_val_tiles) if val_ds is not None else {}
         metrics = {
             f"val_{k}" if k in ("dice", "jaccard", "pixel_accuracy") else k: v for k, v in metrics.items()
         }
         metrics["train_loss_last"] = float(np.mean(losses[-10:])) if losses else None
         commit(step, True, metrics)
     entry = ledger.entry(job) if ledger is not None else None
+    final = hooks.shared_state(net) if hooks is not None else strip_wrappers(net.state_dict())
     return TrainResult(
-        state={k: v.detach().cpu().clone() for k, v in strip_wrappers(net.state_dict()).items()},
+        state={k: v.detach().cpu().clone() for k, v in final.items()},
         n_train_tiles=0,
         steps=int(prog.get("step", step)) if prog.get("done") else step,
         epsilon=entry.epsilon if entry else None,

@@ -1,0 +1,220 @@
+"""FedMIC on the site: a personal teacher (larger, never sent) and the shared student, mutually distilled.
+
+One local job trains a :class:`MutualPair` -- student (the global model's architecture, initialised from
+the downloaded version), teacher (``teacher_width`` times the channels, kept in the site's private state
+between rounds) and a learned 1x1 projection of the student's first-block features to the teacher's --
+with one loss:
+
+* the task loss (DiceCE) of both models;
+* decision level: per-pixel KL between the softened outputs (temperature T, scaled by T^2), in both
+  directions, each direction weighted per sample by how correct the *other* model is on it (pixel
+  accuracy, no gradient), so a model learns from its peer where the peer is right;
+* representation level: MSE between the projected student features and the teacher's, weighted the
+  same way.
+
+Privacy: the pair is one module, so DP-SGD clips each sample's gradient over *all* its parameters
+(student, teacher and projection together) and adds one Gaussian noise per step: one subsampled Gaussian
+mechanism per step, accounted by the site's ordinary ledger. The teacher never leaves the site, but it
+shapes the student through distillation; it is itself a function of the earlier noisy steps only, so
+the student's release is covered by the same adaptive composition, and ε is exactly DP-SGD's over the
+job's steps -- not a sum of two budgets.
+
+The teacher, the projection, their optimiser state and the last global version live in
+``sites/<site>/state/`` (:class:`~federation.site_state.SiteState`), saved atomically after each round.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from safetensors.torch import load_file
+from torch import nn
+
+from fedcore.layout import RunLayout
+from federation.lowrank import decompress_one
+from federation.payloads import FitConfig
+from federation.site_state import SiteState
+from federation.strategies.fedmic import apply_delta
+from federation.wire import state_digest
+from pipeline.config import ExperimentConfig, ModelConfig
+from pipeline.errors import FedpathError
+
+if TYPE_CHECKING:
+    from federation.client import SiteClient
+    from pipeline.train import TrainResult
+
+log = logging.getLogger(__name__)
+State = dict[str, torch.Tensor]
+
+
+def teacher_config(model: ModelConfig, width: float) -> ModelConfig:
+    """The teacher's architecture: the student's, with ``width`` times the channels (GroupNorm-divisible)."""
+    g = model.groups
+    channels = [max(g, int(round(c * width / g)) * g) for c in model.channels]
+    return model.model_copy(update={"channels": channels})
+
+
+class MutualPair(nn.Module):
+    """Student, teacher and the student->teacher feature projection, trained as one module."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, c_student: int, c_teacher: int) -> None:
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.proj = nn.Conv2d(c_student, c_teacher, kernel_size=1)
+        for m in (student, teacher):
+            if not isinstance(getattr(m, "model", None), nn.Sequential):
+                raise FedpathError("fedmic: the model must be a MONAI UNet (features are its first block's)")
+
+    @staticmethod
+    def _run(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        body: nn.Sequential = net.model  # type: ignore[assignment]
+        h = body[0](x)
+        return body[1:](h), h
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        ys, hs = self._run(self.student, x)
+        yt, ht = self._run(self.teacher, x)
+        return ys, yt, self.proj(hs), ht
+
+
+class MutualLoss:
+    """Task loss of both models + correctness-weighted KL and feature distillation, per sample."""
+
+    def __init__(self, base: Any, temperature: float, kd_weight: float, feature_weight: float) -> None:
+        self.base, self.t, self.kd_w, self.feat_w = base, temperature, kd_weight, feature_weight
+
+    def __call__(self, out: tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
+        ys, yt, ps, ht = out
+        task = self.base(ys, y) + self.base(yt, y)
+        with torch.no_grad():
+            lab = y[:, 0].long()
+            acc_s = (ys.argmax(1) == lab).float().mean((1, 2))
+            acc_t = (yt.argmax(1) == lab).float().mean((1, 2))
+        t = self.t
+        ls, lt = F.log_softmax(ys / t, 1), F.log_softmax(yt / t, 1)
+        kl_s = (lt.exp().detach() * (lt.detach() - ls)).sum(1).mean((1, 2))  # KL(teacher || student)
+        kl_t = (ls.exp().detach() * (ls.detach() - lt)).sum(1).mean((1, 2))  # KL(student || teacher)
+        kd = (acc_t * kl_s + acc_s * kl_t).mean() * t * t
+        f_s = (ps - ht.detach()).pow(2).mean((1, 2, 3))
+        f_t = (ht - ps.detach()).pow(2).mean((1, 2, 3))
+        feat = (acc_t * f_s + acc_s * f_t).mean()
+        return task + self.kd_w * kd + self.feat_w * feat
+
+
+class MutualHooks:
+    """The extra-model / extra-loss hooks :func:`pipeline.train.train_local` calls for FedMIC."""
+
+    def __init__(self, cfg: ExperimentConfig, fit: FitConfig, state: SiteState) -> None:
+        self.cfg, self.fit, self.state = cfg, fit, state
+        self.pair: MutualPair | None = None
+
+    def wrap(self, student: nn.Module) -> nn.Module:
+        from pipeline.models import build_model
+
+        width = float(self.fit.extra.get("teacher_width", 2.0))
+        tcfg = teacher_config(self.cfg.model, width)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed + 1)
+            teacher = build_model(tcfg)
+            pair = MutualPair(student, teacher, self.cfg.model.channels[0], tcfg.channels[0])
+        personal = self.state.load_personal()
+        if personal is not None:
+            own = {k: v for k, v in personal.items() if not k.startswith("student.")}
+            missing, unexpected = pair.load_state_dict(own, strict=False)
+            if unexpected or any(not k.startswith("student.") for k in missing):
+                raise FedpathError(f"{self.state.personal_path}: personal state does not fit the teacher")
+        self.pair = pair
+        return pair
+
+    def criterion(self, base: Any) -> MutualLoss:
+        x = self.fit.extra
+        return MutualLoss(
+            base,
+            float(x.get("temperature", 2.0)),
+            float(x.get("kd_weight", 1.0)),
+            float(x.get("feature_weight", 1.0)),
+        )
+
+    def on_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        from pipeline.train import load_optimizer_tensors
+
+        saved = self.state.load_optimizer()
+        if saved is not None:
+            load_optimizer_tensors(opt, *saved)
+
+    @staticmethod
+    def shared_state(pair: nn.Module) -> State:
+        assert isinstance(pair, MutualPair)
+        return dict(pair.student.state_dict())
+
+    @staticmethod
+    def shared_model(pair: nn.Module) -> nn.Module:
+        assert isinstance(pair, MutualPair)
+        return pair.student
+
+
+class FedMICSite:
+    """FedMIC's site algorithm: compressed downloads onto the kept version, mutual distillation."""
+
+    def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State:
+        state = SiteState(RunLayout(cfg.run_dir).site(site).state)
+        kept = state.load_global()
+        if kept is not None and kept[0] == r - 1:
+            payload = client.download_delta(r)
+            if payload is not None:
+                prev = kept[1]
+                try:
+                    new = {k: apply_delta(v, decompress_one(payload, k, tuple(v.shape))) for k, v in prev.items()}
+                except KeyError as exc:
+                    raise FedpathError(f"global delta version {r}: tensor {exc} missing") from None
+                want = client.last_delta_digest
+                if want is None or state_digest(new) == want:
+                    state.save_global(r, new)
+                    return new
+                log.warning("site %s: version %d rebuilt from its delta differs from the server's; full download", site, r)
+        from federation.site import PlainSite
+
+        g = PlainSite().fetch_global(client, cfg, site, r)
+        state.save_global(r, g)
+        return g
+
+    def train(self, cfg: ExperimentConfig, site: str, r: int, global_state: State, fit: FitConfig) -> TrainResult:
+        from pipeline.train import train_local
+
+        layout = RunLayout(cfg.run_dir).site(site)
+        state = SiteState(layout.state)
+        hooks = MutualHooks(cfg, fit, state)
+        result = train_local(
+            cfg,
+            [site],
+            cfg.run_dir,
+            init_state={k: v.clone() for k, v in global_state.items()},
+            round_index=r,
+            job_id=f"round-{r}",
+            progress=False,
+            hooks=hooks,
+        )
+        assert hooks.pair is not None
+        personal = {k: v.detach().cpu().clone() for k, v in hooks.pair.state_dict().items() if not k.startswith("student.")}
+        ck = _final_checkpoint(layout.round(r))
+        opt = None
+        if ck is not None:
+            import json
+
+            opt = (load_file(str(ck / "optimizer.safetensors")), json.loads((ck / "optimizer.json").read_text()))
+        state.save_personal(r, personal, opt)
+        result.extra["personal_state"] = str(state.personal_path)
+        return result
+
+
+def _final_checkpoint(job_dir: Any) -> Any:
+    import json
+
+    prog = job_dir / "progress.json"
+    if not prog.is_file():
+        return None
+    name = json.loads(prog.read_text()).get("checkpoint")
+    return job_dir / name if name else None

@@ -1,0 +1,88 @@
+"""A site's private state between batch jobs: personal model, optimiser state, the last global version.
+
+It lives in ``sites/<site>/state/`` and never leaves the site (nothing here is ever uploaded). Every
+file is written atomically (:func:`fedcore.io.atomic_write_bytes`: tmp, fsync, rename, fsync dir), so a
+job killed at any point leaves either the previous round's state or the new one, never a torn file. The
+personal file is the commit point: the optimiser state is written first and carries the same round, and
+is used only when the rounds agree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from fedcore.errors import FedpathError
+from fedcore.io import atomic_write_bytes
+from federation.wire import encode_state
+
+State = dict[str, torch.Tensor]
+_META = "fedpath_site_state"
+
+
+class SiteState:
+    """Load/save of the site's private files (one persistor, like FLARE's model persistors)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def personal_path(self) -> Path:
+        return self.root / "personal.safetensors"
+
+    @property
+    def optimizer_path(self) -> Path:
+        return self.root / "optimizer.safetensors"
+
+    @property
+    def global_path(self) -> Path:
+        return self.root / "global.safetensors"
+
+    def _save(self, path: Path, tensors: State, meta: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, encode_state(tensors, {_META: json.dumps(meta)}))
+
+    def _load(self, path: Path) -> tuple[State, dict[str, Any]] | None:
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get(_META, "{}"))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+            raise FedpathError(f"{path}: unreadable site state ({exc})") from None
+        return tensors, meta
+
+    # -- personal model (teacher, projection) and its optimiser state ---------------------------------
+    def save_personal(
+        self, round_index: int, personal: State, optimizer: tuple[State, dict[str, Any]] | None = None
+    ) -> None:
+        if optimizer is not None:
+            self._save(self.optimizer_path, optimizer[0], {"round": round_index, "info": optimizer[1]})
+        self._save(self.personal_path, personal, {"round": round_index})
+
+    def personal_round(self) -> int | None:
+        got = self._load(self.personal_path)
+        return None if got is None else int(got[1]["round"])
+
+    def load_personal(self) -> State | None:
+        got = self._load(self.personal_path)
+        return None if got is None else got[0]
+
+    def load_optimizer(self) -> tuple[State, dict[str, Any]] | None:
+        opt, personal = self._load(self.optimizer_path), self._load(self.personal_path)
+        if opt is None or personal is None or opt[1].get("round") != personal[1].get("round"):
+            return None
+        return opt[0], opt[1]["info"]
+
+    # -- the last global version (what a compressed download is applied to) ------------------------------
+    def save_global(self, version: int, state: State) -> None:
+        self._save(self.global_path, state, {"version": version})
+
+    def load_global(self) -> tuple[int, State] | None:
+        got = self._load(self.global_path)
+        return None if got is None else (int(got[1]["version"]), got[0])

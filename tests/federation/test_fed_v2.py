@@ -1,0 +1,222 @@
+"""Federation v2: typed payloads, the strategy registry, streaming aggregation, low-rank FedMIC payloads."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from fedtest_utils import TINY_MODEL, Fed, random_delta
+
+from fedcore.layout import RunLayout
+from federation.lowrank import SEP, compress, decompress, lowrank_spec, max_rank, payload_nbytes
+from federation.payloads import FitConfig, PayloadSpec, TensorDecl, UpdateMeta, full_delta_spec
+from federation.strategies import (
+    REGISTRY,
+    CentralDP,
+    FedAvg,
+    FedMIC,
+    ServerContext,
+    UpdateInfo,
+    build_strategy,
+    strategy_config,
+)
+from federation.strategies.base import float_names, streaming_sum
+from federation.strategies.dp import l2_norm
+from federation.wire import (
+    WireError,
+    atomic_write_bytes,
+    encode_state,
+    spec_of,
+    state_digest,
+    update_metadata,
+)
+from pipeline.config import ConfigError, FederationConfig, load_config
+from pipeline.dprandom import SeededRandom
+
+GLOBAL = {"conv.weight": torch.zeros(8, 4, 3, 3), "conv.bias": torch.zeros(8), "steps": torch.zeros(1, dtype=torch.int64)}
+
+
+def _store(tmp: Path, site: str, payload: dict[str, torch.Tensor], n_tiles: int, norm: float) -> UpdateInfo:
+    path = tmp / f"{site}.safetensors"
+    meta = update_metadata(site=site, round=0, n_tiles=n_tiles, epsilon=None, update_id=site)
+    atomic_write_bytes(path, encode_state(payload, meta))
+    return UpdateInfo(site, 0, n_tiles, None, path, site, site, norm)
+
+
+# -- typed payloads --------------------------------------------------------------------------------------
+def test_payload_spec_checks_names_dtypes_shapes_and_rank_symbols() -> None:
+    spec = lowrank_spec(spec_of(GLOBAL), None, "lowrank_delta")
+    r = max_rank(8, 36)
+    assert spec.dims["r:conv.weight"] == (1, r) and "conv.bias" in spec.tensors
+    good = {"conv.weight::U": torch.zeros(8, 3), "conv.weight::V": torch.zeros(3, 36), "conv.bias": torch.zeros(8)}
+    good["steps"] = torch.zeros(1, dtype=torch.int64)
+    assert spec.validate(spec_of(good), "u") == {"r:conv.weight": 3}
+    bad_rank = dict(good, **{"conv.weight::V": torch.zeros(4, 36)})
+    with pytest.raises(WireError, match=r"'r:conv.weight' is 3 elsewhere"):
+        spec.validate(spec_of(bad_rank), "u")
+    too_big = dict(good, **{"conv.weight::U": torch.zeros(8, r + 1), "conv.weight::V": torch.zeros(r + 1, 36)})
+    with pytest.raises(WireError, match=r"outside \[1, 6\]"):
+        spec.validate(spec_of(too_big), "u")
+    with pytest.raises(WireError, match="missing tensor 'conv.bias'"):
+        spec.validate(spec_of({k: v for k, v in good.items() if k != "conv.bias"}), "u")
+    with pytest.raises(WireError, match="dtype F64"):
+        spec.validate(spec_of(dict(good, **{"conv.bias": torch.zeros(8, dtype=torch.float64)})), "u")
+    # FedAvg declares a full delta: the factors are not what it expects
+    with pytest.raises(WireError, match="unexpected tensor|missing tensor"):
+        full_delta_spec(spec_of(GLOBAL), None).validate(spec_of(good), "u")
+    # a data-vector payload: one scalar per site, bounded
+    tau = PayloadSpec("data_vector", {"tau": TensorDecl(frozenset({"F32"}), (1,))}, max_abs=1.0)
+    assert tau.validate(spec_of({"tau": torch.zeros(1)}), "u") == {}
+
+
+def test_update_meta_is_typed_and_reads_older_headers() -> None:
+    old = update_metadata(site="a", round=2, n_tiles=5, epsilon=1.5, update_id="x", extra={"steps": 3})
+    meta = UpdateMeta.from_header(old, "u", max_n_tiles=10)
+    assert (meta.site, meta.round, meta.n_tiles, meta.epsilon, meta.kind) == ("a", 2, 5, 1.5, "full_delta")
+    assert meta.extra == {"steps": 3}
+    assert UpdateMeta.from_header(meta.to_header(), "u") == meta
+    for bad, why in (
+        ({"n_tiles": 0}, "n_tiles"),
+        ({"round": True}, "round"),
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"site": "../x"}, "site"),
+    ):
+        data = json.loads(old["fedpath_update"]) | bad
+        with pytest.raises(WireError, match=why):
+            UpdateMeta.from_header({"fedpath_update": json.dumps(data)}, "u")
+    with pytest.raises(WireError, match="exceeds federation.max_n_tiles=4"):
+        UpdateMeta.from_header(old, "u", max_n_tiles=4)
+
+
+# -- registry and configs ----------------------------------------------------------------------------------
+def test_registry_builds_every_strategy_from_old_and_new_configs(tmp_path: Path) -> None:
+    assert set(REGISTRY) == {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "fedmic"}
+    # the older form: a name, options from the flat keys
+    prox = build_strategy(FederationConfig(strategy="fedprox", proximal_mu=0.3), 2)
+    assert prox.configure_fit(0).proximal_mu == 0.3
+    # the new form: a mapping validated against the discriminated union
+    mic = build_strategy(FederationConfig(strategy={"name": "fedmic", "energy_start": 0.8, "energy_rounds": 3}), 2)
+    assert isinstance(mic, FedMIC)
+    assert [round(mic.configure_fit(r).energy or 0, 4) for r in range(4)] == [0.8, 0.89, 0.98, 0.98]
+    adam = strategy_config(FederationConfig(strategy={"name": "fedadam", "server_lr": 0.5}))
+    assert adam.server_lr == 0.5  # type: ignore[attr-defined]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("federation:\n  strategy: {name: fedmic, energyy: 0.95}\n")
+    with pytest.raises(ConfigError, match=r"^federation.strategy: unknown key 'energyy' for strategy fedmic$"):
+        strategy_config(load_config(cfg).federation)
+    with pytest.raises(ConfigError, match=r"unknown strategy 'fedsgd'"):
+        strategy_config(FederationConfig(strategy="fedsgd"))
+    with pytest.raises(ConfigError, match=r"energy_start"):
+        strategy_config(FederationConfig(strategy={"name": "fedmic", "energy_start": 1.5}))
+
+
+# -- streaming aggregation ---------------------------------------------------------------------------------
+def test_streaming_accumulation_matches_the_close_time_average(tmp_path: Path) -> None:
+    ups, deltas = [], []
+    for i, n in enumerate([3, 5, 9]):
+        d = random_delta({k: v for k, v in GLOBAL.items() if k != "steps"}, 0.1, i)
+        d["steps"] = torch.zeros(1, dtype=torch.int64)
+        deltas.append(d)
+        ups.append(_store(tmp_path, f"s{i}", d, n, l2_norm(d)))
+    names = float_names(GLOBAL)
+    before = streaming_sum(ups, lambda u: u.n_tiles / 17, names, GLOBAL)  # the previous implementation
+    s = FedAvg()
+    acc = s.new_accumulator(GLOBAL, 0)
+    for u in ups:
+        s.on_update(acc, u)
+    got = s.aggregate(GLOBAL, ups, 0, accumulated=acc)
+    for k in names:
+        torch.testing.assert_close(got[k], GLOBAL[k] + before[k], rtol=1e-6, atol=1e-7)
+    assert torch.equal(got["steps"], GLOBAL["steps"])
+    # an accumulator that misses an update is not used: the close recomputes from the files
+    partial = s.new_accumulator(GLOBAL, 0)
+    s.on_update(partial, ups[0])
+    torch.testing.assert_close(s.aggregate(GLOBAL, ups, 0, accumulated=partial)["conv.weight"], got["conv.weight"])
+    # central DP: clipped uniform sum + seeded noise, the same streamed or recomputed
+    c = CentralDP(FedAvg(), clip_norm=0.5, noise_multiplier=1.0, delta=1e-5, n_sites=3)
+    acc = c.new_accumulator(GLOBAL, 0)
+    for u in ups:
+        c.on_update(acc, u)
+    a = c.finish(acc, 0, SeededRandom(7))
+    b = c.average(GLOBAL, ups, 0, SeededRandom(7))
+    clip = streaming_sum(ups, lambda u: min(1.0, 0.5 / u.norm), names, GLOBAL)
+    noise = SeededRandom(7)
+    for k in names:
+        torch.testing.assert_close(a[k], b[k])
+        torch.testing.assert_close(a[k], noise.add_gaussian(clip[k], 0.5).div_(3), rtol=1e-5, atol=1e-6)
+
+
+# -- low-rank payloads ------------------------------------------------------------------------------------
+def test_lowrank_keeps_the_energy_share_and_decodes_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(64, 4, generator=g) @ torch.randn(4, 288, generator=g)  # rank 4 + small noise
+    delta = {"w": (low + 0.01 * torch.randn(64, 288, generator=g)).reshape(64, 32, 3, 3), "b": torch.randn(64)}
+    for energy in (0.9, 0.98):
+        p = compress(delta, energy)
+        u, v = p["w" + SEP + "U"], p["w" + SEP + "V"]
+        assert u.shape[1] == v.shape[0] <= 4
+        back = decompress(p, spec_of(delta))
+        kept = 1 - float((back["w"] - delta["w"]).pow(2).sum() / delta["w"].pow(2).sum())
+        assert kept >= energy
+        torch.testing.assert_close(back["b"], delta["b"])
+        assert math.isclose(float(u.norm()), float(back["w"].norm()), rel_tol=1e-4)  # ||U V|| = ||U||
+        assert payload_nbytes(p) * 5 < payload_nbytes(delta)
+
+
+# -- the live service with a low-rank strategy --------------------------------------------------------------
+def test_fedmic_service_validates_factors_streams_and_publishes_compressed_versions(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, ["a", "b"], rounds=2, strategy={"name": "fedmic", "energy_start": 0.9, "energy_rounds": 2})
+    try:
+        st = fed.clients["a"].status()
+        assert st.payload == "lowrank_delta" and st.fit.energy == pytest.approx(0.9)
+        g0 = fed.global0
+        mic = FedMIC()
+        mic.bind(ServerContext(global_spec=spec_of(g0)))
+        bodies = {}
+        for i, s in enumerate("ab"):
+            delta = random_delta(g0, 0.01, i)
+            meta = UpdateMeta(site=s, round=0, n_tiles=3 + i, update_id=uuid.uuid4().hex, kind="lowrank_delta")
+            bodies[s] = encode_state(mic.encode_update(delta, st.fit), meta.to_header())
+        full = encode_state(random_delta(g0, 0.01, 5), UpdateMeta(site="a", round=0, n_tiles=3).to_header())
+        resp = fed.raw("a", fed.token("a"), full)  # a full delta is not the declared payload
+        assert resp.status_code == 422 and "payload kind 'full_delta'" in resp.json()["detail"]
+        assert fed.clients["a"].upload(bodies["a"])["status"] == "accepted"
+        fed.clients["b"].upload(bodies["b"])
+        state = fed.wait_round(1)
+        assert state["history"][0]["sites"] == ["a", "b"]
+        g1_path = fed.paths.global_model(1)
+        from pipeline.checkpoint import read_model_file
+
+        g1, meta1 = read_model_file(g1_path)
+        assert [u["site"] for u in meta1.extra["updates"]] == ["a", "b"]
+        assert all(u["staleness"] == 0 and u["based_on"] == 0 for u in meta1.extra["updates"])
+        # the download of version 1 as factors rebuilds it bit for bit from version 0
+        client = fed.clients["a"]
+        payload = client.download_delta(1)
+        assert payload is not None and client.last_delta_digest == state_digest(g1)
+        from federation.lowrank import decompress_one
+        from federation.strategies.fedmic import apply_delta
+
+        rebuilt = {k: apply_delta(v, decompress_one(payload, k, tuple(v.shape))) for k, v in g0.items()}
+        assert state_digest(rebuilt) == state_digest(g1)
+        assert len(encode_state(payload)) < g1_path.stat().st_size  # random deltas: little to compress
+    finally:
+        fed.close()
+
+
+def test_run_layout_names_every_path(tmp_path: Path) -> None:
+    lay = RunLayout(tmp_path)
+    assert lay.server.endpoint == tmp_path / "server" / "endpoint.json"
+    assert lay.site("a").update(3) == tmp_path / "sites" / "a" / "rounds" / "3" / "update.safetensors"
+    assert lay.site("a").update_privacy == tmp_path / "sites" / "a" / "update_privacy.json"
+    from fedcore.errors import FedpathError
+
+    with pytest.raises(FedpathError, match="site name"):
+        lay.site("../etc")
+    with pytest.raises(FedpathError, match="round"):
+        lay.server.update(-1, "a")
+    assert FitConfig().proximal_mu == 0.0 and TINY_MODEL["name"] == "unet"
