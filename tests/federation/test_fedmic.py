@@ -1,0 +1,188 @@
+"""FedMIC on real tiles: the site's private state survives SIGKILL without spending ε twice, and a
+two-site federation runs end to end with low-rank uploads and compressed downloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from fedcore.layout import RunLayout
+from pipeline.config import ExperimentConfig, load_config
+from wsi.manifest import subset_manifest
+
+pytestmark = pytest.mark.realdata
+
+SITES = {"monuseg_kidney_bladder": "monuseg_kidney_bladder.csv", "gbm40_emory": "gbm40.csv"}
+
+
+def _config(tmp: Path, data_root: Path, repo_root: Path, run: str, **train: Any) -> Path:
+    sites = []
+    for name, manifest in SITES.items():
+        m = subset_manifest(repo_root / "data_manifests" / manifest, tmp / manifest, {"train": 2, "val": 1})
+        sites.append({"name": name, "manifest": str(m)})
+    tr: dict[str, Any] = {
+        "batch_size": 4,
+        "physical_batch_size": 4,
+        "max_steps": 2,
+        "threads": 1,
+        "privacy": {
+            "enabled": True,
+            "target_epsilon": None,
+            "noise_multiplier": 1.0,
+            "budget_epsilon": "unlimited",
+            "max_grad_norm": 1.0,
+        },
+    }
+    tr.update(train)
+    data = {
+        "name": "fedmic-realdata",
+        "run_dir": str(tmp / run),
+        "data_root": str(data_root),
+        "sites": sites,
+        "tiling": {"target_mpp": 1.0, "tile_size": 64, "min_tissue_fraction": 0.0},
+        "model": {"name": "unet", "channels": [8, 16], "strides": [2], "num_res_units": 0, "groups": 4},
+        "train": tr,
+        "federation": {
+            "strategy": {"name": "fedmic", "energy_start": 0.9, "energy_end": 0.98, "energy_rounds": 2},
+            "rounds": 2,
+            "min_sites": 2,
+            "port": 0,
+            "parallel_sites": 1,
+            "upload_retries": 0,
+            "simulate_workers": "cold",
+        },
+    }
+    path = tmp / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory, data_root: Path, repo_root: Path) -> tuple[Path, Path]:
+    from wsi.tiling import run_tile_site
+
+    tmp = tmp_path_factory.mktemp("fedmic")
+    cfg = load_config(_config(tmp, data_root, repo_root, "template"))
+    for s in cfg.sites:
+        res = run_tile_site(
+            manifest=s.manifest,
+            data_root=data_root,
+            store=cfg.store_path(s.name),
+            tiling=cfg.tiling,
+            site=s.name,
+            run_dir=cfg.run_dir,
+        )
+        assert not res.get("failed"), res
+    return tmp, cfg.run_dir
+
+
+def _fresh(stores: tuple[Path, Path], data_root: Path, repo_root: Path, run: str, **train: Any) -> ExperimentConfig:
+    tmp, template = stores
+    cfg = load_config(_config(tmp, data_root, repo_root, run, **train))
+    for s in cfg.sites:
+        shutil.copytree(template / "sites" / s.name / "store.zarr", cfg.store_path(s.name))
+    return cfg
+
+
+_JOB = """
+import sys
+from federation.fedmic_site import FedMICSite
+from federation.server import initial_model_state
+from federation.strategies import build_strategy
+from pipeline.config import load_config
+cfg = load_config(sys.argv[1])
+s = build_strategy(cfg.federation, 2)
+FedMICSite().train(cfg, sys.argv[2], 0, initial_model_state(cfg), s.configure_fit(0))
+"""
+
+
+def test_site_job_killed_between_steps_resumes_its_personal_state_and_spends_no_epsilon_twice(
+    stores: tuple[Path, Path], data_root: Path, repo_root: Path
+) -> None:
+    from federation.fedmic_site import FedMICSite
+    from federation.server import initial_model_state
+    from federation.site_state import SiteState
+    from federation.strategies import build_strategy
+
+    cfg = _fresh(stores, data_root, repo_root, "kill", max_steps=6, checkpoint_every=1)
+    site = next(iter(SITES))
+    lay = RunLayout(cfg.run_dir).site(site)
+    frozen = cfg.run_dir / "frozen.yaml"
+    frozen.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    job = subprocess.Popen([sys.executable, "-c", _JOB, str(frozen), site], env=env, stderr=subprocess.PIPE)
+    progress = lay.round(0) / "progress.json"
+    end = time.monotonic() + 600
+    while not (progress.is_file() and json.loads(progress.read_text())["step"] >= 2):
+        assert job.poll() is None, job.stderr.read().decode()[-2000:] if job.stderr else ""
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)  # between local steps: a checkpoint exists, the job is not done
+    job.wait()
+    killed_at = json.loads(progress.read_text())["step"]
+    assert not json.loads(progress.read_text())["done"] and killed_at < 6
+    ledger = json.loads(lay.privacy.read_text())
+    spent_before = ledger["entries"][0]["steps"]
+    assert killed_at <= spent_before < 6
+
+    strategy = build_strategy(cfg.federation, 2)
+    fit = strategy.configure_fit(0)
+    result = FedMICSite().train(cfg, site, 0, initial_model_state(cfg), fit)
+    assert result.resumed_from == killed_at >= 2  # teacher, student and optimiser from the checkpoint
+    entries = json.loads(lay.privacy.read_text())["entries"]
+    # ε spent once: the job's steps are counted once, plus at most the steps lost with the kill
+    assert [e["job"] for e in entries] == ["round-0"]
+    assert entries[0]["steps"] == 6 + (spent_before - killed_at) and entries[0]["complete"]
+    state = SiteState(lay.state)
+    assert state.personal_round() == 0 and state.load_optimizer() is not None
+    personal = state.load_personal()
+    assert personal is not None and any(k.startswith("teacher.") for k in personal)
+    assert not any(k.startswith("student.") for k in personal)  # the shared model is not personal state
+    assert set(result.state) == set(initial_model_state(cfg))  # only the student is returned (and sent)
+    # a re-run of the finished job trains nothing and spends nothing
+    again = FedMICSite().train(cfg, site, 0, initial_model_state(cfg), fit)
+    assert json.loads(lay.privacy.read_text())["entries"] == entries
+    for k in result.state:
+        assert torch.equal(again.state[k], result.state[k])
+
+
+@pytest.mark.slow  # two rounds of two sites with teacher + student: ~1 min on a busy 2-core machine
+def test_fedmic_federation_two_sites_low_rank_both_ways(
+    stores: tuple[Path, Path], data_root: Path, repo_root: Path
+) -> None:
+    from federation.site_state import SiteState
+    from federation.wire import read_header
+    from fedpath.simulate import run_simulation
+    from pipeline.checkpoint import read_model_file
+
+    cfg = _fresh(stores, data_root, repo_root, "sim")
+    summary = run_simulation(cfg)
+    assert summary["rounds"] == 2 and summary["strategy"].startswith("fedmic")
+    g2, meta = read_model_file(RunLayout(cfg.run_dir).server.global_model(2))
+    assert [u["site"] for u in meta.extra["updates"]] == sorted(SITES)
+    full_bytes = RunLayout(cfg.run_dir).server.global_model(2).stat().st_size
+    for site in SITES:
+        lay = RunLayout(cfg.run_dir).site(site)
+        t0 = json.loads(lay.train_json(0).read_text())
+        t1 = json.loads(lay.train_json(1).read_text())
+        assert t0["payload"] == t1["payload"] == "lowrank_delta"
+        assert t0["bytes_up"] < full_bytes and t1["bytes_up"] < full_bytes
+        assert t1["bytes_down"] < full_bytes  # round 1 downloaded factors onto the kept version 0
+        kept = json.loads((lay.round(1) / "done.json").read_text())
+        assert kept["outcome"] == "uploaded"
+        assert SiteState(lay.state).personal_round() == 1
+        # the teacher never left the site: no stored update names a teacher tensor
+        for r in (0, 1):
+            stored = RunLayout(cfg.run_dir).server.update(r, site)
+            assert not any("teacher" in k for k in read_header(stored).specs)
