@@ -52,8 +52,11 @@ def rank_for_energy(s: torch.Tensor, energy: float, cap: int) -> int:
     return max(1, min(r, cap, s.numel()))
 
 
-def compress(state: Mapping[str, torch.Tensor], energy: float) -> dict[str, torch.Tensor]:
-    """The low-rank payload of ``state``: factors for matrices, the tensor itself otherwise."""
+def compress(
+    state: Mapping[str, torch.Tensor], energy: float, factor_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The low-rank payload of ``state``: factors for matrices (in ``factor_dtype``, default the tensor's),
+    the tensor itself otherwise."""
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1] (got {energy})")
     out: dict[str, torch.Tensor] = {}
@@ -66,8 +69,9 @@ def compress(state: Mapping[str, torch.Tensor], energy: float) -> dict[str, torc
         mat = t.detach().reshape(m, n).to(torch.float32)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         r = rank_for_energy(s, energy, max_rank(m, n))
-        out[name + SEP + "U"] = (u[:, :r] * s[:r]).to(t.dtype).contiguous()
-        out[name + SEP + "V"] = vh[:r].to(t.dtype).contiguous()
+        dt = factor_dtype or t.dtype
+        out[name + SEP + "U"] = (u[:, :r] * s[:r]).to(dt).contiguous()
+        out[name + SEP + "V"] = vh[:r].to(dt).contiguous()
     return out
 
 
@@ -76,7 +80,7 @@ def decompress_one(payload: Mapping[str, torch.Tensor], name: str, shape: tuple[
     if name in payload:
         return payload[name]
     u, v = payload[name + SEP + "U"], payload[name + SEP + "V"]
-    return (u.to(torch.float32) @ v.to(torch.float32)).reshape(shape).to(u.dtype)
+    return (u.to(torch.float32) @ v.to(torch.float32)).reshape(shape)
 
 
 def decompress(payload: Mapping[str, torch.Tensor], like: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
@@ -104,8 +108,11 @@ def iter_decompressed(
             yield base, (u.to(torch.float32) @ v.to(torch.float32)).reshape(shapes[base])
 
 
-def lowrank_spec(global_spec: Mapping[str, TensorSpec], max_norm: float | None, kind: str) -> PayloadSpec:
-    """The declaration of a low-rank payload of a model with these tensors (ranks as bounded symbols)."""
+def lowrank_spec(
+    global_spec: Mapping[str, TensorSpec], max_norm: float | None, kind: str, factor_code: str | None = None
+) -> PayloadSpec:
+    """The declaration of a low-rank payload of a model with these tensors (ranks as bounded symbols;
+    factors in ``factor_code``, default the tensor's dtype)."""
     tensors: dict[str, TensorDecl] = {}
     dims: dict[str, tuple[int, int]] = {}
     for name, spec in global_spec.items():
@@ -114,8 +121,9 @@ def lowrank_spec(global_spec: Mapping[str, TensorSpec], max_norm: float | None, 
             continue
         m, n = matrix_shape(spec.shape)
         sym = f"r:{name}"
-        tensors[name + SEP + "U"] = TensorDecl(frozenset({spec.dtype}), (m, sym))
-        tensors[name + SEP + "V"] = TensorDecl(frozenset({spec.dtype}), (sym, n))
+        code = frozenset({factor_code or spec.dtype})
+        tensors[name + SEP + "U"] = TensorDecl(code, (m, sym))
+        tensors[name + SEP + "V"] = TensorDecl(code, (sym, n))
         dims[sym] = (1, max_rank(m, n))
     return PayloadSpec(kind=kind, tensors=tensors, dims=dims, max_norm=max_norm)
 

@@ -220,7 +220,10 @@ def run_experiment(
         run_simulation(vcfg)
         record(f"feddp eps={tag}", "federated", _final_global(vdir), time.perf_counter() - t0, vdir, {"target_epsilon": eps})
 
-    table = tabulate(rows, names)
+    from fedpath.experiment_fedmic import fedmic_table, run_fedmic_variants  # issue 15: the FedMIC rows
+
+    run_fedmic_variants(cfg, base_dir, rows, record, _variant_cfg, _link_stores, _final_global)
+    table = tabulate(rows, names) + fedmic_table(rows, names)
     (base_dir / "experiment.md").write_text(table)
     summary = {"rows": rows, "table_markdown": table, "epsilons": [str(e) for e in eps_list]}
     update_summary(base_dir, "experiment", summary)

@@ -28,6 +28,7 @@ from federation.strategies.base import State, Strategy, StrategyConfig, UpdateIn
 from federation.wire import TensorSpec, iter_tensors
 
 PAYLOAD_KIND = "lowrank_delta"
+_CODES = {"float16": "F16", "float32": "F32"}
 
 
 class FedMICConfig(StrategyConfig):
@@ -39,6 +40,9 @@ class FedMICConfig(StrategyConfig):
     kd_weight: float = Field(1.0, ge=0, description="weight of the decision-level (output) distillation")
     feature_weight: float = Field(1.0, ge=0, description="weight of the representation-level distillation")
     teacher_width: float = Field(2.0, ge=1, description="teacher channels = student channels x this")
+    factor_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="dtype of the SVD factors on the wire (both directions)"
+    )
 
     @model_validator(mode="after")
     def _rising(self) -> FedMICConfig:
@@ -60,6 +64,10 @@ class FedMIC(Strategy):
         assert isinstance(c, FedMICConfig)
         return cls(c)
 
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        return torch.float16 if self.cfg.factor_dtype == "float16" else torch.float32
+
     def energy(self, round_index: int) -> float:
         """The energy share of round ``round_index`` (linear from start to end, then flat)."""
         c = self.cfg
@@ -70,12 +78,12 @@ class FedMIC(Strategy):
 
     # -- payload --------------------------------------------------------------------------------------
     def upload_spec(self, global_spec: Mapping[str, TensorSpec], max_norm: float | None) -> PayloadSpec:
-        return lowrank_spec(global_spec, max_norm, PAYLOAD_KIND)
+        return lowrank_spec(global_spec, max_norm, PAYLOAD_KIND, _CODES[self.cfg.factor_dtype])
 
     def encode_update(self, delta: State, fit: FitConfig) -> State:
         if fit.energy is None:
             raise ValueError("fedmic: the round's fit config carries no energy share")
-        return compress(delta, fit.energy)
+        return compress(delta, fit.energy, self.factor_dtype)
 
     def iter_delta(self, update: UpdateInfo, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.context is None or not self.context.global_spec:
@@ -99,7 +107,7 @@ class FedMIC(Strategy):
     # -- server side ---------------------------------------------------------------------------------
     def apply(self, global_state: State, avg_delta: State, round_index: int) -> State:
         """``global + U @ V`` of the averaged delta compressed at the round's energy (as sites rebuild it)."""
-        payload = compress(avg_delta, self.energy(round_index))
+        payload = compress(avg_delta, self.energy(round_index), self.factor_dtype)
         self._download = payload
         out = {k: v.clone() for k, v in global_state.items()}
         for k in avg_delta:

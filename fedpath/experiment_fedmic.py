@@ -1,0 +1,234 @@
+"""FedMIC rows of the real-data experiment: personalised Dice, the student as a global model, wire bytes.
+
+For each privacy level (no DP, and ε = 8 per tile over the whole training, as the FedDP rows) FedMIC runs
+through the real aggregator with the experiment's model as the shared student, and is set beside the
+FedAvg run of the same level (``fedavg`` / ``feddp eps=8``):
+
+* per site, Dice of the site's *personalised* model (its teacher, read from its private state) on the
+  site's own test split, beside FedAvg's global model on the same split;
+* the student (the last global version) evaluated as a global model on every site's test split (the
+  ordinary experiment row);
+* bytes uploaded and downloaded per site per round, as sent on the wire: the update body the site posted
+  (``rounds/<r>/update.safetensors``) and the model bodies it received (``train.json`` ``bytes_down``),
+  with the ratio to FedAvg's.
+
+``python -m fedpath.experiment_fedmic --config configs/experiment_real.yaml`` runs only these rows and
+their FedAvg baselines (``--set``/``--eps`` as the experiment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcore.layout import RunLayout
+from pipeline.config import ExperimentConfig
+from pipeline.evaluate import evaluate_store
+
+log = logging.getLogger(__name__)
+
+#: FedMIC's settings in the experiment (the teacher 1.5x wider keeps the 2-core run within minutes)
+FEDMIC_STRATEGY: dict[str, Any] = {
+    "name": "fedmic",
+    "energy_start": 0.90,
+    "energy_end": 0.98,
+    "energy_rounds": 4,
+    "teacher_width": 1.5,
+}
+#: the ε of the DP row (and the FedDP row it is compared with)
+FEDMIC_EPSILON = 8.0
+
+Record = Callable[[str, str, dict[str, torch.Tensor], float, Path, dict[str, Any]], None]
+
+
+def _privacy(eps: float | None) -> dict[str, Any]:
+    if eps is None:
+        return {"train__privacy__enabled": False}
+    return {
+        "train__privacy__enabled": True,
+        "train__privacy__target_epsilon": eps,
+        "train__privacy__noise_multiplier": None,
+        "train__privacy__budget_epsilon": None,
+    }
+
+
+def personalised_dice(vcfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Each site's teacher (its private state) on that site's own test split."""
+    from federation.fedmic_site import teacher_config
+    from federation.site_state import SiteState
+    from federation.strategies import strategy_config
+    from pipeline.models import build_model
+
+    width = float(getattr(strategy_config(vcfg.federation), "teacher_width", 2.0))
+    out: dict[str, dict[str, Any]] = {}
+    for s in vcfg.sites:
+        personal = SiteState(RunLayout(vcfg.run_dir).site(s.name).state).load_personal()
+        if personal is None:
+            continue
+        net = build_model(teacher_config(vcfg.model, width))
+        net.load_state_dict({k[len("teacher.") :]: v for k, v in personal.items() if k.startswith("teacher.")})
+        out[s.name] = evaluate_store(net, vcfg.store_path(s.name), {"test"})
+    return out
+
+
+def wire_bytes(run_dir: Path, sites: list[str], rounds: int) -> dict[str, dict[str, float]]:
+    """Mean bytes per round per site: the update bodies posted and the model bodies downloaded."""
+    out: dict[str, dict[str, float]] = {}
+    lay = RunLayout(run_dir)
+    for s in sites:
+        up, down = [], []
+        for r in range(rounds):
+            body = lay.site(s).update(r)
+            if body.is_file():
+                up.append(body.stat().st_size)
+            tj = lay.site(s).train_json(r)
+            if tj.is_file():
+                got = json.loads(tj.read_text()).get("bytes_down")
+                down.append(got if got is not None else lay.server.global_model(r).stat().st_size)
+        out[s] = {
+            "up_per_round": sum(up) / len(up) if up else float("nan"),
+            "down_per_round": sum(down) / len(down) if down else float("nan"),
+        }
+    return out
+
+
+def run_fedmic_variants(
+    cfg: ExperimentConfig,
+    base_dir: Path,
+    rows: dict[str, dict[str, Any]],
+    record: Record,
+    variant_cfg: Callable[..., ExperimentConfig],
+    link_stores: Callable[[ExperimentConfig, ExperimentConfig], None],
+    final_global: Callable[[Path], dict[str, torch.Tensor]],
+) -> None:
+    """Add the ``fedmic`` and ``fedmic eps=8`` rows (and their FedAvg baselines if missing) to ``rows``."""
+    from fedpath.simulate import run_simulation
+
+    names = [s.name for s in cfg.sites]
+    rounds = cfg.federation.rounds
+    for eps in (None, FEDMIC_EPSILON):
+        tag = "" if eps is None else f" eps={eps:g}"
+        baseline = "fedavg" if eps is None else f"feddp eps={eps:g}"
+        base_dirname = "fedavg" if eps is None else f"feddp_eps_{eps:g}"
+        if baseline not in rows:
+            vdir = base_dir / "variants" / base_dirname
+            vcfg = variant_cfg(cfg, base_dirname, vdir, federation__strategy="fedavg", **_privacy(eps))
+            link_stores(cfg, vcfg)
+            t0 = time.perf_counter()
+            run_simulation(vcfg)
+            record(baseline, "federated", final_global(vdir), time.perf_counter() - t0, vdir, {})
+        name = f"fedmic{tag}"
+        if name in rows:
+            continue
+        vdir = base_dir / "variants" / name.replace(" ", "_").replace("=", "_")
+        vcfg = variant_cfg(cfg, name, vdir, federation__strategy=dict(FEDMIC_STRATEGY), **_privacy(eps))
+        link_stores(cfg, vcfg)
+        t0 = time.perf_counter()
+        run_simulation(vcfg)
+        seconds = time.perf_counter() - t0
+        base_vdir = base_dir / "variants" / base_dirname
+        mic_bytes = wire_bytes(vdir, names, rounds)
+        avg_bytes = wire_bytes(base_vdir, names, rounds)
+        extra = {
+            "fedmic": {
+                "baseline": baseline,
+                "strategy": FEDMIC_STRATEGY,
+                "personalised": personalised_dice(vcfg),
+                "bytes": mic_bytes,
+                "baseline_bytes": avg_bytes,
+                "up_ratio": {s: avg_bytes[s]["up_per_round"] / mic_bytes[s]["up_per_round"] for s in names},
+                "down_ratio": {s: avg_bytes[s]["down_per_round"] / mic_bytes[s]["down_per_round"] for s in names},
+            }
+        }
+        record(name, "federated", final_global(vdir), seconds, vdir, extra)
+
+
+def fedmic_table(rows: dict[str, dict[str, Any]], sites: list[str]) -> str:
+    """Per FedMIC row and site: personalised Dice vs the FedAvg global model, student Dice, bytes and ratios."""
+    head = [
+        "variant",
+        "site",
+        "Dice personalised (teacher)",
+        "Dice FedAvg global",
+        "Dice student (global)",
+        "KiB up / round",
+        "KiB down / round",
+        "up: FedAvg ÷ FedMIC",
+        "down: FedAvg ÷ FedMIC",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        mic = row.get("fedmic")
+        if not mic:
+            continue
+        base = rows.get(mic["baseline"], {}).get("eval", {})
+        for s in sites:
+            pers = mic["personalised"].get(s, {}).get("dice")
+            cells = [
+                name,
+                s,
+                _f(pers),
+                _f(base.get(s, {}).get("dice")),
+                _f(row["eval"].get(s, {}).get("dice")),
+                _f(mic["bytes"][s]["up_per_round"] / 1024, 1),
+                _f(mic["bytes"][s]["down_per_round"] / 1024, 1),
+                _f(mic["up_ratio"][s], 2),
+                _f(mic["down_ratio"][s], 2),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return ""
+    return "\nFedMIC (personalised teacher vs FedAvg, bytes on the wire per site per round):\n\n" + "\n".join(lines) + "\n"
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run only the FedMIC rows and their FedAvg baselines (same config, same resumable experiment.json)."""
+    from fedpath import experiment as ex
+    from pipeline.config import load_config
+    from wsi.tiling import run_tile_site
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--set", action="append", default=[], dest="overrides")
+    p.add_argument("--data-root", type=Path, default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_config(a.config, a.overrides)
+    data_root = cfg.resolved_data_root(a.data_root)
+    base = cfg.run_dir
+    base.mkdir(parents=True, exist_ok=True)
+    for s in cfg.sites:
+        run_tile_site(manifest=s.manifest, data_root=data_root, store=cfg.store_path(s.name), tiling=cfg.tiling,
+                      site=s.name, run_dir=base)
+    state_file = base / "experiment_fedmic.json"
+    rows: dict[str, dict[str, Any]] = json.loads(state_file.read_text())["rows"] if state_file.is_file() else {}
+
+    def record(name: str, kind: str, state: dict[str, torch.Tensor], seconds: float, run_dir: Path,
+               extra: dict[str, Any]) -> None:
+        rows[name] = {"kind": kind, "seconds": seconds, "eval": ex._evaluate(cfg, state),
+                      "ledger": ex._ledger_eps(run_dir), **extra}
+        state_file.write_text(json.dumps({"rows": rows}, indent=2, default=str))
+
+    run_fedmic_variants(cfg, base, rows, record, ex._variant_cfg, ex._link_stores, ex._final_global)
+    names = [s.name for s in cfg.sites]
+    table = ex.tabulate(rows, names) + fedmic_table(rows, names)
+    (base / "experiment_fedmic.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
