@@ -129,7 +129,8 @@ def run_fedmic_variants(
         if name in rows:
             continue
         vdir = base_dir / "variants" / name.replace(" ", "_").replace("=", "_")
-        vcfg = variant_cfg(cfg, name, vdir, federation__strategy=dict(FEDMIC_STRATEGY), **_privacy(eps))
+        strategy = dict(FEDMIC_STRATEGY, energy_rounds=max(1, min(FEDMIC_STRATEGY["energy_rounds"], rounds)))
+        vcfg = variant_cfg(cfg, name, vdir, federation__strategy=strategy, **_privacy(eps))
         link_stores(cfg, vcfg)
         t0 = time.perf_counter()
         run_simulation(vcfg)
@@ -140,7 +141,7 @@ def run_fedmic_variants(
         extra = {
             "fedmic": {
                 "baseline": baseline,
-                "strategy": FEDMIC_STRATEGY,
+                "strategy": strategy,
                 "personalised": personalised_dice(vcfg),
                 "bytes": mic_bytes,
                 "baseline_bytes": avg_bytes,

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import httpx
 import yaml
 
+from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from federation.provision import provision_paths, run_provision
 from federation.server import server_paths
@@ -436,7 +437,7 @@ def run_site_jobs(
     first_start: dict[str, float] = {}
 
     def log_path(site: str) -> Path:
-        p = cfg.site_dir(site) / "rounds" / str(round_index) / "job.log"
+        p = RunLayout(cfg.run_dir).site(site).job_log(round_index)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -500,7 +501,7 @@ def run_simulation(cfg: ExperimentConfig) -> dict[str, Any]:
     _ensure_stores(cfg)
     sim_dir = cfg.run_dir / "simulate"
     config_path = freeze_config(cfg, sim_dir / "config.yaml")
-    agg = AggregatorProcess(cfg, config_path, server_paths(cfg).root / "server.log")
+    agg = AggregatorProcess(cfg, config_path, server_paths(cfg).log)
     agg.launch()
     workers: WarmWorkers | None = None
     fallbacks: list[dict[str, Any]] = []
@@ -549,12 +550,12 @@ def federation_summary(cfg: ExperimentConfig, jobs: list[dict[str, Any]], wall_s
     # from the sites' own ledgers (what a site reports to the server is not trusted), ε with δ and unit
     eps_sample: dict[str, dict[str, Any] | None] = {}
     for s in cfg.sites:
-        p = cfg.site_dir(s.name) / "privacy.json"
+        p = RunLayout(cfg.run_dir).site(s.name).privacy
         d = json.loads(p.read_text()) if p.is_file() else None
         eps_sample[s.name] = None if d is None else {"epsilon": d["epsilon"], "delta": d["delta"], "unit": d["unit"]}
     eps_update: dict[str, dict[str, Any] | None] = {}
     for s in cfg.sites:
-        p = cfg.site_dir(s.name) / "update_privacy.json"
+        p = RunLayout(cfg.run_dir).site(s.name).update_privacy
         u = json.loads(p.read_text()) if p.is_file() else None
         eps_update[s.name] = None if u is None else {"epsilon": u["epsilon"], "delta": u["delta"], "unit": "site"}
     return {

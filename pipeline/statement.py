@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedcore.layout import RunLayout
 from pipeline.errors import FedpathError
 from pipeline.privacy import PrivacyLedger, format_epsilon
 
@@ -127,9 +128,9 @@ def _compose(mechs: list[dict[str, Any]], unit: str) -> dict[str, Any]:
 
 
 def site_statement(run_dir: Path, site: str) -> dict[str, Any]:
-    site_dir = run_dir / "sites" / site
-    sample = _sample_level(site_dir / "privacy.json", site)
-    update = _update_level(site_dir / "update_privacy.json")
+    lay = RunLayout(run_dir).site(site)
+    sample = _sample_level(lay.privacy, site)
+    update = _update_level(lay.update_privacy)
     central = _central(run_dir / "server" / "state.json")
     local = [m for m in (sample, update) if m is not None]
     units = sorted({m["unit"] for m in local} | {"site"}, key=lambda u: _FINER.get(u, 2))
