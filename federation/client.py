@@ -39,7 +39,6 @@ from federation.ledger import UpdateLedger
 from federation.payloads import RoundStatus, UpdateMeta
 from federation.provision import provision_paths, read_site_token
 from federation.server import is_loopback
-from federation.site import site_algorithm
 from federation.strategies import ServerContext, Strategy, build_strategy
 from federation.wire import (
     WireError,
@@ -324,7 +323,7 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
         trained = False
         if body is None:
             t0 = time.perf_counter()
-            algo = site_algorithm(strategy)
+            algo = strategy.site_algorithm()
             global_state = algo.fetch_global(client, cfg, site, r)
             spec = spec_of(global_state)
             strategy.bind(ServerContext(global_spec=spec))

@@ -9,7 +9,7 @@ hooks of a :class:`SiteAlgorithm`:
 * :meth:`SiteAlgorithm.train` -- local training from it (plain DP-SGD for FedAvg/FedProx/FedAdam; mutual
   distillation with a personal teacher for FedMIC, :mod:`federation.fedmic_site`).
 
-A strategy names its site algorithm in :data:`SITE_ALGORITHMS` (by strategy name; default: plain).
+A strategy returns its site algorithm from :meth:`Strategy.site_algorithm` (default: :class:`PlainSite`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pipeline.errors import FedpathError
 
 if TYPE_CHECKING:
     from federation.client import SiteClient
-    from federation.strategies import Strategy
     from pipeline.train import TrainResult
 
 State = dict[str, torch.Tensor]
@@ -62,12 +61,3 @@ class PlainSite:
             job_id=f"round-{r}",
             progress=False,
         )
-
-
-def site_algorithm(strategy: Strategy) -> SiteAlgorithm:
-    """The site algorithm of a strategy (FedMIC: teacher + student; every other one: plain)."""
-    if strategy.name == "fedmic":
-        from federation.fedmic_site import FedMICSite
-
-        return FedMICSite()
-    return PlainSite()

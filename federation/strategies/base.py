@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -34,6 +34,9 @@ from pydantic import BaseModel, ConfigDict
 from federation.payloads import FitConfig, PayloadSpec, full_delta_spec
 from federation.wire import TensorSpec, iter_tensors
 from pipeline.dprandom import NoiseSource
+
+if TYPE_CHECKING:
+    from federation.site import SiteAlgorithm
 
 State = dict[str, torch.Tensor]
 
@@ -182,6 +185,12 @@ class Strategy(ABC):
         """The compressed form of the version just applied (its delta), if downloads are compressed."""
         return None
 
+    def site_algorithm(self) -> SiteAlgorithm:
+        """How a site fetches a version and trains locally (default: full download, plain DP-SGD)."""
+        from federation.site import PlainSite
+
+        return PlainSite()
+
     def update_epsilon(self, participations: int) -> tuple[float, float] | None:
         """Update-level (ε, δ) per site after ``participations`` releases, if the site adds noise."""
         return None
@@ -312,6 +321,9 @@ class StrategyWrapper(Strategy):
 
     def download_payload(self) -> State | None:
         return self.inner.download_payload()
+
+    def site_algorithm(self) -> SiteAlgorithm:
+        return self.inner.site_algorithm()
 
     def weight(self, update: UpdateInfo) -> float:
         return self.inner.weight(update)

@@ -17,7 +17,7 @@ the federation side of it:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -26,6 +26,9 @@ from federation.lowrank import compress, decompress_one, iter_decompressed, lowr
 from federation.payloads import FitConfig, PayloadSpec
 from federation.strategies.base import State, Strategy, StrategyConfig, UpdateInfo
 from federation.wire import TensorSpec, iter_tensors
+
+if TYPE_CHECKING:
+    from federation.site import SiteAlgorithm
 
 PAYLOAD_KIND = "lowrank_delta"
 _CODES = {"float16": "F16", "float32": "F32"}
@@ -114,6 +117,12 @@ class FedMIC(Strategy):
             g = global_state[k]
             out[k] = apply_delta(g, decompress_one(payload, k, tuple(g.shape)))
         return out
+
+    def site_algorithm(self) -> SiteAlgorithm:
+        """Teacher + student by mutual distillation; compressed downloads onto the kept version."""
+        from federation.fedmic_site import FedMICSite
+
+        return FedMICSite()
 
     def download_payload(self) -> State | None:
         """The factors of the last applied delta: what a site holding the previous version downloads."""

@@ -30,7 +30,9 @@ def test_experiment_small(repo_root: Path, tmp_path: Path) -> None:
 
     out = run_experiment(cfg, data, epsilons=[math.inf, 8.0])
     rows = out["rows"]
-    assert set(rows) == {"local:a", "local:b", "centralised", "fedavg", "fedprox", "feddp eps=inf", "feddp eps=8"}
+    assert set(rows) == {
+        "local:a", "local:b", "centralised", "fedavg", "fedprox", "feddp eps=inf", "feddp eps=8", "fedmic", "fedmic eps=8"
+    }
     for name, row in rows.items():
         for site in ("a", "b"):
             d = row["eval"][site]["dice"]
@@ -41,8 +43,17 @@ def test_experiment_small(repo_root: Path, tmp_path: Path) -> None:
         assert 0 < led["delta"] < 1 and led["unit"] == "tile" and "per tile" in led["text"]
     for led in rows["feddp eps=inf"]["ledger"].values():
         assert "no guarantee" in led["text"] or "no tile-level guarantee" in led["text"]
+    # FedMIC (issue 15): each site's personalised teacher scored on its own split, fewer bytes on the wire
+    for name, baseline in (("fedmic", "fedavg"), ("fedmic eps=8", "feddp eps=8")):
+        mic = rows[name]["fedmic"]
+        assert mic["baseline"] == baseline and set(mic["personalised"]) == {"a", "b"}
+        assert all(0.0 <= v["dice"] <= 1.0 for v in mic["personalised"].values())
+        assert all(r > 1 for r in mic["up_ratio"].values()), mic["up_ratio"]
+    assert all(0 < led["epsilon"] <= 8.05 for led in rows["fedmic eps=8"]["ledger"].values())
     table = (run_dir / "experiment.md").read_text()
-    assert table.count("\n") == 2 + len(rows)
+    main_table, fedmic_part = table.split("\nFedMIC", 1)
+    assert main_table.count("\n") == 2 + len(rows)
+    assert "| fedmic eps=8 | a |" in fedmic_part and "| fedmic | b |" in fedmic_part
     # a second call resumes: nothing is retrained, the table is the same
     state = json.loads((run_dir / "experiment.json").read_text())
     again = run_experiment(cfg, data, epsilons=[math.inf, 8.0])
