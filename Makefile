@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install lint test test-slow demo synth tile train provision serve site-round simulate \
-        infer attack report experiment bench clean
+        infer attack report experiment bench clean pretrain
 
 install: $(STAMP)
 
@@ -47,6 +47,9 @@ tile: install
 
 train: install
 	$(BIN)/fedpath train --config $(CONFIG) $(if $(SITE),--site $(SITE),)
+
+pretrain: install
+	$(BIN)/fedpath pretrain --config $(CONFIG)
 
 provision: install
 	$(BIN)/fedpath provision --config $(CONFIG)

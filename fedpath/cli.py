@@ -130,6 +130,19 @@ def _print_privacy(lines: list[tuple[str, str]]) -> None:
 
 
 @app.command()
+def pretrain(config: ConfigOpt = None, set_: SetOpt = None, data_root: DataRootOpt = None) -> None:
+    """Server side: pretrain θ_pre by masked image modelling on the server's own unlabelled slides."""
+    from fedpath.pretrain import run_pretrain
+
+    cfg = _cfg(config, set_)
+    res = run_pretrain(cfg, cfg.resolved_data_root(data_root))
+    typer.echo(
+        f"pretrain: θ_pre -> {res['path']} ({res['tiles']} server tiles, {res['steps']} steps; masked L1 "
+        f"{res['masked_l1_last']:.4f} vs mean-colour fill {res['mean_fill_l1']:.4f})"
+    )
+
+
+@app.command()
 def provision(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Create the federation's dev CA, server certificate and one hashed token per site."""
     from federation.provision import run_provision

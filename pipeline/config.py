@@ -320,6 +320,23 @@ class AttackConfig(_Strict):
     seed: int = 0
 
 
+class PretrainConfig(_Strict):
+    """Server-side self-supervised pretraining (masked image modelling) on tiles the server holds.
+
+    Its output, θ_pre, is the starting model of every method that wants one (``federation.initial_model``).
+    """
+
+    manifest: Path | None = Field(
+        None, description="the server's unlabelled slides (e.g. data_manifests/slides.csv, or synthetic slides)"
+    )
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    mask_ratio: float = Field(0.5, gt=0, lt=1, description="share of patches hidden")
+    patch: int = Field(4, ge=1, description="side of a hidden square, in pixels")
+    seed: int = 0
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment: where things live and how each stage behaves."""
 
@@ -336,6 +353,7 @@ class ExperimentConfig(_Strict):
     federation: FederationConfig = FederationConfig()
     inference: InferenceConfig = InferenceConfig()
     attack: AttackConfig = AttackConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     def site(self, name: str) -> SiteConfig:
         for s in self.sites:

@@ -607,9 +607,9 @@ def test_global_models_are_fsynced_before_and_after_the_rename(tmp_path: Path) -
     events = [line.split("\t") for line in trace.read_text().splitlines()]
     for r in (0, 1):
         final = str(fed_paths.global_model(r).resolve())
-        tmp = final + ".tmp"
         i = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == final)
-        assert events[i][1] == tmp
+        tmp = events[i][1]  # the writer's temporary file, in the same directory
+        assert tmp != final and Path(tmp).parent == Path(final).parent
         assert ["fsync", tmp] in events[:i], f"round_{r}: file not fsynced before the rename"
         assert ["fsync", str(Path(final).parent)] in events[i + 1 :], (
             f"round_{r}: directory not fsynced after"
