@@ -315,6 +315,12 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
             if not done.is_file():
                 atomic_write_json(done, {"site": site, "round": r, "outcome": "already_submitted"})
             return {"site": site, "round": r, "outcome": "already_submitted"}
+        if getattr(strategy.site_algorithm(), "one_shot", False):  # data vectors: a site contributes once
+            for q in range(r):
+                d = layout.done(q)
+                if d.is_file() and json.loads(d.read_text()).get("outcome") == "uploaded":
+                    log.info("site %s: contributed its one update in round %d; nothing to do", site, q)
+                    return {"site": site, "round": r, "outcome": "contributed", "contributed_round": q}
         update_file = layout.update(r)
         refused = layout.refused(r)
         if refused.is_file():

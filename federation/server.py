@@ -606,6 +606,9 @@ class Aggregator:
                 f"round {update_round} is not open yet (open: {self.round})",
                 round=update_round,
             )
+        refusal = self.strategy.admit(site, self.round)
+        if refusal is not None:
+            raise Rejection(409, "refused_by_strategy", refusal, round=update_round)
         if update_round == self.round:
             if self.phase != "open":
                 raise Rejection(

@@ -40,6 +40,9 @@ class SiteAlgorithm(Protocol):
 class PlainSite:
     """Download the full version; DP-SGD from it (FedProx: with the proximal term towards it)."""
 
+    #: a one-shot method (data vectors): the site uploads once, later round jobs do nothing
+    one_shot = False
+
     def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State:
         global_state, gmeta = client.download_model(r)
         if gmeta.model != cfg.model:

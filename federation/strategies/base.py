@@ -195,6 +195,10 @@ class Strategy(ABC):
         """Update-level (ε, δ) per site after ``participations`` releases, if the site adds noise."""
         return None
 
+    def admit(self, site: str, round_index: int) -> str | None:
+        """Why the strategy refuses an update of ``site`` for ``round_index`` (None: admitted)."""
+        return None
+
     # -- server side: event-driven aggregation -------------------------------------------------------
     def weight(self, update: UpdateInfo) -> float:
         return float(update.n_tiles)
@@ -324,6 +328,9 @@ class StrategyWrapper(Strategy):
 
     def site_algorithm(self) -> SiteAlgorithm:
         return self.inner.site_algorithm()
+
+    def admit(self, site: str, round_index: int) -> str | None:
+        return self.inner.admit(site, round_index)
 
     def weight(self, update: UpdateInfo) -> float:
         return self.inner.weight(update)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from federation.strategies.base import Strategy, StrategyConfig
+from federation.strategies.data_vectors import DataVectors
 from federation.strategies.fedadam import FedAdam
 from federation.strategies.fedavg import FedAvg
 from federation.strategies.fedmic import FedMIC
@@ -29,6 +30,7 @@ REGISTRY: dict[str, type[Strategy]] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "fedmic": FedMIC,
+    "data_vectors": DataVectors,
 }
 
 
