@@ -76,6 +76,16 @@ class ServerLayout:
     def global_model(self, r: int) -> Path:
         return self.root / "global" / f"round_{_index(r)}.safetensors"
 
+    @property
+    def data_store(self) -> Path:
+        """The tiles of the server's own unlabelled slides (``federation.server_manifest``)."""
+        return self.root / "data" / "store.zarr"
+
+    @property
+    def pretrained(self) -> Path:
+        """θ_pre from ``fedpath pretrain`` (masked image modelling on the server's tiles)."""
+        return self.root / "pretrained.safetensors"
+
     def global_delta(self, r: int) -> Path:
         """Version ``r`` as its compressed delta from ``r - 1`` (strategies that compress downloads)."""
         return self.root / "global" / f"delta_{_index(r)}.safetensors"

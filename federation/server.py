@@ -124,8 +124,16 @@ def server_paths(cfg: ExperimentConfig) -> ServerLayout:
 
 
 def initial_model_state(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
-    """The round-0 global model: the config's network initialised with ``federation.seed``."""
+    """The round-0 global model: ``federation.initial_model`` (e.g. the server's θ_pre) when set, else the
+    config's network initialised with ``federation.seed``."""
     from pipeline.models import build_model
+
+    if cfg.federation.initial_model is not None:
+        path = cfg.federation.initial_model
+        state, meta = read_model_file(path)
+        if meta.model != cfg.model:
+            raise FedpathError(f"{path}: federation.initial_model was built for another network than model:")
+        return state
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.federation.seed)
@@ -237,6 +245,7 @@ class Aggregator:
             ServerContext(
                 model_builder=self._build_model,
                 server_manifest=self.fed.server_manifest,
+                server_store=self.paths.data_store if self.paths.data_store.exists() else None,
                 global_spec=dict(self.spec),
             )
         )

@@ -1,6 +1,6 @@
 """``fedpath pretrain``: the server's self-supervised θ_pre (issue 16), from slides only the server holds.
 
-The server tiles its own unlabelled slides (``pretrain.manifest``: the public slides in the data root, or
+The server tiles its own unlabelled slides (``federation.server_manifest``: public slides in the data root, or
 fedpath's synthetic slides) through the normal tiling path, pretrains the configured network by masked
 image modelling (:func:`pipeline.transfer.mim_pretrain`), puts a fresh head for the task's classes on it
 (:func:`pipeline.transfer.with_fresh_head`) and writes ``<run>/server/pretrained.safetensors``.
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from pipeline.checkpoint import ModelMeta, read_model_file, save_model
 from pipeline.config import ExperimentConfig
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def pretrained_path(cfg: ExperimentConfig) -> Path:
-    return cfg.run_dir / "server" / "pretrained.safetensors"
+    return RunLayout(cfg.run_dir).server.pretrained
 
 
 def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
@@ -36,21 +37,24 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
     from wsi.tiling import run_tile_site
 
     pc = cfg.pretrain
-    if pc.manifest is None:
-        raise FedpathError("pretrain.manifest: not set (the server's unlabelled slides, e.g. data_manifests/slides.csv)")
+    manifest = cfg.federation.server_manifest
+    if manifest is None:
+        raise FedpathError(
+            "federation.server_manifest: not set (the server's unlabelled slides, e.g. data_manifests/slides.csv)"
+        )
     if data_root is None:
         raise FedpathError("pretrain: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
     out = pretrained_path(cfg)
-    settings = {"pretrain": pc.model_dump(mode="json"), "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json")}
+    settings = {"pretrain": pc.model_dump(mode="json"), "manifest": str(manifest), "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json")}
     if out.is_file():
         _, meta = read_model_file(out)
         if meta.extra.get("settings") == json.loads(json.dumps(settings)):
             log.info("pretrain: %s already holds θ_pre for these settings", out)
             return dict(meta.extra.get("result", {}))
-    store = cfg.run_dir / "server" / "data" / "store.zarr"
+    store = RunLayout(cfg.run_dir).server.data_store
     res = run_tile_site(
-        manifest=pc.manifest, data_root=data_root.resolve(), store=store, tiling=cfg.tiling,
-        site=_site_of(pc.manifest), run_dir=cfg.run_dir, workers=cfg.tiling.workers,
+        manifest=manifest, data_root=data_root.resolve(), store=store, tiling=cfg.tiling,
+        site=_site_of(manifest), run_dir=cfg.run_dir, workers=cfg.tiling.workers,
     )
     if res.get("failed"):
         raise FedpathError(f"pretrain: tiling the server's slides failed: {res['failed']}")

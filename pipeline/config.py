@@ -217,6 +217,11 @@ class FederationConfig(_Strict):
     server_manifest: Path | None = Field(
         None, description="unlabelled or public tiles the server holds (for strategies that distil on it)"
     )
+    initial_model: Path | None = Field(
+        None,
+        description="version 0 from this model file (e.g. θ_pre of `fedpath pretrain`, "
+        "<run>/server/pretrained.safetensors) instead of a seeded random init",
+    )
     upload_retries: int = Field(5, ge=0, description="site client: retries of a failed request")
     wait_timeout_s: float = Field(600.0, gt=0, description="site client: longest wait for a round to open")
     parallel_sites: int = Field(2, ge=1, description="simulate: site jobs run at the same time")
@@ -321,14 +326,12 @@ class AttackConfig(_Strict):
 
 
 class PretrainConfig(_Strict):
-    """Server-side self-supervised pretraining (masked image modelling) on tiles the server holds.
+    """Server-side self-supervised pretraining (masked image modelling) on the slides the server holds
+    (``federation.server_manifest``).
 
     Its output, θ_pre, is the starting model of every method that wants one (``federation.initial_model``).
     """
 
-    manifest: Path | None = Field(
-        None, description="the server's unlabelled slides (e.g. data_manifests/slides.csv, or synthetic slides)"
-    )
     steps: int = Field(400, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-2, gt=0)

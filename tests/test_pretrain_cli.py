@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fedcore.summary import read_summary
@@ -19,7 +20,8 @@ def _config(tmp_path: Path, manifest: Path | None) -> Path:
         "run_dir": str(tmp_path / "run"),
         "tiling": {"target_mpp": 1.0, "tile_size": 64, "overlap": 0},
         "model": {"name": "unet", "channels": [8, 16, 32], "strides": [2, 2], "groups": 4},
-        "pretrain": {"steps": 30, "batch_size": 8, "manifest": None if manifest is None else str(manifest)},
+        "pretrain": {"steps": 30, "batch_size": 8},
+        "federation": {"server_manifest": None if manifest is None else str(manifest)},
     }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -48,4 +50,25 @@ def test_pretrain_without_a_manifest_is_one_line(tmp_path: Path, data_root: Path
     assert run(["pretrain", "--config", str(_config(tmp_path, None)), "--data-root", str(data_root)]) == 2
     cap = capsys.readouterr()
     err = (cap.out + cap.err).strip().splitlines()
-    assert len(err) == 1 and "pretrain.manifest" in err[0]
+    assert len(err) == 1 and "federation.server_manifest" in err[0]
+
+
+def test_initial_model_is_theta_pre_and_must_fit_the_network(tmp_path: Path, data_root: Path) -> None:
+    from federation.server import initial_model_state
+    from pipeline.checkpoint import read_model_file
+    from pipeline.config import load_config
+    from pipeline.errors import FedpathError
+
+    rows = (REPO / "data_manifests" / "slides.csv").read_text().splitlines()
+    manifest = tmp_path / "server.csv"
+    manifest.write_text("\n".join([rows[0], *[r for r in rows[1:] if "CMU-1" in r]]) + "\n")
+    cfg_path = _config(tmp_path, manifest)
+    assert run(["pretrain", "--config", str(cfg_path), "--data-root", str(data_root), "--set", "pretrain.steps=5"]) == 0
+    pre = tmp_path / "run" / "server" / "pretrained.safetensors"
+    cfg = load_config(cfg_path, ["federation.initial_model=" + str(pre)])
+    state = initial_model_state(cfg)
+    saved, _ = read_model_file(pre)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    other = load_config(cfg_path, ["federation.initial_model=" + str(pre), "model.channels=[8,16,64]"])
+    with pytest.raises(FedpathError, match="another network"):
+        initial_model_state(other)

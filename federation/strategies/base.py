@@ -116,6 +116,8 @@ class ServerContext:
     #: a server manifest naming unlabelled or public tiles (e.g. synthetic slides) for server-side
     #: distillation or restoration; None: the server holds no data
     server_manifest: Path | None = None
+    #: those tiles, tiled by ``fedpath pretrain`` (None: not tiled yet)
+    server_store: Path | None = None
     global_spec: Mapping[str, TensorSpec] = field(default_factory=dict)
 
 
