@@ -246,6 +246,7 @@ class Aggregator:
                 model_builder=self._build_model,
                 server_manifest=self.fed.server_manifest,
                 server_store=self.paths.data_store if self.paths.data_store.exists() else None,
+                update_path=self.paths.update,
                 global_spec=dict(self.spec),
             )
         )

@@ -118,6 +118,8 @@ class ServerContext:
     server_manifest: Path | None = None
     #: those tiles, tiled by ``fedpath pretrain`` (None: not tiled yet)
     server_store: Path | None = None
+    #: where the server stored ``(round, site)``'s accepted update (for methods that revisit old ones)
+    update_path: Callable[[int, str], Path] | None = None
     global_spec: Mapping[str, TensorSpec] = field(default_factory=dict)
 
 

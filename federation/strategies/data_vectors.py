@@ -31,6 +31,15 @@ class DataVectorsConfig(StrategyConfig):
     lam: Literal["sum", "mean"] | float = Field(
         "sum", description="merge coefficient: 'sum' (λ=1, the seed paper), 'mean' (λ=1/n) or a number"
     )
+    restore: Literal["none", "distil"] = Field(
+        "none",
+        description="restoration of the merged model: none, or distillation from the sites' local models "
+        "(θ_pre + τ_i) onto the server's own tiles (needs federation.server_manifest, `fedpath pretrain`)",
+    )
+    distil_steps: int = Field(100, ge=1)
+    distil_batch: int = Field(16, ge=1)
+    distil_lr: float = Field(5e-4, gt=0)
+    temperature: float = Field(2.0, gt=0)
 
 
 class DataVectorSite(PlainSite):
@@ -66,6 +75,7 @@ class DataVectors(Strategy):
         #: site -> the round its vector was counted in (a site contributes once)
         self.contributed: dict[str, int] = {}
         self._pending_sites: list[str] = []
+        self.last_restoration: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, c: StrategyConfig) -> Strategy:
@@ -117,7 +127,29 @@ class DataVectors(Strategy):
         out = {k: v.clone() for k, v in self._pre.items()}
         for k, tot in self._total.items():
             out[k] = (self._pre[k].double() + lam * tot).to(self._pre[k].dtype)
+        if self.cfg.restore == "distil":
+            out = self._restore(out)
         return out
+
+    def _restore(self, merged: State) -> State:
+        """Distil every contributed local model (θ_pre + τ_i) into the merged model on server tiles."""
+        from federation.strategies.universal import distil_on_server
+        from federation.wire import iter_tensors
+
+        ctx = self.context
+        if ctx is None or ctx.update_path is None or self._pre is None:
+            raise ValueError("data_vectors: restoration needs the server context (update paths)")
+        teachers = []
+        for site, r in sorted(self.contributed.items()):
+            m = {k: v.clone() for k, v in self._pre.items()}
+            for k, d in iter_tensors(ctx.update_path(r, site), [k for k in m if m[k].is_floating_point()]):
+                m[k] = (m[k].double() + d.double()).to(m[k].dtype)
+            teachers.append(m)
+        c = self.cfg
+        state, self.last_restoration = distil_on_server(
+            self, teachers, merged, None, c.distil_steps, c.distil_batch, c.distil_lr, c.temperature, seed=self._n
+        )
+        return state
 
     def state_dict(self) -> tuple[State, dict[str, Any]]:
         if self._pre is None or self._total is None:

@@ -21,6 +21,7 @@ from federation.strategies.fedmic import FedMIC
 from federation.strategies.fedprox import FedProx
 from federation.strategies.median import FedMedian
 from federation.strategies.trimmed_mean import FedTrimmedAvg
+from federation.strategies.universal import Universal
 from pipeline.config import ConfigError, FederationConfig
 
 REGISTRY: dict[str, type[Strategy]] = {
@@ -31,6 +32,7 @@ REGISTRY: dict[str, type[Strategy]] = {
     "fedtrimmedavg": FedTrimmedAvg,
     "fedmic": FedMIC,
     "data_vectors": DataVectors,
+    "universal": Universal,
 }
 
 
