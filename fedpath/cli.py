@@ -307,6 +307,22 @@ def experiment(
     run_experiment(cfg, data_root=cfg.resolved_data_root(data_root), epsilons=eps)
 
 
+@app.command("experiment-oneshot")
+def experiment_oneshot(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_root: DataRootOpt = None,
+    folds: Annotated[str, typer.Option(help="comma-separated left-out sites (default: every site)")] = "",
+    no_dp_only: Annotated[bool, typer.Option("--no-dp-only", help="skip the ε = 8 level")] = False,
+) -> None:
+    """Leave-one-site-out: data vectors, FedAvg from θ_pre, the universal model, local and centralised."""
+    from fedpath.experiment_oneshot import EPSILON, run_oneshot
+
+    cfg = _cfg(config, set_)
+    levels: tuple[float | None, ...] = (None,) if no_dp_only else (None, EPSILON)
+    run_oneshot(cfg, cfg.resolved_data_root(data_root), [f for f in folds.split(",") if f] or None, levels)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run ``fedpath`` on ``argv`` (default: ``sys.argv[1:]``) and return its exit status: 0, 2 with a
     one-line reason for bad input or a refusal, 130 when interrupted. An unexpected exception propagates

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from federation.site import PlainSite, SiteAlgorithm
+from pipeline.merging import merge
 from federation.strategies.base import Accumulator, PublishView, State, Strategy, StrategyConfig
 
 PREFIX_PRE, PREFIX_SUM = "pre.", "sum."
@@ -123,10 +124,7 @@ class DataVectors(Strategy):
         self._n = self._base_n + self._pending_n
         for s in self._pending_sites:
             self.contributed[s] = round_index
-        lam = self.lam(self._n)
-        out = {k: v.clone() for k, v in self._pre.items()}
-        for k, tot in self._total.items():
-            out[k] = (self._pre[k].double() + lam * tot).to(self._pre[k].dtype)
+        out = merge(self._pre, [self._total], self.lam(self._n))  # θ_pre + λ·Σ τ_i (pipeline.merging)
         if self.cfg.restore == "distil":
             out = self._restore(out)
         return out
