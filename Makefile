@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install lint test test-slow demo synth tile train provision serve site-round simulate \
-        infer attack report experiment bench clean pretrain
+        infer attack report experiment bench clean pretrain experiment-oneshot
 
 install: $(STAMP)
 
@@ -74,6 +74,9 @@ report: install
 	$(BIN)/fedpath report --config $(CONFIG)
 
 EPSILONS ?= inf,8,4,1
+experiment-oneshot: install
+	$(BIN)/fedpath experiment-oneshot --config $(CONFIG)
+
 experiment: install
 	$(BIN)/fedpath experiment --config $(CONFIG) --epsilons $(EPSILONS)
 
