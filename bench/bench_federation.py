@@ -97,7 +97,9 @@ def run_aggregator(work: Path, n_sites: int, bodies: list[bytes] | None = None) 
         "run_dir": str(work / "run"),
         "sites": [{"name": s, "manifest": "unused.csv"} for s in sites],
         "model": MODEL,
-        "federation": {"rounds": 1, "min_sites": n_sites, "port": 0, "max_body_mb": 256},
+        "federation": {
+            "rounds": 1, "min_sites": n_sites, "port": 0, "max_body_mb": 256, "max_concurrent_uploads": max(32, n_sites)
+        },
     }
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg_data))

@@ -767,6 +767,8 @@ class Aggregator:
             "n_tiles": {s: u.n_tiles for s, u in sorted(updates.items())},
             "epsilon": {s: u.epsilon for s, u in sorted(updates.items())},
             "late": {s: u.late_from for s, u in sorted(updates.items()) if u.late_from is not None},
+            "version": r + 1,
+            "staleness": {s: u.staleness for s, u in sorted(updates.items())},
             "closed_at": time.time(),
             "global_model": str(self.paths.global_model(r + 1)),
             **extra,
