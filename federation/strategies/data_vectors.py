@@ -21,8 +21,8 @@ import torch
 from pydantic import Field
 
 from federation.site import PlainSite, SiteAlgorithm
-from pipeline.merging import merge
 from federation.strategies.base import Accumulator, PublishView, State, Strategy, StrategyConfig
+from pipeline.merging import merge
 
 PREFIX_PRE, PREFIX_SUM = "pre.", "sum."
 

@@ -94,7 +94,9 @@ def test_update_meta_is_typed_and_reads_older_headers() -> None:
 
 # -- registry and configs ----------------------------------------------------------------------------------
 def test_registry_builds_every_strategy_from_old_and_new_configs(tmp_path: Path) -> None:
-    assert set(REGISTRY) == {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "fedmic"}
+    assert set(REGISTRY) == {
+        "fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "fedmic", "data_vectors", "universal"
+    }
     # the older form: a name, options from the flat keys
     prox = build_strategy(FederationConfig(strategy="fedprox", proximal_mu=0.3), 2)
     assert prox.configure_fit(0).proximal_mu == 0.3
