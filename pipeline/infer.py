@@ -214,7 +214,10 @@ def _dask_block(
     window: int,
     importance: np.ndarray,
     batch_size: int,
+    threads: int = 0,
 ) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)  # as the local run: CPU kernels may split reductions by threads
     reader = _WORKER_READERS.get(reader_args)
     if reader is None:
         reader = open_slide(*reader_args)
@@ -285,9 +288,10 @@ def stitch_slide(
     output: Any,
     workdir: Path,
     tissue: Any | None,
+    runner: DaskBlockRunner | None = None,
 ) -> dict[str, Any]:
-    """Run the model over the slide's windows and finalise the blended foreground map into ``output``
-    (a zarr array (1, H, W)). Returns counts and timings."""
+    """Run the model over the slide's windows (locally, or on ``runner``'s dask cluster) and finalise the
+    blended foreground map into ``output`` (a zarr array (1, H, W)). Returns counts and timings."""
     window = cfg.tile_size or model.meta.tile_size
     block_size = max(cfg.block_size, window)
     blocks, total = plan_windows(canvas, window, cfg.overlap, block_size, tissue)
@@ -297,7 +301,11 @@ def stitch_slide(
     merger = ZarrMerger((1, *canvas.shape), workdir, importance=None, chunk=cfg.chunk_size)
     t0 = time.perf_counter()
     n_windows = int(sum(len(b.origins) for b in blocks))
-    for loc, sums, weights in _run_blocks(reader, model, cfg, canvas, blocks, window, importance):
+    if runner is not None:
+        results = runner.run(reader, canvas, blocks, window, importance, cfg.batch_size)
+    else:
+        results = _run_blocks(reader, model, cfg, canvas, blocks, window, importance)
+    for loc, sums, weights in results:
         merger.add_weighted(sums, weights, loc)
         del sums, weights
         trim_heap()
@@ -322,9 +330,6 @@ def _run_blocks(
     window: int,
     importance: np.ndarray,
 ) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
-    if cfg.scheduler:
-        yield from _run_blocks_dask(reader, model, cfg, canvas, blocks, window, importance)
-        return
     if not blocks:
         return
 
@@ -343,45 +348,69 @@ def _run_blocks(
             yield (b.box[0], b.box[1]), sums, weights
 
 
-def _run_blocks_dask(
-    reader: SlideReader,
-    model: LoadedModel,
-    cfg: InferenceConfig,
-    canvas: Canvas,
-    blocks: list[Block],
-    window: int,
-    importance: np.ndarray,
-) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
-    from distributed import Client, as_completed
-    from safetensors.torch import save as st_save
+class DaskBlockRunner:
+    """Runs inference blocks as tasks on a dask cluster, for every slide of a stage: one client, the model
+    scattered to every worker once (as safetensors bytes, rebuilt once per worker process).
 
-    try:
-        client = Client(cfg.scheduler, timeout="20s", set_as_default=False)
-    except (OSError, TimeoutError) as exc:
-        raise FedpathError(f"dask scheduler {cfg.scheduler}: cannot connect ({exc})") from None
-    try:
-        blob = client.scatter(st_save(model.state), broadcast=True)
+    Results come back in block order, whatever order the workers finish in, so the one writer adds the
+    same sums in the same order as a local run and the maps are the same bit for bit (with the same
+    ``train.threads``: torch's CPU kernels may split reductions by thread count). At most ``in_flight``
+    blocks per slide are submitted ahead of the one being merged, which bounds the writer's memory."""
+
+    def __init__(self, address: str, model: LoadedModel, threads: int = 0) -> None:
+        from distributed import Client
+        from safetensors.torch import save as st_save
+
+        try:
+            self.client = Client(address, timeout="20s", set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise FedpathError(f"dask scheduler {address}: cannot connect ({exc})") from None
+        try:
+            self.blob = self.client.scatter(st_save(model.state), broadcast=True)
+            self.in_flight = max(2, 2 * sum(self.client.nthreads().values()))
+        except BaseException:
+            self.client.close()
+            raise
+        self.model_key = model.sha256
+        self.model_cfg = model.meta.model.model_dump()
+        self.threads = threads
+
+    def run(
+        self,
+        reader: SlideReader,
+        canvas: Canvas,
+        blocks: list[Block],
+        window: int,
+        importance: np.ndarray,
+        batch_size: int,
+    ) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
         args = (str(reader.path), reader._mpp_override, reader._default_mpp)
-        cfg_dump = model.meta.model.model_dump()
-        imp = client.scatter(importance, broadcast=True)
-        in_flight = max(2, 2 * sum(client.nthreads().values()))
-        todo = iter(blocks)
-        ac = as_completed(loop=client.loop)
-        for b in todo:
-            ac.add(client.submit(_dask_block, args, canvas, b, model.sha256, blob, cfg_dump, window, imp,
-                                 cfg.batch_size, pure=False))  # fmt: skip
-            if ac.count() >= in_flight:
-                break
-        for fut in ac:
-            loc, sums, weights = fut.result()
-            fut.release()
-            nxt = next(todo, None)
-            if nxt is not None:
-                ac.add(client.submit(_dask_block, args, canvas, nxt, model.sha256, blob, cfg_dump, window,
-                                     imp, cfg.batch_size, pure=False))  # fmt: skip
-            yield loc, sums, weights
-    finally:
-        client.close()
+        futures: dict[int, Any] = {}
+        submitted = 0
+        try:
+            for i in range(len(blocks)):
+                while submitted < len(blocks) and submitted < i + self.in_flight:
+                    futures[submitted] = self.client.submit(
+                        _dask_block, args, canvas, blocks[submitted], self.model_key, self.blob,
+                        self.model_cfg, window, importance, batch_size, self.threads, pure=False,
+                    )  # fmt: skip
+                    submitted += 1
+                fut = futures.pop(i)
+                loc, sums, weights = fut.result()
+                fut.release()
+                yield loc, sums, weights
+        finally:
+            for fut in futures.values():  # a failed or abandoned slide: cancel what is still queued
+                fut.cancel()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> DaskBlockRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -451,7 +480,7 @@ class SlideJob:
 
 def _fingerprint(model: LoadedModel, cfg: ExperimentConfig, job: SlideJob, slide_sha: str) -> dict[str, Any]:
     # Settings that change the maps; where and how fast they run (scheduler, batch, cache) do not.
-    inf = cfg.inference.model_dump(exclude={"scheduler", "batch_size", "tile_cache"})
+    inf = cfg.inference.model_dump(exclude={"scheduler", "parallel_slides", "batch_size", "tile_cache"})
     return {
         "infer_version": INFER_VERSION,
         "model_sha256": model.sha256,
@@ -526,9 +555,15 @@ def _tissue_config(reader: SlideReader, cfg: ExperimentConfig) -> Any:
 
 
 def infer_slide(
-    job: SlideJob, model: LoadedModel, cfg: ExperimentConfig, out_root: Path, data_root: Path | None = None
+    job: SlideJob,
+    model: LoadedModel,
+    cfg: ExperimentConfig,
+    out_root: Path,
+    data_root: Path | None = None,
+    runner: DaskBlockRunner | None = None,
 ) -> dict[str, Any]:
-    """Run one slide and write its outputs; returns its summary entry (raises on failure)."""
+    """Run one slide and write its outputs; returns its summary entry (raises on failure). With a
+    ``runner`` its blocks run on a dask cluster; reading, stitching and export stay here."""
     from wsi.export import (
         create_prob_zarr,
         finish_prob_zarr,
@@ -566,7 +601,7 @@ def infer_slide(
         canvas = plan_canvas(reader, model.meta.target_mpp, cfg.tiling.mpp_tolerance, inf.max_upsample)
         tissue = detect_tissue(reader, _tissue_config(reader, cfg)) if inf.tissue_only else None
         prob = create_prob_zarr(out / "prob.ome.zarr", (1, *canvas.shape), inf.chunk_size)
-        stats = stitch_slide(reader, model, inf, canvas, prob, out / ".accumulator", tissue)
+        stats = stitch_slide(reader, model, inf, canvas, prob, out / ".accumulator", tissue, runner)
         t1 = time.perf_counter()
         trim_heap()
         finish_prob_zarr(out / "prob.ome.zarr", canvas.mpp, inf.pyramid_levels, ["foreground"], job.slide_id)
@@ -714,23 +749,35 @@ def run_infer(
     except WSIError as exc:  # an unreadable manifest or data root concerns every slide: stop here
         raise FedpathError(str(exc)) from None
     out_root = cfg.run_dir / "predictions"
-    results: list[dict[str, Any]] = []
-    failed: list[dict[str, str]] = []
-    for job in jobs:
+
+    def one(
+        job: SlideJob, runner: DaskBlockRunner | None
+    ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
         try:
-            entry = infer_slide(job, loaded, cfg, out_root, root)
-            results.append(entry)
+            entry = infer_slide(job, loaded, cfg, out_root, root, runner)
             m = entry.get("metrics") or {}
             log.info(
                 "%s: %s, %d windows, %.1f s%s", job.slide_id, entry["status"], entry.get("windows", 0),
                 entry.get("seconds", 0.0), f", dice {m['dice']:.3f} aji {m['aji']:.3f}" if m else "",
             )  # fmt: skip
+            return entry, None
         except WSIError as exc:
             log.error("%s", exc)
-            failed.append({"slide_id": job.slide_id, "path": str(job.path), "error": str(exc)})
+            return None, {"slide_id": job.slide_id, "path": str(job.path), "error": str(exc)}
         except Exception as exc:  # one slide's unexpected failure must not stop the others
             log.exception("%s: inference failed", job.path)
-            failed.append({"slide_id": job.slide_id, "path": str(job.path), "error": f"{job.path}: {exc}"})
+            return None, {"slide_id": job.slide_id, "path": str(job.path), "error": f"{job.path}: {exc}"}
+
+    if cfg.inference.scheduler and jobs:
+        # Slides and blocks on the cluster: up to ``parallel_slides`` slides at once, each streaming its
+        # blocks to the workers, so one slide's tail and export overlap the next one's blocks.
+        with DaskBlockRunner(cfg.inference.scheduler, loaded, cfg.train.threads or 0) as runner:
+            with ThreadPoolExecutor(max_workers=min(len(jobs), cfg.inference.parallel_slides)) as pool:
+                outcomes = list(pool.map(lambda j: one(j, runner), jobs))
+    else:
+        outcomes = [one(job, None) for job in jobs]
+    results = [e for e, _ in outcomes if e is not None]
+    failed = [f for _, f in outcomes if f is not None]
     summary: dict[str, Any] = {
         "model": str(model_path),
         "model_sha256": loaded.sha256,
