@@ -154,21 +154,53 @@ def importance_map(window: int, sigma_scale: float) -> np.ndarray:
     return imp.numpy().astype(np.float32)
 
 
-def foreground_probability(net: nn.Module, batch: np.ndarray) -> np.ndarray:
+def bf16_native() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX, through oneDNN)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """``inference.precision`` as run: ``auto`` is bfloat16 where the CPU has native bf16, else float32."""
+    if precision == "auto":
+        return "bfloat16" if bf16_native() else "float32"
+    return precision
+
+
+def prepare_for_inference(net: nn.Module) -> nn.Module:
+    """Eval mode, channels-last weights (oneDNN's fast layout for CPU convolutions)."""
+    return net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def foreground_probability(net: nn.Module, batch: np.ndarray, precision: str = "float32") -> np.ndarray:
     """(n, h, w) float32 probability of class 1 for (n, h, w, 3) uint8 RGB windows (scaled to [0, 1] as
-    in training and evaluation)."""
+    in training and evaluation). The input keeps the windows' (n, h, w, c) layout: a channels-last tensor,
+    no copy. ``precision="bfloat16"`` runs the network under CPU autocast (softmax in float32)."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
     with torch.inference_mode():
-        logits = net(x)
-    if logits.shape[1] == 1:
-        prob = torch.sigmoid(logits[:, 0])
-    else:
-        prob = torch.softmax(logits, dim=1)[:, 1]
-    return prob.numpy().astype(np.float32, copy=False)
+        if precision == "bfloat16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = net(x)
+            logits = logits.float()
+        else:
+            logits = net(x)
+        if logits.shape[1] == 1:
+            prob = torch.sigmoid(logits[:, 0])
+        else:
+            prob = torch.softmax(logits, dim=1)[:, 1]
+    return prob.contiguous().numpy().astype(np.float32, copy=False)
 
 
 def predict_block(
-    net: nn.Module, pixels: np.ndarray, block: Block, window: int, importance: np.ndarray, batch_size: int
+    net: nn.Module,
+    pixels: np.ndarray,
+    block: Block,
+    window: int,
+    importance: np.ndarray,
+    batch_size: int,
+    precision: str = "float32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sums (1, h, w) and weights (h, w) of a block's windows over its box (``pixels``)."""
     y0, x0, y1, x1 = block.box
@@ -177,7 +209,7 @@ def predict_block(
     for start in range(0, len(rel), batch_size):
         part = rel[start : start + batch_size]
         batch = np.stack([pixels[y : y + window, x : x + window] for y, x in part])
-        prob = foreground_probability(net, batch)
+        prob = foreground_probability(net, batch, precision)
         for (y, x), p in zip(part, prob, strict=True):
             merger.aggregate(p[None], (int(y), int(x)))
     return merger.sums, merger.weights
@@ -198,7 +230,7 @@ def _worker_model(key: str, blob: bytes, model_cfg: dict[str, Any]) -> nn.Module
 
         net = build_model(ModelConfig.model_validate(model_cfg))
         net.load_state_dict(st_load(blob), strict=True)
-        net.eval()
+        net = prepare_for_inference(net)
         _WORKER_MODELS.clear()
         _WORKER_MODELS[key] = net
     return net
@@ -215,6 +247,7 @@ def _dask_block(
     importance: np.ndarray,
     batch_size: int,
     threads: int = 0,
+    precision: str = "float32",
 ) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)  # as the local run: CPU kernels may split reductions by threads
@@ -225,7 +258,7 @@ def _dask_block(
     net = _worker_model(model_key, model_blob, model_cfg)
     y0, x0, y1, x1 = block.box
     pixels = read_canvas(reader, canvas, y0, x0, y1 - y0, x1 - x0)
-    sums, weights = predict_block(net, pixels, block, window, importance, batch_size)
+    sums, weights = predict_block(net, pixels, block, window, importance, batch_size, precision)
     return (y0, x0), sums, weights
 
 
@@ -253,7 +286,7 @@ def load_inference_model(path: Path) -> LoadedModel:
     if not (meta.target_mpp and meta.target_mpp > 0):
         raise FedpathError(f"{path}: model metadata has no valid target_mpp ({meta.target_mpp!r})")
     state, _ = read_model_file(path)
-    net.eval()
+    net = prepare_for_inference(net)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -294,6 +327,7 @@ def stitch_slide(
     blended foreground map into ``output`` (a zarr array (1, H, W)). Returns counts and timings."""
     window = cfg.tile_size or model.meta.tile_size
     block_size = max(cfg.block_size, window)
+    precision = resolve_precision(cfg.precision)
     blocks, total = plan_windows(canvas, window, cfg.overlap, block_size, tissue)
     if not blocks:
         log.warning("%s: no window touches detected tissue; the mask is empty", reader.path)
@@ -302,7 +336,7 @@ def stitch_slide(
     t0 = time.perf_counter()
     n_windows = int(sum(len(b.origins) for b in blocks))
     if runner is not None:
-        results = runner.run(reader, canvas, blocks, window, importance, cfg.batch_size)
+        results = runner.run(reader, canvas, blocks, window, importance, cfg.batch_size, precision)
     else:
         results = _run_blocks(reader, model, cfg, canvas, blocks, window, importance)
     for loc, sums, weights in results:
@@ -344,7 +378,9 @@ def _run_blocks(
             pixels = pending.result()
             if i + 1 < len(blocks):
                 pending = pool.submit(read, blocks[i + 1])
-            sums, weights = predict_block(model.net, pixels, b, window, importance, cfg.batch_size)
+            sums, weights = predict_block(
+                model.net, pixels, b, window, importance, cfg.batch_size, resolve_precision(cfg.precision)
+            )
             yield (b.box[0], b.box[1]), sums, weights
 
 
@@ -383,6 +419,7 @@ class DaskBlockRunner:
         window: int,
         importance: np.ndarray,
         batch_size: int,
+        precision: str = "float32",
     ) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
         args = (str(reader.path), reader._mpp_override, reader._default_mpp)
         futures: dict[int, Any] = {}
@@ -392,7 +429,7 @@ class DaskBlockRunner:
                 while submitted < len(blocks) and submitted < i + self.in_flight:
                     futures[submitted] = self.client.submit(
                         _dask_block, args, canvas, blocks[submitted], self.model_key, self.blob,
-                        self.model_cfg, window, importance, batch_size, self.threads, pure=False,
+                        self.model_cfg, window, importance, batch_size, self.threads, precision, pure=False,
                     )  # fmt: skip
                     submitted += 1
                 fut = futures.pop(i)
@@ -481,6 +518,7 @@ class SlideJob:
 def _fingerprint(model: LoadedModel, cfg: ExperimentConfig, job: SlideJob, slide_sha: str) -> dict[str, Any]:
     # Settings that change the maps; where and how fast they run (scheduler, batch, cache) do not.
     inf = cfg.inference.model_dump(exclude={"scheduler", "parallel_slides", "batch_size", "tile_cache"})
+    inf["precision"] = resolve_precision(cfg.inference.precision)  # what ran, not "auto"
     return {
         "infer_version": INFER_VERSION,
         "model_sha256": model.sha256,
