@@ -4,10 +4,12 @@ For each slide: open it (manifest MPP override first), plan the read at the mode
 does (a pyramid level within tolerance as is, else Gaussian anti-aliasing and bilinear resampling), lay
 overlapping windows over the slide at that resolution, keep those touching tissue, and group them into
 blocks (``inference.block_size`` model pixels). A block's pixels are read once, its windows run through
-the model in batches, and the softmax foreground probability is blended with MONAI's Gaussian importance
-map into an in-memory block merger whose sums are added to a disk-backed :class:`wsi.stitch.ZarrMerger`.
-Blocks run locally (reads prefetched in a thread while the model runs) or as tasks on a dask cluster
-(``inference.scheduler``) that return block sums to the one writer. The finalised map is the OME-Zarr's
+the model in batches (``inference_mode``, channels-last, optionally bf16 autocast: ``inference.precision``),
+and the softmax foreground probability is blended with MONAI's Gaussian importance map into an in-memory
+block merger whose sums are added to a disk-backed :class:`wsi.stitch.ZarrMerger` by a writer thread.
+Blocks run locally (the next block's read prefetched in a thread, the previous one's blending in another,
+while the model runs) or as tasks on a dask cluster (``inference.scheduler``: :class:`DaskBlockRunner`, a
+few slides in flight at once) that return block sums, in block order, to the one writer. The finalised map is the OME-Zarr's
 level 0, from which the OME-TIFF mask, the GeoJSON polygons and the thumbnail are streamed
 (:mod:`wsi.export`).
 
@@ -339,10 +341,23 @@ def stitch_slide(
         results = runner.run(reader, canvas, blocks, window, importance, cfg.batch_size, precision)
     else:
         results = _run_blocks(reader, model, cfg, canvas, blocks, window, importance)
-    for loc, sums, weights in results:
+
+    def add(sums: np.ndarray, weights: np.ndarray, loc: tuple[int, int]) -> None:
         merger.add_weighted(sums, weights, loc)
-        del sums, weights
         trim_heap()
+
+    # Blend each block into the accumulator in a writer thread while the next block computes (zarr
+    # read-add-write and blosc release the GIL). One writer, one block at a time: blocks are added in
+    # the same order as they come, so the sums are the same bit for bit.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future[None] | None = None
+        for loc, sums, weights in results:
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(add, sums, weights, loc)
+            del sums, weights
+        if pending is not None:
+            pending.result()
     t_model = time.perf_counter() - t0
     merger.finalize(output)
     return {
