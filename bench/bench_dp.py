@@ -18,6 +18,11 @@ Paths compared in one run, interleaved round-robin so a busy machine slows them 
                          code, only for their norms), then a second backward of the loss reweighted by the
                          clip factors gives the clipped sum; noise from torch's RNG. Mixed ghost/per-sample
                          by layer is what Opacus does here: ghost where it has a norm sampler.
+  * ``dp_fedpath_unfused`` ``dp_fedpath`` with Opacus' GroupNorm per-sample gradients and Opacus' clip
+                         and accumulate (``make_private(fused=False)``): the path before issue 19;
+                         ``dp_fedpath`` now uses fedpath's GroupNorm per-sample gradients (no recomputed
+                         normalisation, no full-size product) and one matrix-vector product per parameter
+                         for the clipped sum.
   * ``*_cl``             the same path with channels-last weights and inputs (``no_dp_cl``, ``dp_fedpath_cl``).
 Each DP step is a full DP-SGD step: per-sample gradients, clipping, Gaussian noise, Adam. Reported: the
 best-of-N wall time and process CPU time per step (CPU time is robust to other processes sharing the
@@ -120,8 +125,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     register_fast_grad_samplers()
     fast = {t: GradSampleModule.GRAD_SAMPLERS[t] for t in (nn.Conv2d, nn.ConvTranspose2d)}
     from opacus.grad_sample.conv import compute_conv_grad_sample
+    from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 
-    opacus_default = {nn.Conv2d: compute_conv_grad_sample}  # ConvTranspose2d: none (functorch fallback)
+    from pipeline.dpsgd import group_norm_grad_sample
+
+    gn_opacus = {nn.GroupNorm: compute_group_norm_grad_sample}
+    # ConvTranspose2d: none in Opacus (functorch fallback)
+    opacus_default = {nn.Conv2d: compute_conv_grad_sample, **gn_opacus}
+    fused = {**fast, nn.GroupNorm: group_norm_grad_sample}
+    fast = {**fast, **gn_opacus}
 
     def use(samplers: Any) -> None:
         if samplers is None:
@@ -153,16 +165,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 opt.step()
 
             return ghost_step
-        if mode == "dp_fedpath":
+        if mode in ("dp_fedpath", "dp_fedpath_unfused"):
             from pipeline.dprandom import SecureRandom
             from pipeline.dpsgd import make_private
 
             model, opt = make_private(
-                net, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=args.batch, rng=SecureRandom()
+                net, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=args.batch, rng=SecureRandom(),
+                fused=mode == "dp_fedpath",
             )
         if mode == "dp_fedpath_torch_rng":
             per_sample_only(net)
-        if mode not in ("no_dp", "dp_fedpath"):
+        if mode not in ("no_dp", "dp_fedpath", "dp_fedpath_unfused"):
             dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch)
             model, opt, _ = PrivacyEngine(accountant="prv").make_private(
                 module=net,
@@ -182,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return step
 
     modes = {
-        "no_dp": None, "dp_opacus_hooks": opacus_default, "dp_fedpath_torch_rng": fast, "dp_fedpath": fast,
-        "dp_opacus_ghost": fast, "no_dp_cl": None, "dp_fedpath_cl": fast,
+        "no_dp": None, "dp_opacus_hooks": opacus_default, "dp_fedpath_torch_rng": fast, "dp_fedpath": fused,
+        "dp_fedpath_unfused": fast, "dp_opacus_ghost": fast, "no_dp_cl": None, "dp_fedpath_cl": fused,
     }  # fmt: skip
     if args.paths:
         keep = {"no_dp", "dp_fedpath", "dp_fedpath_torch_rng", *args.paths.split(",")}
@@ -215,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 wall[m] = min(wall[m], time.perf_counter() - t0)
                 cpu[m] = min(cpu[m], (time.process_time() - c0) / args.threads)
             peak[m] = max(peak[m], pk.peak)
-    use(fast)
+    use(fused)
     # peak memory of each path in its own process (a shared process reuses the allocator's memory)
     import subprocess
 

@@ -5,8 +5,11 @@ subclass + its own batch samplers) instead of calling ``PrivacyEngine.make_priva
 noise and Poisson masks from torch's seeded Mersenne Twister (its secure mode needs ``torchcsprng``, which
 has no build for the pinned torch), and fedpath's ledger, not the engine's accountant, owns ε.
 
-* :class:`SecureDPOptimizer`: Opacus' clipping and accumulation, noise from a
-  :class:`~pipeline.dprandom.NoiseSource` (a per-job CSPRNG).
+* :class:`SecureDPOptimizer`: Opacus' clipping rule, with the clip and the accumulation fused into one
+  matrix-vector product per parameter, and noise from a :class:`~pipeline.dprandom.NoiseSource` (a per-job
+  CSPRNG).
+* :func:`group_norm_grad_sample`: GroupNorm's per-sample gradients without Opacus' recomputed
+  normalisation and its full-size product (registered by :func:`make_private`).
 * :class:`PoissonSampler`: each item joins a logical batch independently with probability q (Opacus'
   ``UniformWithReplacementSampler``, with the CSPRNG's coins).
 * Slide-level DP (``privacy.unit: slide``): :class:`PoissonSlideSampler` samples *slides* with probability
@@ -32,11 +35,40 @@ from pipeline.errors import FedpathError
 
 
 class SecureDPOptimizer(DPOptimizer):
-    """Opacus' DPOptimizer whose Gaussian noise comes from the job's CSPRNG (never torch's global RNG)."""
+    """Opacus' DPOptimizer whose Gaussian noise comes from the job's CSPRNG (never torch's global RNG).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: NoiseSource, **kwargs: Any) -> None:
+    ``fused`` (default): :meth:`clip_and_accumulate` computes Opacus' clip factors, min(1, C / (‖g_i‖ +
+    1e-6)), and then each parameter's clipped sum as one matrix-vector product, factors · (B, d) per-sample
+    gradients, instead of Opacus' einsum."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, rng: NoiseSource, fused: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(optimizer, generator=None, secure_mode=False, **kwargs)
         self.rng = rng
+        self.fused = fused
+
+    def clip_and_accumulate(self) -> None:
+        if not self.fused:
+            super().clip_and_accumulate()
+            return
+        flat = []
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            g = self._get_flat_grad_sample(p).to(p.dtype)
+            flat.append(g.reshape(len(g), -1))
+        if len(flat[0]) == 0:  # an empty Poisson batch
+            factor = torch.zeros((0,), dtype=flat[0].dtype, device=flat[0].device)
+        else:
+            norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat], dim=1).norm(2, dim=1)
+            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for p, g in zip(self.params, flat, strict=True):
+            grad = (factor.to(g.dtype) @ g).view_as(p) if len(g) else torch.zeros_like(p)
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
         """All parameters' noise in one draw (a few large tensor ops per step rather than ~10 small ones
@@ -160,6 +192,38 @@ def collate_or_none(batch: list[Any]) -> Any:
     return torch.utils.data.default_collate(batch) if batch else None
 
 
+def group_norm_grad_sample(
+    layer: torch.nn.GroupNorm, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a GroupNorm's weight and bias (Opacus' grad-sampler signature).
+
+    weight: Σ_hw x̂·g per (sample, channel), with x̂ = (x − μ)·rstd per (sample, group); bias: Σ_hw g.
+    Opacus recomputes the whole normalisation and multiplies it by g into a full-size temporary before
+    summing; here the centred input meets g in one batched dot product per (sample, channel), and rstd
+    is applied to the (n, c) result."""
+    x = activations[0]
+    n, c = x.shape[:2]
+    groups = layer.num_groups
+    xg = x.reshape(n, groups, -1)
+    var, mean = torch.var_mean(xg, dim=2, unbiased=False)
+    g = backprops.reshape(n * c, -1, 1)
+    ret: dict[torch.nn.Parameter, torch.Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        xc = (xg - mean[..., None]).reshape(n * c, 1, -1)
+        dot = torch.bmm(xc, g).reshape(n, groups, c // groups)
+        ret[layer.weight] = (dot * torch.rsqrt(var + layer.eps)[..., None]).reshape(n, c)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = g.reshape(n, c, -1).sum(-1)
+    return ret
+
+
+def register_group_norm_grad_sampler() -> None:
+    """Make :func:`group_norm_grad_sample` Opacus' per-sample gradient of ``nn.GroupNorm`` (idempotent)."""
+    from opacus import GradSampleModule
+
+    GradSampleModule.GRAD_SAMPLERS[torch.nn.GroupNorm] = group_norm_grad_sample
+
+
 def _input_requires_grad(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Make the image batch require a gradient. Opacus' full backward hooks then always see an input
     gradient (torch otherwise warns at the first layer), and :func:`pipeline.models.per_sample_only` skips
@@ -180,13 +244,15 @@ def make_private(
     expected_batch_size: float,
     rng: NoiseSource,
     slide_level: bool = False,
+    fused: bool = True,
 ) -> tuple[torch.nn.Module, SecureDPOptimizer]:
     """Wrap ``net`` for per-sample gradients and ``optimizer`` for clipping and secure noise.
 
     The model is checked first (:func:`pipeline.models.check_dp_model` says why one is refused), fedpath's
     fast grouped-convolution per-sample gradients are registered, and the summed convolution weight
     gradients DP-SGD throws away are skipped. ``expected_batch_size`` is q·n (tiles, or slides when
-    ``slide_level``): Opacus divides the noisy sum by it.
+    ``slide_level``): Opacus divides the noisy sum by it. ``fused`` (default) uses fedpath's GroupNorm
+    per-sample gradients and the fused clip-and-accumulate; ``False`` keeps Opacus' own (for comparison).
     """
     from opacus import GradSampleModule
 
@@ -194,6 +260,12 @@ def make_private(
 
     check_dp_model(net)
     register_fast_grad_samplers()
+    if fused:
+        register_group_norm_grad_sampler()
+    else:
+        from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
+
+        GradSampleModule.GRAD_SAMPLERS[torch.nn.GroupNorm] = compute_group_norm_grad_sample
     per_sample_only(net)  # before Opacus' hooks: hook order matters
     model = GradSampleModule(net, batch_first=True, loss_reduction="mean")
     model.forbid_grad_accumulation()
@@ -206,5 +278,6 @@ def make_private(
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,  # type: ignore[arg-type]
         loss_reduction="mean",
+        fused=fused,
     )
     return model, dp_opt

@@ -19,7 +19,7 @@ def test_bench_dp_smoke(repo_root: Path, tmp_path: Path, capsys: pytest.CaptureF
     report = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     paths = report["paths"]
-    assert {"no_dp", "dp_fedpath", "dp_opacus_ghost", "dp_fedpath_cl", "no_dp_cl"} <= set(paths)
+    assert {"no_dp", "dp_fedpath", "dp_opacus_ghost", "dp_fedpath_cl", "no_dp_cl", "dp_fedpath_unfused"} <= set(paths)
     assert all(p["ratio_cpu"] > 0 and p["images_per_s_wall"] > 0 for p in paths.values())
     assert report["best_dp_path"] in paths
     assert "fastest DP path" in capsys.readouterr().out
