@@ -18,11 +18,9 @@ Paths compared in one run, interleaved round-robin so a busy machine slows them 
                          code, only for their norms), then a second backward of the loss reweighted by the
                          clip factors gives the clipped sum; noise from torch's RNG. Mixed ghost/per-sample
                          by layer is what Opacus does here: ghost where it has a norm sampler.
-  * ``dp_fedpath_unfused`` ``dp_fedpath`` with Opacus' GroupNorm per-sample gradients and Opacus' clip
-                         and accumulate (``make_private(fused=False)``): the path before issue 19;
-                         ``dp_fedpath`` now uses fedpath's GroupNorm per-sample gradients (no recomputed
-                         normalisation, no full-size product) and one matrix-vector product per parameter
-                         for the clipped sum.
+  * ``dp_fedpath_unfused`` ``dp_fedpath`` with Opacus' clip and accumulate (``make_private(fused=False)``,
+                         the path before issue 19); ``dp_fedpath`` computes each parameter's clipped sum as
+                         one matrix-vector product.
   * ``*_cl``             the same path with channels-last weights and inputs (``no_dp_cl``, ``dp_fedpath_cl``).
 Each DP step is a full DP-SGD step: per-sample gradients, clipping, Gaussian noise, Adam. Reported: the
 best-of-N wall time and process CPU time per step (CPU time is robust to other processes sharing the
@@ -125,15 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     register_fast_grad_samplers()
     fast = {t: GradSampleModule.GRAD_SAMPLERS[t] for t in (nn.Conv2d, nn.ConvTranspose2d)}
     from opacus.grad_sample.conv import compute_conv_grad_sample
-    from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
-
-    from pipeline.dpsgd import group_norm_grad_sample
-
-    gn_opacus = {nn.GroupNorm: compute_group_norm_grad_sample}
-    # ConvTranspose2d: none in Opacus (functorch fallback)
-    opacus_default = {nn.Conv2d: compute_conv_grad_sample, **gn_opacus}
-    fused = {**fast, nn.GroupNorm: group_norm_grad_sample}
-    fast = {**fast, **gn_opacus}
+    opacus_default = {nn.Conv2d: compute_conv_grad_sample}  # ConvTranspose2d: none (functorch fallback)
 
     def use(samplers: Any) -> None:
         if samplers is None:
@@ -195,8 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return step
 
     modes = {
-        "no_dp": None, "dp_opacus_hooks": opacus_default, "dp_fedpath_torch_rng": fast, "dp_fedpath": fused,
-        "dp_fedpath_unfused": fast, "dp_opacus_ghost": fast, "no_dp_cl": None, "dp_fedpath_cl": fused,
+        "no_dp": None, "dp_opacus_hooks": opacus_default, "dp_fedpath_torch_rng": fast, "dp_fedpath": fast,
+        "dp_fedpath_unfused": fast, "dp_opacus_ghost": fast, "no_dp_cl": None, "dp_fedpath_cl": fast,
     }  # fmt: skip
     if args.paths:
         keep = {"no_dp", "dp_fedpath", "dp_fedpath_torch_rng", *args.paths.split(",")}
@@ -228,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 wall[m] = min(wall[m], time.perf_counter() - t0)
                 cpu[m] = min(cpu[m], (time.process_time() - c0) / args.threads)
             peak[m] = max(peak[m], pk.peak)
-    use(fused)
+    use(fast)
     # peak memory of each path in its own process (a shared process reuses the allocator's memory)
     import subprocess
 

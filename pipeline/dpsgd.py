@@ -8,8 +8,6 @@ has no build for the pinned torch), and fedpath's ledger, not the engine's accou
 * :class:`SecureDPOptimizer`: Opacus' clipping rule, with the clip and the accumulation fused into one
   matrix-vector product per parameter, and noise from a :class:`~pipeline.dprandom.NoiseSource` (a per-job
   CSPRNG).
-* :func:`group_norm_grad_sample`: GroupNorm's per-sample gradients without Opacus' recomputed
-  normalisation and its full-size product (registered by :func:`make_private`).
 * :class:`PoissonSampler`: each item joins a logical batch independently with probability q (Opacus'
   ``UniformWithReplacementSampler``, with the CSPRNG's coins).
 * Slide-level DP (``privacy.unit: slide``): :class:`PoissonSlideSampler` samples *slides* with probability
@@ -192,38 +190,6 @@ def collate_or_none(batch: list[Any]) -> Any:
     return torch.utils.data.default_collate(batch) if batch else None
 
 
-def group_norm_grad_sample(
-    layer: torch.nn.GroupNorm, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Per-sample gradients of a GroupNorm's weight and bias (Opacus' grad-sampler signature).
-
-    weight: Σ_hw x̂·g per (sample, channel), with x̂ = (x − μ)·rstd per (sample, group); bias: Σ_hw g.
-    Opacus recomputes the whole normalisation and multiplies it by g into a full-size temporary before
-    summing; here the centred input meets g in one batched dot product per (sample, channel), and rstd
-    is applied to the (n, c) result."""
-    x = activations[0]
-    n, c = x.shape[:2]
-    groups = layer.num_groups
-    xg = x.reshape(n, groups, -1)
-    var, mean = torch.var_mean(xg, dim=2, unbiased=False)
-    g = backprops.reshape(n * c, -1, 1)
-    ret: dict[torch.nn.Parameter, torch.Tensor] = {}
-    if layer.weight is not None and layer.weight.requires_grad:
-        xc = (xg - mean[..., None]).reshape(n * c, 1, -1)
-        dot = torch.bmm(xc, g).reshape(n, groups, c // groups)
-        ret[layer.weight] = (dot * torch.rsqrt(var + layer.eps)[..., None]).reshape(n, c)
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = g.reshape(n, c, -1).sum(-1)
-    return ret
-
-
-def register_group_norm_grad_sampler() -> None:
-    """Make :func:`group_norm_grad_sample` Opacus' per-sample gradient of ``nn.GroupNorm`` (idempotent)."""
-    from opacus import GradSampleModule
-
-    GradSampleModule.GRAD_SAMPLERS[torch.nn.GroupNorm] = group_norm_grad_sample
-
-
 def _input_requires_grad(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Make the image batch require a gradient. Opacus' full backward hooks then always see an input
     gradient (torch otherwise warns at the first layer), and :func:`pipeline.models.per_sample_only` skips
@@ -251,8 +217,8 @@ def make_private(
     The model is checked first (:func:`pipeline.models.check_dp_model` says why one is refused), fedpath's
     fast grouped-convolution per-sample gradients are registered, and the summed convolution weight
     gradients DP-SGD throws away are skipped. ``expected_batch_size`` is q·n (tiles, or slides when
-    ``slide_level``): Opacus divides the noisy sum by it. ``fused`` (default) uses fedpath's GroupNorm
-    per-sample gradients and the fused clip-and-accumulate; ``False`` keeps Opacus' own (for comparison).
+    ``slide_level``): Opacus divides the noisy sum by it. ``fused`` (default) uses the fused
+    clip-and-accumulate; ``False`` keeps Opacus' own (for comparison).
     """
     from opacus import GradSampleModule
 
@@ -260,12 +226,6 @@ def make_private(
 
     check_dp_model(net)
     register_fast_grad_samplers()
-    if fused:
-        register_group_norm_grad_sampler()
-    else:
-        from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
-
-        GradSampleModule.GRAD_SAMPLERS[torch.nn.GroupNorm] = compute_group_norm_grad_sample
     per_sample_only(net)  # before Opacus' hooks: hook order matters
     model = GradSampleModule(net, batch_first=True, loss_reduction="mean")
     model.forbid_grad_accumulation()
