@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -220,6 +221,9 @@ def predict_block(
 # -- dask workers: the model arrives as safetensors bytes and is rebuilt once per worker ---------------
 _WORKER_MODELS: dict[str, nn.Module] = {}
 _WORKER_READERS: dict[tuple[str, float | None, float | None], SlideReader] = {}
+_WORKER_LOCK = threading.Lock()
+_WORKER_READERS_MAX = 8  # a few slides in flight per worker; older readers are dropped (not closed
+# here: another thread may still hold one; the last reference closes it)
 
 
 def _worker_model(key: str, blob: bytes, model_cfg: dict[str, Any]) -> nn.Module:
@@ -253,10 +257,13 @@ def _dask_block(
 ) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)  # as the local run: CPU kernels may split reductions by threads
-    reader = _WORKER_READERS.get(reader_args)
-    if reader is None:
-        reader = open_slide(*reader_args)
-        _WORKER_READERS[reader_args] = reader
+    with _WORKER_LOCK:
+        reader = _WORKER_READERS.pop(reader_args, None)
+        if reader is None:
+            reader = open_slide(*reader_args)
+            while len(_WORKER_READERS) >= _WORKER_READERS_MAX:
+                _WORKER_READERS.pop(next(iter(_WORKER_READERS)))
+        _WORKER_READERS[reader_args] = reader  # most recently used last
     net = _worker_model(model_key, model_blob, model_cfg)
     y0, x0, y1, x1 = block.box
     pixels = read_canvas(reader, canvas, y0, x0, y1 - y0, x1 - x0)
