@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(res).write_text(json.dumps(result))
         return result
     if args.smoke:
-        args.sizes, args.region, args.train_steps = [1024, 2048], 2048, 1
+        args.sizes, args.region, args.train_steps = [1024], 2048, 1
 
     from wsi.manifest import resolve_data_root
 

@@ -9,9 +9,9 @@ and the softmax foreground probability is blended with MONAI's Gaussian importan
 block merger whose sums are added to a disk-backed :class:`wsi.stitch.ZarrMerger` by a writer thread.
 Blocks run locally (the next block's read prefetched in a thread, the previous one's blending in another,
 while the model runs) or as tasks on a dask cluster (``inference.scheduler``: :class:`DaskBlockRunner`, a
-few slides in flight at once) that return block sums, in block order, to the one writer. The finalised map is the OME-Zarr's
-level 0, from which the OME-TIFF mask, the GeoJSON polygons and the thumbnail are streamed
-(:mod:`wsi.export`).
+few slides in flight at once) that return block sums, in block order, to the one writer. The finalised
+map is the OME-Zarr's level 0, from which the OME-TIFF mask, the GeoJSON polygons and the thumbnail are
+streamed (:mod:`wsi.export`).
 
 Outputs go to ``<run_dir>/predictions/<slide_id>/`` with ``run.json`` holding a fingerprint (model
 sha256, inference settings, slide sha256); a folder holding a different run is refused, a completed

@@ -28,6 +28,6 @@ def test_bench_infer_smoke(
     assert real["ratio_float32_vs_monai"] > 0 and real["monai_s"] > 0
     assert 0 < real["windows_tissue"] < real["windows_total"]  # the real region has glass to skip
     assert 0 <= real["dice"]["float32"]["mean"] <= 1
-    assert set(report["memory"]) == {"1024", "2048"} and report["throughput"]["ratio_vs_monai"] > 0
+    assert set(report["memory"]) == {"1024"} and report["throughput"]["ratio_vs_monai"] > 0
     printed = capsys.readouterr().out
     assert "real region CMU-1-Small-Region.svs" in printed and "held-out MoNuSeg Dice" in printed
