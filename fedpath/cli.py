@@ -238,11 +238,16 @@ def infer(
     site: Annotated[str | None, typer.Option(help="use this site's manifest")] = None,
     data_root: DataRootOpt = None,
     all_splits: Annotated[bool, typer.Option("--all-splits")] = False,
+    scheduler: Annotated[
+        str | None, typer.Option(help="dask scheduler address (tcp://host:port): run slides and blocks there")
+    ] = None,
 ) -> None:
     """Run a model over whole slides and stitch seam-free slide-level masks (OME-TIFF, OME-Zarr, GeoJSON)."""
     from pipeline.infer import run_infer
 
     cfg = _cfg(config, set_)
+    if scheduler:
+        cfg = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"scheduler": scheduler})})
     result = run_infer(
         cfg,
         model=model,

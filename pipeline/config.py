@@ -245,6 +245,10 @@ class InferenceConfig(_Strict):
     threshold: float = Field(0.5, gt=0, lt=1, description="foreground probability above which a pixel is mask")
     tissue_only: bool = Field(True, description="skip windows with no detected tissue")
     scheduler: str | None = Field(None, description="address of a dask scheduler to run blocks on")
+    parallel_slides: int = Field(2, ge=1, description="slides in flight at once on a dask scheduler")
+    precision: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="network precision: bfloat16 autocast (auto: where the CPU has native bf16)"
+    )
     pyramid_levels: int | None = Field(
         None, ge=1, description="OME-Zarr levels (default: halve until the longer side <= 1024)"
     )

@@ -5,8 +5,9 @@ subclass + its own batch samplers) instead of calling ``PrivacyEngine.make_priva
 noise and Poisson masks from torch's seeded Mersenne Twister (its secure mode needs ``torchcsprng``, which
 has no build for the pinned torch), and fedpath's ledger, not the engine's accountant, owns ε.
 
-* :class:`SecureDPOptimizer`: Opacus' clipping and accumulation, noise from a
-  :class:`~pipeline.dprandom.NoiseSource` (a per-job CSPRNG).
+* :class:`SecureDPOptimizer`: Opacus' clipping rule, with the clip and the accumulation fused into one
+  matrix-vector product per parameter, and noise from a :class:`~pipeline.dprandom.NoiseSource` (a per-job
+  CSPRNG).
 * :class:`PoissonSampler`: each item joins a logical batch independently with probability q (Opacus'
   ``UniformWithReplacementSampler``, with the CSPRNG's coins).
 * Slide-level DP (``privacy.unit: slide``): :class:`PoissonSlideSampler` samples *slides* with probability
@@ -32,11 +33,40 @@ from pipeline.errors import FedpathError
 
 
 class SecureDPOptimizer(DPOptimizer):
-    """Opacus' DPOptimizer whose Gaussian noise comes from the job's CSPRNG (never torch's global RNG)."""
+    """Opacus' DPOptimizer whose Gaussian noise comes from the job's CSPRNG (never torch's global RNG).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: NoiseSource, **kwargs: Any) -> None:
+    ``fused`` (default): :meth:`clip_and_accumulate` computes Opacus' clip factors, min(1, C / (‖g_i‖ +
+    1e-6)), and then each parameter's clipped sum as one matrix-vector product, factors · (B, d) per-sample
+    gradients, instead of Opacus' einsum."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, rng: NoiseSource, fused: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(optimizer, generator=None, secure_mode=False, **kwargs)
         self.rng = rng
+        self.fused = fused
+
+    def clip_and_accumulate(self) -> None:
+        if not self.fused:
+            super().clip_and_accumulate()
+            return
+        flat = []
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            g = self._get_flat_grad_sample(p).to(p.dtype)
+            flat.append(g.reshape(len(g), -1))
+        if len(flat[0]) == 0:  # an empty Poisson batch
+            factor = torch.zeros((0,), dtype=flat[0].dtype, device=flat[0].device)
+        else:
+            norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat], dim=1).norm(2, dim=1)
+            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for p, g in zip(self.params, flat, strict=True):
+            grad = (factor.to(g.dtype) @ g).view_as(p) if len(g) else torch.zeros_like(p)
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
         """All parameters' noise in one draw (a few large tensor ops per step rather than ~10 small ones
@@ -180,13 +210,15 @@ def make_private(
     expected_batch_size: float,
     rng: NoiseSource,
     slide_level: bool = False,
+    fused: bool = True,
 ) -> tuple[torch.nn.Module, SecureDPOptimizer]:
     """Wrap ``net`` for per-sample gradients and ``optimizer`` for clipping and secure noise.
 
     The model is checked first (:func:`pipeline.models.check_dp_model` says why one is refused), fedpath's
     fast grouped-convolution per-sample gradients are registered, and the summed convolution weight
     gradients DP-SGD throws away are skipped. ``expected_batch_size`` is q·n (tiles, or slides when
-    ``slide_level``): Opacus divides the noisy sum by it.
+    ``slide_level``): Opacus divides the noisy sum by it. ``fused`` (default) uses the fused
+    clip-and-accumulate; ``False`` keeps Opacus' own (for comparison).
     """
     from opacus import GradSampleModule
 
@@ -206,5 +238,6 @@ def make_private(
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,  # type: ignore[arg-type]
         loss_reduction="mean",
+        fused=fused,
     )
     return model, dp_opt

@@ -4,12 +4,14 @@ For each slide: open it (manifest MPP override first), plan the read at the mode
 does (a pyramid level within tolerance as is, else Gaussian anti-aliasing and bilinear resampling), lay
 overlapping windows over the slide at that resolution, keep those touching tissue, and group them into
 blocks (``inference.block_size`` model pixels). A block's pixels are read once, its windows run through
-the model in batches, and the softmax foreground probability is blended with MONAI's Gaussian importance
-map into an in-memory block merger whose sums are added to a disk-backed :class:`wsi.stitch.ZarrMerger`.
-Blocks run locally (reads prefetched in a thread while the model runs) or as tasks on a dask cluster
-(``inference.scheduler``) that return block sums to the one writer. The finalised map is the OME-Zarr's
-level 0, from which the OME-TIFF mask, the GeoJSON polygons and the thumbnail are streamed
-(:mod:`wsi.export`).
+the model in batches (``inference_mode``, channels-last, optionally bf16 autocast: ``inference.precision``),
+and the softmax foreground probability is blended with MONAI's Gaussian importance map into an in-memory
+block merger whose sums are added to a disk-backed :class:`wsi.stitch.ZarrMerger` by a writer thread.
+Blocks run locally (the next block's read prefetched in a thread, the previous one's blending in another,
+while the model runs) or as tasks on a dask cluster (``inference.scheduler``: :class:`DaskBlockRunner`, a
+few slides in flight at once) that return block sums, in block order, to the one writer. The finalised
+map is the OME-Zarr's level 0, from which the OME-TIFF mask, the GeoJSON polygons and the thumbnail are
+streamed (:mod:`wsi.export`).
 
 Outputs go to ``<run_dir>/predictions/<slide_id>/`` with ``run.json`` holding a fingerprint (model
 sha256, inference settings, slide sha256); a folder holding a different run is refused, a completed
@@ -26,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -154,21 +157,53 @@ def importance_map(window: int, sigma_scale: float) -> np.ndarray:
     return imp.numpy().astype(np.float32)
 
 
-def foreground_probability(net: nn.Module, batch: np.ndarray) -> np.ndarray:
+def bf16_native() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX, through oneDNN)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """``inference.precision`` as run: ``auto`` is bfloat16 where the CPU has native bf16, else float32."""
+    if precision == "auto":
+        return "bfloat16" if bf16_native() else "float32"
+    return precision
+
+
+def prepare_for_inference(net: nn.Module) -> nn.Module:
+    """Eval mode, channels-last weights (oneDNN's fast layout for CPU convolutions)."""
+    return net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def foreground_probability(net: nn.Module, batch: np.ndarray, precision: str = "float32") -> np.ndarray:
     """(n, h, w) float32 probability of class 1 for (n, h, w, 3) uint8 RGB windows (scaled to [0, 1] as
-    in training and evaluation)."""
+    in training and evaluation). The input keeps the windows' (n, h, w, c) layout: a channels-last tensor,
+    no copy. ``precision="bfloat16"`` runs the network under CPU autocast (softmax in float32)."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
     with torch.inference_mode():
-        logits = net(x)
-    if logits.shape[1] == 1:
-        prob = torch.sigmoid(logits[:, 0])
-    else:
-        prob = torch.softmax(logits, dim=1)[:, 1]
-    return prob.numpy().astype(np.float32, copy=False)
+        if precision == "bfloat16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = net(x)
+            logits = logits.float()
+        else:
+            logits = net(x)
+        if logits.shape[1] == 1:
+            prob = torch.sigmoid(logits[:, 0])
+        else:
+            prob = torch.softmax(logits, dim=1)[:, 1]
+    return prob.contiguous().numpy().astype(np.float32, copy=False)
 
 
 def predict_block(
-    net: nn.Module, pixels: np.ndarray, block: Block, window: int, importance: np.ndarray, batch_size: int
+    net: nn.Module,
+    pixels: np.ndarray,
+    block: Block,
+    window: int,
+    importance: np.ndarray,
+    batch_size: int,
+    precision: str = "float32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sums (1, h, w) and weights (h, w) of a block's windows over its box (``pixels``)."""
     y0, x0, y1, x1 = block.box
@@ -177,7 +212,7 @@ def predict_block(
     for start in range(0, len(rel), batch_size):
         part = rel[start : start + batch_size]
         batch = np.stack([pixels[y : y + window, x : x + window] for y, x in part])
-        prob = foreground_probability(net, batch)
+        prob = foreground_probability(net, batch, precision)
         for (y, x), p in zip(part, prob, strict=True):
             merger.aggregate(p[None], (int(y), int(x)))
     return merger.sums, merger.weights
@@ -186,6 +221,9 @@ def predict_block(
 # -- dask workers: the model arrives as safetensors bytes and is rebuilt once per worker ---------------
 _WORKER_MODELS: dict[str, nn.Module] = {}
 _WORKER_READERS: dict[tuple[str, float | None, float | None], SlideReader] = {}
+_WORKER_LOCK = threading.Lock()
+_WORKER_READERS_MAX = 8  # a few slides in flight per worker; older readers are dropped (not closed
+# here: another thread may still hold one; the last reference closes it)
 
 
 def _worker_model(key: str, blob: bytes, model_cfg: dict[str, Any]) -> nn.Module:
@@ -198,7 +236,7 @@ def _worker_model(key: str, blob: bytes, model_cfg: dict[str, Any]) -> nn.Module
 
         net = build_model(ModelConfig.model_validate(model_cfg))
         net.load_state_dict(st_load(blob), strict=True)
-        net.eval()
+        net = prepare_for_inference(net)
         _WORKER_MODELS.clear()
         _WORKER_MODELS[key] = net
     return net
@@ -214,15 +252,22 @@ def _dask_block(
     window: int,
     importance: np.ndarray,
     batch_size: int,
+    threads: int = 0,
+    precision: str = "float32",
 ) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
-    reader = _WORKER_READERS.get(reader_args)
-    if reader is None:
-        reader = open_slide(*reader_args)
-        _WORKER_READERS[reader_args] = reader
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)  # as the local run: CPU kernels may split reductions by threads
+    with _WORKER_LOCK:
+        reader = _WORKER_READERS.pop(reader_args, None)
+        if reader is None:
+            reader = open_slide(*reader_args)
+            while len(_WORKER_READERS) >= _WORKER_READERS_MAX:
+                _WORKER_READERS.pop(next(iter(_WORKER_READERS)))
+        _WORKER_READERS[reader_args] = reader  # most recently used last
     net = _worker_model(model_key, model_blob, model_cfg)
     y0, x0, y1, x1 = block.box
     pixels = read_canvas(reader, canvas, y0, x0, y1 - y0, x1 - x0)
-    sums, weights = predict_block(net, pixels, block, window, importance, batch_size)
+    sums, weights = predict_block(net, pixels, block, window, importance, batch_size, precision)
     return (y0, x0), sums, weights
 
 
@@ -250,7 +295,7 @@ def load_inference_model(path: Path) -> LoadedModel:
     if not (meta.target_mpp and meta.target_mpp > 0):
         raise FedpathError(f"{path}: model metadata has no valid target_mpp ({meta.target_mpp!r})")
     state, _ = read_model_file(path)
-    net.eval()
+    net = prepare_for_inference(net)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -285,11 +330,13 @@ def stitch_slide(
     output: Any,
     workdir: Path,
     tissue: Any | None,
+    runner: DaskBlockRunner | None = None,
 ) -> dict[str, Any]:
-    """Run the model over the slide's windows and finalise the blended foreground map into ``output``
-    (a zarr array (1, H, W)). Returns counts and timings."""
+    """Run the model over the slide's windows (locally, or on ``runner``'s dask cluster) and finalise the
+    blended foreground map into ``output`` (a zarr array (1, H, W)). Returns counts and timings."""
     window = cfg.tile_size or model.meta.tile_size
     block_size = max(cfg.block_size, window)
+    precision = resolve_precision(cfg.precision)
     blocks, total = plan_windows(canvas, window, cfg.overlap, block_size, tissue)
     if not blocks:
         log.warning("%s: no window touches detected tissue; the mask is empty", reader.path)
@@ -297,10 +344,27 @@ def stitch_slide(
     merger = ZarrMerger((1, *canvas.shape), workdir, importance=None, chunk=cfg.chunk_size)
     t0 = time.perf_counter()
     n_windows = int(sum(len(b.origins) for b in blocks))
-    for loc, sums, weights in _run_blocks(reader, model, cfg, canvas, blocks, window, importance):
+    if runner is not None:
+        results = runner.run(reader, canvas, blocks, window, importance, cfg.batch_size, precision)
+    else:
+        results = _run_blocks(reader, model, cfg, canvas, blocks, window, importance)
+
+    def add(sums: np.ndarray, weights: np.ndarray, loc: tuple[int, int]) -> None:
         merger.add_weighted(sums, weights, loc)
-        del sums, weights
         trim_heap()
+
+    # Blend each block into the accumulator in a writer thread while the next block computes (zarr
+    # read-add-write and blosc release the GIL). One writer, one block at a time: blocks are added in
+    # the same order as they come, so the sums are the same bit for bit.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future[None] | None = None
+        for loc, sums, weights in results:
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(add, sums, weights, loc)
+            del sums, weights
+        if pending is not None:
+            pending.result()
     t_model = time.perf_counter() - t0
     merger.finalize(output)
     return {
@@ -322,9 +386,6 @@ def _run_blocks(
     window: int,
     importance: np.ndarray,
 ) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
-    if cfg.scheduler:
-        yield from _run_blocks_dask(reader, model, cfg, canvas, blocks, window, importance)
-        return
     if not blocks:
         return
 
@@ -339,49 +400,76 @@ def _run_blocks(
             pixels = pending.result()
             if i + 1 < len(blocks):
                 pending = pool.submit(read, blocks[i + 1])
-            sums, weights = predict_block(model.net, pixels, b, window, importance, cfg.batch_size)
+            sums, weights = predict_block(
+                model.net, pixels, b, window, importance, cfg.batch_size, resolve_precision(cfg.precision)
+            )
             yield (b.box[0], b.box[1]), sums, weights
 
 
-def _run_blocks_dask(
-    reader: SlideReader,
-    model: LoadedModel,
-    cfg: InferenceConfig,
-    canvas: Canvas,
-    blocks: list[Block],
-    window: int,
-    importance: np.ndarray,
-) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
-    from distributed import Client, as_completed
-    from safetensors.torch import save as st_save
+class DaskBlockRunner:
+    """Runs inference blocks as tasks on a dask cluster, for every slide of a stage: one client, the model
+    scattered to every worker once (as safetensors bytes, rebuilt once per worker process).
 
-    try:
-        client = Client(cfg.scheduler, timeout="20s", set_as_default=False)
-    except (OSError, TimeoutError) as exc:
-        raise FedpathError(f"dask scheduler {cfg.scheduler}: cannot connect ({exc})") from None
-    try:
-        blob = client.scatter(st_save(model.state), broadcast=True)
+    Results come back in block order, whatever order the workers finish in, so the one writer adds the
+    same sums in the same order as a local run and the maps are the same bit for bit (with the same
+    ``train.threads``: torch's CPU kernels may split reductions by thread count). At most ``in_flight``
+    blocks per slide are submitted ahead of the one being merged, which bounds the writer's memory."""
+
+    def __init__(self, address: str, model: LoadedModel, threads: int = 0) -> None:
+        from distributed import Client
+        from safetensors.torch import save as st_save
+
+        try:
+            self.client = Client(address, timeout="20s", set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise FedpathError(f"dask scheduler {address}: cannot connect ({exc})") from None
+        try:
+            self.blob = self.client.scatter(st_save(model.state), broadcast=True)
+            self.in_flight = max(2, 2 * sum(self.client.nthreads().values()))
+        except BaseException:
+            self.client.close()
+            raise
+        self.model_key = model.sha256
+        self.model_cfg = model.meta.model.model_dump()
+        self.threads = threads
+
+    def run(
+        self,
+        reader: SlideReader,
+        canvas: Canvas,
+        blocks: list[Block],
+        window: int,
+        importance: np.ndarray,
+        batch_size: int,
+        precision: str = "float32",
+    ) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
         args = (str(reader.path), reader._mpp_override, reader._default_mpp)
-        cfg_dump = model.meta.model.model_dump()
-        imp = client.scatter(importance, broadcast=True)
-        in_flight = max(2, 2 * sum(client.nthreads().values()))
-        todo = iter(blocks)
-        ac = as_completed(loop=client.loop)
-        for b in todo:
-            ac.add(client.submit(_dask_block, args, canvas, b, model.sha256, blob, cfg_dump, window, imp,
-                                 cfg.batch_size, pure=False))  # fmt: skip
-            if ac.count() >= in_flight:
-                break
-        for fut in ac:
-            loc, sums, weights = fut.result()
-            fut.release()
-            nxt = next(todo, None)
-            if nxt is not None:
-                ac.add(client.submit(_dask_block, args, canvas, nxt, model.sha256, blob, cfg_dump, window,
-                                     imp, cfg.batch_size, pure=False))  # fmt: skip
-            yield loc, sums, weights
-    finally:
-        client.close()
+        futures: dict[int, Any] = {}
+        submitted = 0
+        try:
+            for i in range(len(blocks)):
+                while submitted < len(blocks) and submitted < i + self.in_flight:
+                    futures[submitted] = self.client.submit(
+                        _dask_block, args, canvas, blocks[submitted], self.model_key, self.blob,
+                        self.model_cfg, window, importance, batch_size, self.threads, precision, pure=False,
+                    )  # fmt: skip
+                    submitted += 1
+                fut = futures.pop(i)
+                loc, sums, weights = fut.result()
+                fut.release()
+                yield loc, sums, weights
+        finally:
+            for fut in futures.values():  # a failed or abandoned slide: cancel what is still queued
+                fut.cancel()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> DaskBlockRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -451,7 +539,8 @@ class SlideJob:
 
 def _fingerprint(model: LoadedModel, cfg: ExperimentConfig, job: SlideJob, slide_sha: str) -> dict[str, Any]:
     # Settings that change the maps; where and how fast they run (scheduler, batch, cache) do not.
-    inf = cfg.inference.model_dump(exclude={"scheduler", "batch_size", "tile_cache"})
+    inf = cfg.inference.model_dump(exclude={"scheduler", "parallel_slides", "batch_size", "tile_cache"})
+    inf["precision"] = resolve_precision(cfg.inference.precision)  # what ran, not "auto"
     return {
         "infer_version": INFER_VERSION,
         "model_sha256": model.sha256,
@@ -526,9 +615,15 @@ def _tissue_config(reader: SlideReader, cfg: ExperimentConfig) -> Any:
 
 
 def infer_slide(
-    job: SlideJob, model: LoadedModel, cfg: ExperimentConfig, out_root: Path, data_root: Path | None = None
+    job: SlideJob,
+    model: LoadedModel,
+    cfg: ExperimentConfig,
+    out_root: Path,
+    data_root: Path | None = None,
+    runner: DaskBlockRunner | None = None,
 ) -> dict[str, Any]:
-    """Run one slide and write its outputs; returns its summary entry (raises on failure)."""
+    """Run one slide and write its outputs; returns its summary entry (raises on failure). With a
+    ``runner`` its blocks run on a dask cluster; reading, stitching and export stay here."""
     from wsi.export import (
         create_prob_zarr,
         finish_prob_zarr,
@@ -566,7 +661,7 @@ def infer_slide(
         canvas = plan_canvas(reader, model.meta.target_mpp, cfg.tiling.mpp_tolerance, inf.max_upsample)
         tissue = detect_tissue(reader, _tissue_config(reader, cfg)) if inf.tissue_only else None
         prob = create_prob_zarr(out / "prob.ome.zarr", (1, *canvas.shape), inf.chunk_size)
-        stats = stitch_slide(reader, model, inf, canvas, prob, out / ".accumulator", tissue)
+        stats = stitch_slide(reader, model, inf, canvas, prob, out / ".accumulator", tissue, runner)
         t1 = time.perf_counter()
         trim_heap()
         finish_prob_zarr(out / "prob.ome.zarr", canvas.mpp, inf.pyramid_levels, ["foreground"], job.slide_id)
@@ -714,23 +809,35 @@ def run_infer(
     except WSIError as exc:  # an unreadable manifest or data root concerns every slide: stop here
         raise FedpathError(str(exc)) from None
     out_root = cfg.run_dir / "predictions"
-    results: list[dict[str, Any]] = []
-    failed: list[dict[str, str]] = []
-    for job in jobs:
+
+    def one(
+        job: SlideJob, runner: DaskBlockRunner | None
+    ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
         try:
-            entry = infer_slide(job, loaded, cfg, out_root, root)
-            results.append(entry)
+            entry = infer_slide(job, loaded, cfg, out_root, root, runner)
             m = entry.get("metrics") or {}
             log.info(
                 "%s: %s, %d windows, %.1f s%s", job.slide_id, entry["status"], entry.get("windows", 0),
                 entry.get("seconds", 0.0), f", dice {m['dice']:.3f} aji {m['aji']:.3f}" if m else "",
             )  # fmt: skip
+            return entry, None
         except WSIError as exc:
             log.error("%s", exc)
-            failed.append({"slide_id": job.slide_id, "path": str(job.path), "error": str(exc)})
+            return None, {"slide_id": job.slide_id, "path": str(job.path), "error": str(exc)}
         except Exception as exc:  # one slide's unexpected failure must not stop the others
             log.exception("%s: inference failed", job.path)
-            failed.append({"slide_id": job.slide_id, "path": str(job.path), "error": f"{job.path}: {exc}"})
+            return None, {"slide_id": job.slide_id, "path": str(job.path), "error": f"{job.path}: {exc}"}
+
+    if cfg.inference.scheduler and jobs:
+        # Slides and blocks on the cluster: up to ``parallel_slides`` slides at once, each streaming its
+        # blocks to the workers, so one slide's tail and export overlap the next one's blocks.
+        with DaskBlockRunner(cfg.inference.scheduler, loaded, cfg.train.threads or 0) as runner:
+            with ThreadPoolExecutor(max_workers=min(len(jobs), cfg.inference.parallel_slides)) as pool:
+                outcomes = list(pool.map(lambda j: one(j, runner), jobs))
+    else:
+        outcomes = [one(job, None) for job in jobs]
+    results = [e for e, _ in outcomes if e is not None]
+    failed = [f for _, f in outcomes if f is not None]
     summary: dict[str, Any] = {
         "model": str(model_path),
         "model_sha256": loaded.sha256,

@@ -92,6 +92,36 @@ def test_noise_std_is_sigma_times_clip() -> None:
     assert abs(float(noise.mean())) < 5 * sigma * clip / n**0.5
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_fedpath_training_path_matches_batch_of_one_loop(fused: bool) -> None:
+    """``make_private`` as training builds it: fedpath's conv per-sample gradients, the summed conv weight
+    gradients skipped, the fused (or Opacus') clip-and-accumulate, CSPRNG noise at σ = 0."""
+    from pipeline.dprandom import SecureRandom
+    from pipeline.dpsgd import make_private
+
+    net = _net("deconv")
+    x = torch.rand(6, 3, 16, 16)
+    y = (torch.rand(6, 16, 16) > 0.6).long()
+    clip = 0.05
+    oracle = _oracle_clipped_sum(net, x, y, clip)
+    params0 = [p for p in net.parameters() if p.requires_grad]
+    ref = {i: torch.autograd.grad(_loss(net(x[i : i + 1]), y[i : i + 1]), params0) for i in (0, 5)}
+    model, opt = make_private(
+        net, torch.optim.SGD(net.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+        expected_batch_size=6, rng=SecureRandom(), fused=fused,
+    )  # fmt: skip
+    assert opt.fused is fused
+    (_loss(model(x), y) / 6).backward()  # mean reduction: Opacus scales the per-sample gradients back
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i in (0, 5):
+        for p, r in zip(params, ref[i], strict=True):
+            torch.testing.assert_close(p.grad_sample[i], r, rtol=1e-3, atol=1e-4)
+    opt.pre_step()
+    for p, o in zip(params, oracle, strict=True):
+        torch.testing.assert_close(p.summed_grad, o, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad, o / 6, rtol=1e-4, atol=1e-6)  # σ = 0; mean over q·n = 6
+
+
 def test_slide_clipping_matches_a_batch_of_one_slide_loop() -> None:
     """Slide-level DP-SGD: each slide's mean per-tile gradient is clipped as one unit. Oracle: for each
     slide alone, autograd of the mean loss over its tiles, clipped to C, summed over slides."""

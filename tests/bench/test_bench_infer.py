@@ -1,0 +1,33 @@
+"""``bench/bench_infer.py --smoke``: the bench runs end to end (real-data model, MONAI next to fedpath on a
+real slide, bf16 Dice, memory, synthetic region) and reports its ratios. No timing assertion: the smoke
+run is far too small to mean anything; the figures come from the full run (README)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.realdata
+
+
+def test_bench_infer_smoke(
+    data_root: Path, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FEDPATH_DATA_ROOT", str(data_root))
+    spec = importlib.util.spec_from_file_location("bench_infer", repo_root / "bench" / "bench_infer.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "infer.json"
+    report = bench.main(["--smoke", "--out", str(out), "--workdir", str(tmp_path)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    real = report["real"]
+    assert real["ratio_float32_vs_monai"] > 0 and real["monai_s"] > 0
+    assert 0 < real["windows_tissue"] < real["windows_total"]  # the real region has glass to skip
+    assert 0 <= real["dice"]["float32"]["mean"] <= 1
+    assert set(report["memory"]) == {"1024"} and report["throughput"]["ratio_vs_monai"] > 0
+    printed = capsys.readouterr().out
+    assert "real region CMU-1-Small-Region.svs" in printed and "held-out MoNuSeg Dice" in printed
