@@ -46,11 +46,6 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
         raise FedpathError("pretrain: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
     out = pretrained_path(cfg)
     settings = {"pretrain": pc.model_dump(mode="json"), "manifest": str(manifest), "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json")}
-    if out.is_file():
-        _, meta = read_model_file(out)
-        if meta.extra.get("settings") == json.loads(json.dumps(settings)):
-            log.info("pretrain: %s already holds θ_pre for these settings", out)
-            return dict(meta.extra.get("result", {}))
     store = RunLayout(cfg.run_dir).server.data_store
     res = run_tile_site(
         manifest=manifest, data_root=data_root.resolve(), store=store, tiling=cfg.tiling,
@@ -58,6 +53,11 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
     )
     if res.get("failed"):
         raise FedpathError(f"pretrain: tiling the server's slides failed: {res['failed']}")
+    if out.is_file():
+        _, meta = read_model_file(out)
+        if meta.extra.get("settings") == json.loads(json.dumps(settings)):
+            log.info("pretrain: %s already holds θ_pre for these settings", out)
+            return dict(meta.extra.get("result", {})) | {"path": str(out)}
     tiles = UnlabelledTiles(store, seed=pc.seed)
     t0 = time.perf_counter()
     pre = mim_pretrain(
