@@ -43,16 +43,19 @@ def _small_run(tmp: Path, data_root: Path) -> ExperimentConfig:
                 "epsilons": [None, 8.0],
                 "tile_size": TILE,
                 "max_images": 6,
+                "tiles_per_image": 2,
+                "public_images": 2,
+                "tuning_images": 1,
+                "tuning": [{"tv_weight": 0.3}],
                 "iterations": 4,
+                "update_iterations": 3,
                 "restarts": 1,
                 "dlg_iterations": 2,
                 "n_targets": 1,
+                "batch_size": 2,
                 "local_steps": 2,
-                "utility_tile_size": 32,
-                "utility_train_tiles": 6,
-                "utility_test_tiles": 6,
-                "utility_steps": 3,
-                "utility_batch_size": 3,
+                "upper_bound_targets": 1,
+                "attacks": ["multistep", "inverting_gradients", "dlg"],
                 "real_iterations": 3,
                 "real_max_images": 2,
             },
@@ -123,17 +126,27 @@ def test_sweep_and_report_on_a_small_real_run(tmp_path: Path, data_root: Path) -
     result = run_attack(cfg, data_root)
     run = cfg.run_dir
 
-    # the sweep: every ε, every attack (worst case), utility + membership, the real stored update
+    # the sweep: every ε, the trainer-run round and the upper bounds, scored against the prior, the stored update
     assert [e["epsilon"] for e in result["results"]] == [None, 8.0]
     assert result["results"][0]["noise_multiplier"] == 0.0 and result["results"][1]["noise_multiplier"] > 0
+    assert result["results"][1]["delta"] == result["dp_accounting"]["delta"] and result["results"][1]["unit"] == "tile"
+    keys = {"fedavg_round_2steps_batch2", "inverting_gradients_batch1_upper_bound", "dlg_batch1_upper_bound"}
     for e in result["results"]:
-        assert {"inverting_gradients", "dlg", "multistep_2steps"} <= set(e["attacks"])
+        assert set(e["attacks"]) == keys
         for a in e["attacks"].values():
-            assert -1 <= a["summary"]["mean_ssim"] <= 1 and a["seconds_per_reconstruction"] > 0
-        assert 0 <= e["utility"]["dice"] <= 1
-        assert 0 <= e["utility"]["membership"]["auc"] <= 1
+            s = a["summary"]
+            assert -1 <= s["ssim"]["mean"] <= 1 and a["seconds_per_reconstruction"] > 0
+            assert s["difference"]["ci_low"] <= s["difference"]["mean"] <= s["difference"]["ci_high"]
+            assert a["status"] in ("beats prior", "below prior", "indistinguishable from prior")
+            assert all(r["prior_ssim"] >= r["prior_mean_ssim"] for r in a["per_tile"])
         assert (run / e["grid"]).is_file()
-    assert result["results"][1]["utility"]["epsilon_spent"] == pytest.approx(8.0, rel=0.05)
+    # the three image sets are disjoint and named; scored tiles come from the scored images only
+    imgs = result["images"]
+    assert not set(imgs["public"]) & set(imgs["scored"]) and not set(imgs["tuning"]) & set(imgs["scored"])
+    assert all(t.split("#")[0] in imgs["scored"] for t in result["scored_tiles"])
+    assert all(t.split("#")[0] in imgs["tuning"] for t in result["tuning"]["tiles"])
+    assert len(result["tuning"]["candidates"]) == 2
+    assert result["primary_attack"] == "fedavg_round_2steps_batch2"
     real = result["real_updates"]
     assert len(real) == 1 and real[0]["site"] == "a" and real[0]["local_steps_assumed"] == 2
     assert "mean_nearest_ssim" in real[0]
@@ -155,7 +168,7 @@ def test_sweep_and_report_on_a_small_real_run(tmp_path: Path, data_root: Path) -
         "configuration",
     ):
         assert f'id="{section}"' in html, section
-    assert len(re.findall(r'src="data:image/png;base64,', html)) >= 2 + 2 + 1  # grids, curves, real update
+    assert len(re.findall(r'src="data:image/png;base64,', html)) >= 2 + 1 + 1  # grids, curve, real update
     assert 'src="http' not in html and "<link" not in html  # nothing fetched from outside
     ledger = json.loads((run / "sites/a/privacy.json").read_text())
     assert f"{ledger['epsilon']:.3g}" in html and ledger["epsilon_slide"] is None
@@ -166,6 +179,8 @@ def test_sweep_and_report_on_a_small_real_run(tmp_path: Path, data_root: Path) -
     assert report["ledger"][0]["site"] == "a" and report["ledger"][0]["noise_multiplier"] == 1.2
     assert report["stored_updates"] == 1 and report["config"]["name"] == "tiny"
     assert "honest-but-curious" in report["threat_model"]
+    # no figure from another model: without calibrate, utility and membership are "not measured"
+    assert html.count("not measured") >= 2 and "δ = " in html
 
 
 def test_report_refuses_a_run_without_ledgers_or_attack_results(tmp_path: Path) -> None:
