@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install lint test test-slow demo synth tile train provision serve site-round simulate \
-        infer attack report experiment bench clean
+        infer attack report experiment calibrate bench clean
 
 install: $(STAMP)
 
@@ -73,6 +73,10 @@ report: install
 EPSILONS ?= inf,8,4,1
 experiment: install
 	$(BIN)/fedpath experiment --config $(CONFIG) --epsilons $(EPSILONS)
+
+CALIBRATE ?= configs/calibrate.yaml
+calibrate: install
+	$(BIN)/fedpath calibrate --config $(CALIBRATE)
 
 bench: install
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

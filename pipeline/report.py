@@ -297,6 +297,9 @@ def collect(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise FedpathError(f"{run_dir}: run directory not found")
     ledgers = sorted((run_dir / "sites").glob("*/privacy.json"))
+    if not ledgers and (run_dir / "calibrate" / "calibrate.json").is_file():
+        # a calibrate run: the ledgers of its federation at each ε
+        ledgers = sorted((run_dir / "calibrate" / "variants").glob("*/sites/*/privacy.json"))
     if not ledgers:
         raise FedpathError(
             f"{run_dir / 'sites'}: no site privacy ledger (sites/<site>/privacy.json); train the sites first"
@@ -312,7 +315,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
         data = _load_json(p)
         if not isinstance(data, dict):
             raise FedpathError(f"{p}: ledger is not a JSON object")
-        rows.append(ledger_row(p.parent.name, data, p.relative_to(run_dir)))
+        name = p.parent.name if p.parent.parent.parent == run_dir else f"{p.parents[2].name}/{p.parent.name}"
+        rows.append(ledger_row(name, data, p.relative_to(run_dir)))
     update_rows = [
         ledger_row(p.parent.name, _load_json(p), p.relative_to(run_dir))
         for p in sorted((run_dir / "sites").glob("*/update_privacy.json"))

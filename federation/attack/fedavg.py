@@ -36,6 +36,7 @@ from pipeline.config import ExperimentConfig
 log = logging.getLogger(__name__)
 
 SITE = "victim"
+SGD_MOMENTUM = 0.9  # pipeline.train's SGD (a fixed choice of the trainer, known to the attacker)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class VictimRound:
     batch_size: int
     lr: float
     optimizer: str
+    momentum: float  # the trainer's SGD momentum (0 for Adam)
     noise_multiplier: float | None
     clip: float | None
     job_epsilon: float | None  # ε this single round spent by the trainer's own accounting (q = 1)
@@ -60,7 +62,7 @@ def quantise(images: Tensor) -> Tensor:
     return (images.clamp(0, 1) * 255).round() / 255
 
 
-def _write_store(store_path: Path, tiles: TileSet) -> None:
+def write_store(store_path: Path, tiles: TileSet) -> None:
     from wsi.store import SiteStore
 
     n, _, t, _ = tiles.images.shape
@@ -141,7 +143,7 @@ def victim_round(
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         run = Path(tmp)
         vcfg = victim_config(cfg, run, batch, steps, sigma, clip, optimizer)
-        _write_store(vcfg.store_path(SITE), tiles)
+        write_store(vcfg.store_path(SITE), tiles)
         res = train_local(vcfg, [SITE], run, init_state=global_state, round_index=0, progress=False)
     update = {k: (res.state[k].float() - global_state[k].float()) for k in global_state}
     return VictimRound(
@@ -152,6 +154,7 @@ def victim_round(
         batch_size=batch,
         lr=vcfg.train.lr,
         optimizer=vcfg.train.optimizer,
+        momentum=SGD_MOMENTUM if vcfg.train.optimizer == "sgd" else 0.0,
         noise_multiplier=res.noise_multiplier,
         clip=vcfg.train.privacy.max_grad_norm if sigma is not None else None,
         job_epsilon=res.epsilon,
@@ -168,7 +171,11 @@ def invert_round(
 ) -> Reconstruction:
     """The attacker: simulate the round's local steps on dummy tiles and match the whole update."""
     sched = LocalTraining(
-        steps=victim.steps, batch_size=victim.batch_size, lr=victim.lr, optimizer=victim.optimizer
+        steps=victim.steps,
+        batch_size=victim.batch_size,
+        lr=victim.lr,
+        optimizer=victim.optimizer,
+        momentum=victim.momentum,
     )
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     update = {k: victim.update[k] for k in names}
