@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.summary import update_summary
-from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.config import ConfigError, ExperimentConfig, apply_overrides, load_config
 from pipeline.errors import FedpathError
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,13 @@ def load_calibrate(path: Path, overrides: list[str] | None = None) -> tuple[Cali
     except Exception as exc:  # pydantic's ValidationError: one line naming the file
         first = str(exc).splitlines()
         raise ConfigError(f"{path}: {' '.join(first[:3])}") from None
-    exp = load_config(cal.experiment, [*cal.experiment_overrides, *(overrides or [])])
-    run_dir = cal.run_dir or Path(f"{exp.run_dir}_calibrate")
+    exp = load_config(cal.experiment, cal.experiment_overrides)
     data = exp.model_dump(mode="python")
-    data["run_dir"] = run_dir
+    data["run_dir"] = cal.run_dir or Path(f"{exp.run_dir}_calibrate")
     data["attack"] = {**data["attack"], **cal.attack, "epsilons": cal.epsilons}
-    return cal, ExperimentConfig.model_validate(data)
+    data = apply_overrides(data, overrides)  # --set, last: on the experiment as calibrate runs it
+    cfg = ExperimentConfig.model_validate(data)
+    return cal.model_copy(update={"epsilons": cfg.attack.epsilons}), cfg
 
 
 def _eps_tag(eps: float | None) -> str:

@@ -120,6 +120,7 @@ def _small_run(tmp: Path, data_root: Path) -> ExperimentConfig:
 
 
 @pytest.mark.realdata
+@pytest.mark.filterwarnings("error")  # the sweep prints no library warning (torch's "Full backward hook ...")
 def test_sweep_and_report_on_a_small_real_run(tmp_path: Path, data_root: Path) -> None:
     cfg = _small_run(tmp_path, data_root)
     torch.set_num_threads(1)
@@ -181,6 +182,33 @@ def test_sweep_and_report_on_a_small_real_run(tmp_path: Path, data_root: Path) -
     assert "honest-but-curious" in report["threat_model"]
     # no figure from another model: without calibrate, utility and membership are "not measured"
     assert html.count("not measured") >= 2 and "δ = " in html
+
+    # with calibrate's results (here: its real statistics on constructed LiRA scores) the report shows the
+    # utility curve, the ROC on log axes, the per-ε table and the recommendation
+    from federation.attack.lira import lira_scores, summarise_lira
+    from fedpath.calibrate import recommend
+
+    rng = np.random.default_rng(0)
+    inmask = rng.random((8, 50)) < 0.5
+    rows = []
+    for eps, shift, dice in ((None, 2.0, 0.75), (8.0, 0.2, 0.72), (1.0, 0.0, 0.6)):
+        lira = summarise_lira(*lira_scores(rng.normal(0, 1, (8, 50)) + shift * inmask, inmask))
+        rows.append(
+            {
+                "tag": "nodp" if eps is None else f"{eps:g}", "epsilon": eps, "delta": None if eps is None else 3e-4,
+                "unit": None if eps is None else "tile", "noise_multiplier": 0.0, "dice": dice,
+                "inversion": {"status": "beats prior" if eps is None else "indistinguishable from prior"},
+                "lira": {**lira, "n_shadows": 7},
+            }
+        )  # fmt: skip
+    (run / "calibrate").mkdir()
+    (run / "calibrate/calibrate.json").write_text(
+        json.dumps({"rows": rows, "utility_floor": 0.7, "recommendation": recommend(rows, 0.7), "lira_what": "t"})
+    )
+    html = build_report(run).read_text()
+    assert "Recommendation:</b> ε = 8 (δ = 0.0003, per tile)" in html
+    assert len(re.findall(r'src="data:image/png;base64,', html)) >= 2 + 1 + 1 + 2  # + utility curve, ROC
+    assert "not measured" not in html.split('id="utility"')[1].split('id="real-updates"')[0]
 
 
 def test_report_refuses_a_run_without_ledgers_or_attack_results(tmp_path: Path) -> None:
