@@ -236,7 +236,7 @@ def run_calibrate(cal: CalibrateConfig, cfg: ExperimentConfig, data_root: Path |
             "rows": ordered,
             "recommendation": recommend(ordered, cal.utility_floor),
             "complete": done,
-            "seconds": time.perf_counter() - t_start + float(prev.get("seconds", 0.0) if not done else 0.0),
+            "seconds_this_invocation": time.perf_counter() - t_start,
         }
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=2, default=float))

@@ -510,8 +510,6 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
     out_dir = cfg.run_dir / "attack"
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    if "multistep" in a.attacks and a.batch_size < 1:
-        raise FedpathError("attack.batch_size must be at least 1")
 
     pool = load_attack_tiles(cfg, data_root, a.tile_size, per_image=a.tiles_per_image)
     split = split_images(pool, a.public_images, a.tuning_images, a.seed)
