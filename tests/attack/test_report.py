@@ -239,3 +239,40 @@ def test_attack_refuses_without_real_tiles(tmp_path: Path) -> None:
     cfg = ExperimentConfig.model_validate({"run_dir": str(tmp_path / "run")})
     with pytest.raises(FedpathError, match="monuseg-train"):
         run_attack(cfg, tmp_path)
+
+
+@pytest.mark.realdata
+@pytest.mark.filterwarnings("error")
+def test_sweep_on_site_store_tiles_splits_by_slide(tmp_path: Path, data_root: Path) -> None:
+    """Without MoNuSeg under the data root (the demo), the sweep attacks the run's site-store tiles; the
+    public/scored split is by slide, and a round of fedpath's trainer on those tiles is inverted."""
+    tiles = load_monuseg_tiles(data_root, TILE, 0.5, per_image=2, max_images=3, seed=1)
+    cfg = ExperimentConfig.model_validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "sites": [{"name": "a", "manifest": str(tmp_path / "a.csv")}],
+            "model": MODEL,
+            "train": {"batch_size": 2, "lr": 0.01, "threads": 1},
+            "attack": {
+                "epsilons": [None], "tile_size": TILE, "public_images": 1, "tuning_images": 0,
+                "update_iterations": 2, "iterations": 2, "restarts": 1, "n_targets": 1, "batch_size": 2,
+                "local_steps": 2, "upper_bound_targets": 1, "attacks": ["multistep", "inverting_gradients"],
+                "real_updates": False,
+            },
+        }
+    )  # fmt: skip
+    store = SiteStore.create(cfg.store_path("a"), site="a", target_mpp=0.5, tile_size=TILE, overlap=0)
+    for k, name in enumerate(sorted(set(tiles.sources))):
+        idx = [i for i, s in enumerate(tiles.sources) if s == name]
+        w = store.begin_slide(f"s{k}", len(idx), TILE, True)
+        imgs = (tiles.images[idx].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        w.write(slice(0, len(idx)), imgs, np.zeros((len(idx), 4), np.int64), np.ones(len(idx), np.float32),
+                tiles.masks[idx].numpy().astype(np.uint8))  # fmt: skip
+        store.commit_slide(f"s{k}", {"split": "train"})
+    result = run_attack(cfg, None)
+    assert result["tile_source"] == "site stores"
+    assert len(result["images"]["public"]) == 1 and len(result["images"]["scored"]) == 2
+    assert all(s.startswith("a/s") for s in result["images"]["scored"])
+    assert set(result["results"][0]["attacks"]) == {
+        "fedavg_round_2steps_batch2", "inverting_gradients_batch1_upper_bound"
+    }  # fmt: skip
