@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install lint test test-slow demo synth tile train provision serve site-round simulate \
-        infer attack report experiment bench clean pretrain experiment-oneshot
+        infer attack report experiment calibrate bench clean pretrain experiment-oneshot
 
 install: $(STAMP)
 
@@ -79,6 +79,10 @@ experiment-oneshot: install
 
 experiment: install
 	$(BIN)/fedpath experiment --config $(CONFIG) --epsilons $(EPSILONS)
+
+CALIBRATE ?= configs/calibrate.yaml
+calibrate: install
+	$(BIN)/fedpath calibrate --config $(CALIBRATE)
 
 bench: install
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

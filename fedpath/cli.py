@@ -271,6 +271,21 @@ def attack(config: ConfigOpt = None, set_: SetOpt = None, data_root: DataRootOpt
 
 
 @app.command()
+def calibrate(
+    config: Annotated[Path, typer.Option("--config", "-c", help="calibrate YAML")] = Path("configs/calibrate.yaml"),
+    set_: SetOpt = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """The ε grid on the real experiment: held-out Dice, inversion vs the prior, LiRA; recommends an ε."""
+    from fedpath.calibrate import load_calibrate, run_calibrate
+
+    cal, cfg = load_calibrate(config, set_)
+    result = run_calibrate(cal, cfg, cfg.resolved_data_root(data_root))
+    print(result["recommendation"]["text"])
+    print(f"calibrate: {cfg.run_dir / 'calibrate' / 'calibrate.json'}")
+
+
+@app.command()
 def report(
     run: Annotated[Path | None, typer.Option("--run", help="run directory")] = None,
     config: ConfigOpt = None,

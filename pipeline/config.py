@@ -271,27 +271,32 @@ class InferenceConfig(_Strict):
 
 
 AttackName = Literal["inverting_gradients", "dlg", "multistep"]
-_ALL_ATTACKS: tuple[AttackName, ...] = ("inverting_gradients", "dlg", "multistep")
+_ALL_ATTACKS: tuple[AttackName, ...] = ("inverting_gradients", "multistep")
 
 
 class AttackConfig(_Strict):
-    """The privacy audit (federation.attack): gradient inversion and membership inference over ε."""
+    """The privacy audit (federation.attack): inversion of what a site uploads, over a sweep of ε.
+
+    ``multistep`` inverts a real FedAvg round (``local_steps`` steps at ``batch_size`` tiles, run by
+    fedpath's trainer); ``inverting_gradients`` and ``dlg`` invert one DP-SGD step of one tile, the
+    worst-case upper bound. Tiles come from disjoint image sets: ``public_images`` (the prior),
+    ``tuning_images`` (where ``tuning`` candidates are ranked) and the rest (scored)."""
 
     epsilons: list[float | None] = Field(
-        default_factory=lambda: [None, 32.0, 8.0, 2.0], description="null: no DP"
+        default_factory=lambda: [None, 64.0, 16.0, 8.0, 4.0, 1.0], description="null: no DP (the control)"
     )
-    tile_size: int = Field(32, ge=8, description="size of the attacked MoNuSeg tiles (pixels)")
+    tile_size: int = Field(32, ge=8, description="size of the attacked tiles (pixels)")
     target_mpp: float | None = Field(None, gt=0, description="µm/px of attacked tiles (default: tiling.target_mpp)")
     max_images: int | None = Field(None, ge=2, description="MoNuSeg source images read (default: all 30)")
-    batch_size: int = Field(1, ge=1, description="threat model: tiles per observed step (1 = worst case)")
-    local_steps: int = Field(2, ge=1, description="threat model: local steps per update (multistep attack)")
-    local_optimizer: Literal["sgd", "adam"] | None = Field(
-        "sgd", description="victim's local optimiser in the multistep threat model (null: train.optimizer)"
-    )
+    tiles_per_image: int = Field(4, ge=1, description="tiles cut from each source image")
+    batch_size: int = Field(4, ge=1, description="threat model: tiles in the attacked site round")
+    local_steps: int = Field(10, ge=1, description="threat model: local optimiser steps in the attacked round")
     labels_known: bool = True
     loss: Literal["dicece", "ce"] = "dicece"
     restarts: int = Field(2, ge=1)
-    iterations: int = Field(600, ge=1)
+    iterations: int = Field(600, ge=1, description="iterations of the single-step (upper bound) attacks")
+    update_iterations: int = Field(200, ge=1, description="iterations of the FedAvg-round inversion")
+    update_restarts: int = Field(1, ge=1)
     lr: float = Field(0.1, gt=0, description="Adam step on signed gradients, pixels in [0, 1]")
     tv_weight: float = Field(1.0, ge=0, description="total-variation prior weight (cosine cost is in [0, 2])")
     scales: list[int] = Field(
@@ -304,8 +309,16 @@ class AttackConfig(_Strict):
     chroma_tv_weight: float = Field(
         3.0, ge=0, description="total-variation prior on the chroma (pixel minus its grey level)"
     )
+    tuning: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="candidate overrides of the inversion settings (e.g. {tv_weight: 0.3}), ranked by SSIM "
+        "on the tuning images' tiles, never on the scored ones; empty: the configured settings",
+    )
     dlg_iterations: int = Field(60, ge=1, description="L-BFGS steps of DLG")
-    n_targets: int = Field(4, ge=1, description="attacked tiles (or batches) per ε and attack")
+    n_targets: int = Field(2, ge=1, description="attacked site rounds (batches) per ε")
+    upper_bound_targets: int = Field(2, ge=0, description="tiles attacked one at a time (upper bound) per ε")
+    public_images: int = Field(8, ge=1, description="source images of the public set (the prior)")
+    tuning_images: int = Field(4, ge=0, description="source images whose tiles tune the attack")
     attacks: list[AttackName] = Field(default_factory=lambda: list(_ALL_ATTACKS))
     clip: float | None = Field(None, gt=0, description="DP-SGD clipping norm (default: train.privacy)")
     dp_sample_rate: float | None = Field(
@@ -313,13 +326,6 @@ class AttackConfig(_Strict):
     )
     dp_steps: int | None = Field(None, ge=1, description="DP steps for ε -> σ (default: the planned training)")
     dp_delta: float | None = Field(None, gt=0, lt=1, description="default: train.privacy.delta or 1/(10 N)")
-    membership: bool = True
-    utility_tile_size: int = Field(64, ge=16, description="tile size of the sweep's own DP training")
-    utility_train_tiles: int = Field(32, ge=2, description="member tiles of the sweep's DP training")
-    utility_test_tiles: int = Field(32, ge=2, description="held-out (non-member) tiles")
-    utility_steps: int = Field(120, ge=1)
-    utility_batch_size: int = Field(8, ge=1)
-    utility_lr: float = Field(2e-3, gt=0)
     real_updates: bool = Field(True, description="also invert the updates stored under server/updates")
     real_max_updates: int = Field(2, ge=0, description="stored updates attacked (earliest rounds first)")
     real_max_images: int = Field(4, ge=1, description="cap on dummy tiles simulated per stored update")

@@ -32,12 +32,14 @@ THREAT_MODEL = (
     "it runs the protocol faithfully but keeps every model update a site uploads and the global model "
     "each update started from. It knows the network architecture, the loss (Dice + cross-entropy), the "
     "local training schedule (number of local steps, batch size, learning rate, optimiser) and the DP "
-    "parameters, but not a single pixel of any site. From one update it tries to reconstruct the "
-    "training tiles (gradient inversion: Inverting Gradients, DLG, and a multi-step inversion of what "
-    "FedAvg actually sends), and from the final model it tries to tell whether a given tile was used "
-    "in training (membership inference by loss threshold). The worst case evaluated is one tile per "
-    "step and one step per update with the nucleus masks known to the attacker; real updates from "
-    "many tiles and several steps are harder to invert. The networks use GroupNorm, so the "
+    "parameters, but not a single pixel of any site. From one site round (the update after several local "
+    "steps of fedpath's own DP-SGD trainer) it reconstructs the training tiles by simulating the local "
+    "steps on dummy tiles and matching the whole update (Geiping et al.'s FedAvg reconstructor). One "
+    "DP-SGD step of one tile, which no site ever sends, is attacked too as the worst-case upper bound. "
+    "Every reconstruction is scored against the prior: the best an attacker knowing only the data "
+    "distribution does (the mean image of a public tile set, or the public tile nearest to the truth). "
+    "Membership inference (LiRA, Carlini et al. 2022) asks of a tile whether it was trained on, from the "
+    "final model and shadow models trained by the same trainer. The networks use GroupNorm, so the "
     "BatchNorm-statistics prior of the strongest published medical attacks does not exist here."
 )
 
@@ -118,28 +120,28 @@ def _eps_x(eps: float | None, finite: list[float]) -> float:
     return (max(finite) if finite else 1.0) * 10
 
 
-def _prior_ssim(entry: dict[str, Any]) -> float | None:
-    """The prior baseline of one ε row: SSIM of the dataset-mean image to the attacked tiles."""
-    for a in entry["attacks"].values():
-        v = a.get("summary", {}).get("mean_prior_ssim_true")
-        if v is not None:
-            return float(v)
-    return None
+def _eps_label(e: dict[str, Any]) -> str:
+    """"no DP", or ε with its δ and unit (the sweep's accounting), e.g. "ε = 8 (δ = 3.1e-04, per tile)"."""
+    if e.get("epsilon") is None:
+        return "no DP"
+    delta = e.get("delta")
+    unit = e.get("unit") or "tile"
+    return f"ε = {e['epsilon']:g} (δ = {_fmt(delta)}, per {unit})"
 
 
-def _plots(results: list[dict[str, Any]]) -> dict[str, str]:
-    """ε-vs-SSIM/leakage and ε-vs-Dice/membership curves, as base64 PNGs (matplotlib, Agg)."""
+def _stat(a: dict[str, Any] | None, part: str, key: str) -> float:
+    if not a:
+        return float("nan")
+    v = a.get("summary", {}).get(part, {}).get(key)
+    return float(v) if v is not None else float("nan")
+
+
+def _plots(attack: dict[str, Any], calib: dict[str, Any] | None) -> dict[str, str]:
+    """ε-vs-SSIM (with the prior and the CIs) and, when calibrate ran, ε-vs-Dice and the LiRA ROC curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    finite = [e["epsilon"] for e in results if e["epsilon"] is not None]
-    xs = [_eps_x(e["epsilon"], finite) for e in results]
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    xs_sorted = [xs[i] for i in order]
-    labels = ["no DP" if results[i]["epsilon"] is None else f"{results[i]['epsilon']:g}" for i in order]
-    attacks = sorted({k for e in results for k in e["attacks"]})
 
     def encode(fig: Any) -> str:
         buf = io.BytesIO()
@@ -148,106 +150,129 @@ def _plots(results: list[dict[str, Any]]) -> dict[str, str]:
         return base64.b64encode(buf.getvalue()).decode()
 
     out: dict[str, str] = {}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in attacks:
-        ys = [results[i]["attacks"].get(name, {}).get("summary", {}).get("mean_ssim") for i in order]
-        ls = [results[i]["attacks"].get(name, {}).get("summary", {}).get("mean_leakage") for i in order]
-        axes[0].plot(xs_sorted, [y if y is not None else float("nan") for y in ys], "o-", label=name)
-        axes[1].plot(xs_sorted, [v if v is not None else float("nan") for v in ls], "o-", label=name)
-    prior = [_prior_ssim(results[i]) for i in order]
-    axes[0].plot(
-        xs_sorted, [p if p is not None else float("nan") for p in prior], "k--", label="prior (mean image)"
-    )
-    axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
-    axes[1].axhline(1.0, color="k", ls="--", lw=1, label="= prior")
-    for ax, title in zip(
-        axes, ("SSIM of reconstruction to true tile", "leakage (SSIM / prior SSIM)"), strict=True
-    ):
+    results = attack.get("results", [])
+    if results:
+        finite = [e["epsilon"] for e in results if e["epsilon"] is not None]
+        xs = [_eps_x(e["epsilon"], finite) for e in results]
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        xs_sorted = [xs[i] for i in order]
+        labels = ["no DP" if results[i]["epsilon"] is None else f"{results[i]['epsilon']:g}" for i in order]
+        attacks = sorted({k for e in results for k in e["attacks"]})
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for j, name in enumerate(attacks):
+            rows = [results[i]["attacks"].get(name) for i in order]
+            mean = [_stat(r, "ssim", "mean") for r in rows]
+            prior = [_stat(r, "prior_ssim", "mean") for r in rows]
+            lo = [p + _stat(r, "difference", "ci_low") for p, r in zip(prior, rows, strict=True)]
+            hi = [p + _stat(r, "difference", "ci_high") for p, r in zip(prior, rows, strict=True)]
+            ax.plot(xs_sorted, mean, "o-", color=f"C{j}", label=name)
+            ax.fill_between(xs_sorted, lo, hi, color=f"C{j}", alpha=0.15)
+            ax.plot(xs_sorted, prior, "--", color=f"C{j}", lw=1, label=f"prior ({name} tiles)")
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_xticks(xs_sorted, labels)
         ax.minorticks_off()
         ax.set_xlabel("ε (per tile)")
-        ax.set_title(title, fontsize=10)
+        ax.set_title("SSIM of reconstruction to true tile (band: 95% CI of prior + difference)", fontsize=9)
         ax.legend(fontsize=7)
-    out["leakage"] = encode(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    dice = [results[i].get("utility", {}).get("dice") for i in order]
-    auc = [results[i].get("utility", {}).get("membership", {}).get("auc") for i in order]
-    tpr = [results[i].get("utility", {}).get("membership", {}).get("tpr_at_1pct_fpr") for i in order]
-    axes[0].plot(xs_sorted, [d if d is not None else float("nan") for d in dice], "o-", color="C2")
-    axes[0].set_title("utility: validation Dice", fontsize=10)
-    axes[1].plot(xs_sorted, [a if a is not None else float("nan") for a in auc], "o-", label="ROC AUC")
-    axes[1].plot(xs_sorted, [t if t is not None else float("nan") for t in tpr], "s-", label="TPR @ 1% FPR")
-    axes[1].axhline(0.5, color="grey", lw=0.8, ls=":")
-    axes[1].set_title("membership inference (loss threshold)", fontsize=10)
-    axes[1].legend(fontsize=7)
-    for ax in axes:
+        out["leakage"] = encode(fig)
+    if calib and calib.get("rows"):
+        rows = calib["rows"]
+        finite = [r["epsilon"] for r in rows if r["epsilon"] is not None]
+        xs = [_eps_x(r["epsilon"], finite) for r in rows]
+        labels = ["no DP" if r["epsilon"] is None else f"{r['epsilon']:g}" for r in rows]
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        ax.plot(xs, [r.get("dice") if r.get("dice") is not None else float("nan") for r in rows], "o-", color="C2")
+        floor = calib.get("utility_floor")
+        if floor is not None:
+            ax.axhline(floor, color="k", ls="--", lw=1, label=f"utility floor {floor:g}")
+            ax.legend(fontsize=7)
         ax.set_xscale("log")
-        ax.set_xticks(xs_sorted, labels)
+        ax.set_xticks(xs, labels)
         ax.minorticks_off()
         ax.set_xlabel("ε (per tile)")
-    out["utility"] = encode(fig)
+        ax.set_title("held-out Dice of the run's own training at each ε", fontsize=9)
+        out["utility"] = encode(fig)
+        lira = [(r, r.get("lira")) for r in rows if r.get("lira")]
+        if lira:
+            fig, ax = plt.subplots(figsize=(5, 4.2))
+            for j, (r, m) in enumerate(lira):
+                fpr = [max(f, 1e-5) for f in m["roc"]["fpr"]]
+                ax.plot(fpr, [max(t, 1e-5) for t in m["roc"]["tpr"]], color=f"C{j}",
+                        label=f"{'no DP' if r['epsilon'] is None else r['epsilon']} (AUC {m['auc']:.2f})")  # fmt: skip
+            ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=0.8, label="chance")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(1e-3, 1)
+            ax.set_ylim(1e-3, 1)
+            ax.set_xlabel("false-positive rate")
+            ax.set_ylabel("true-positive rate")
+            ax.set_title("LiRA membership inference, log-scale ROC", fontsize=9)
+            ax.legend(fontsize=7, title="ε")
+            out["roc"] = encode(fig)
     return out
 
 
 def _verdict(attack: dict[str, Any]) -> dict[str, Any]:
-    """Plain statements: did the undefended attack work, and does DP at ε ≤ 8 hold it at the prior?"""
+    """What the evidence supports. Only when the undefended control beats the prior (the CI of SSIM −
+    prior lies above 0) can a DP row say anything; otherwise the attack shows nothing either way."""
     results = attack.get("results", [])
-    und = attack.get("undefended_mean_ssim")
-    lines = []
-    settings = attack.get("settings") or {}
-    how = (
-        f"{settings.get('matching', 'cosine')} gradient matching, {settings.get('iterations')} iterations x "
-        f"{settings.get('restarts')} restarts"
-        if settings
-        else "the configured settings"
+    key = attack.get("primary_attack")
+    lines: list[str] = []
+    control = next((e for e in results if e.get("epsilon") is None), None)
+    ca = control["attacks"].get(key) if control and key else None
+    if ca is None:
+        lines.append(
+            "No undefended control in this sweep: the attack's strength is unmeasured, so the rows below "
+            "show nothing either way about what DP protects."
+        )
+        return {"lines": lines, "control_beats_prior": False, "dp_within_prior": None, "informative": False}
+    s = ca["summary"]
+    d = s["difference"]
+    n = int(d.get("n", 0))
+    desc = (
+        f"{key}: SSIM mean {s['ssim']['mean']:.3f} (median {s['ssim']['median']:.3f}, IQR "
+        f"{s['ssim']['q1']:.3f}–{s['ssim']['q3']:.3f}) against the prior's {s['prior_ssim']['mean']:.3f}; "
+        f"difference {d['mean']:+.3f}, 95% bootstrap CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] over {n} tiles"
     )
-    n_und = next(
-        (
-            int(ig["summary"].get("n", 0))
-            for e in results
-            if e.get("epsilon") is None
-            for k, ig in e.get("attacks", {}).items()
-            if k == "inverting_gradients"
-        ),
-        0,
+    if ca["status"] != "beats prior":
+        lines.append(
+            f"The undefended attack does NOT beat the prior ({desc}). This attack therefore shows nothing "
+            "either way: it cannot show that DP works, nor that it fails, because nothing leaked even "
+            "without DP. A stronger attack might recover more at every ε."
+        )
+        return {"lines": lines, "control_beats_prior": False, "dp_within_prior": None, "informative": False}
+    goal = "meets" if s["ssim"]["mean"] >= 0.5 else "does NOT meet"
+    lines.append(
+        f"Undefended control (no DP) beats the prior ({desc}); it {goal} the 0.5 SSIM goal. The DP rows "
+        "below are therefore informative."
     )
-    if und is None:
-        lines.append(
-            "No undefended Inverting-Gradients run in this sweep: the attack's strength is unmeasured."
-        )
-    elif und >= 0.5:
-        lines.append(
-            f"Undefended worst case (one tile, one step, masks known): mean SSIM {und:.3f} over {n_und} tiles "
-            f"at {attack.get('tile_size')}px ({how}), so the 0.5 target IS met: the attack is strong "
-            "enough for the DP rows below to mean something."
-        )
-    else:
-        lines.append(
-            f"The attack did NOT reach the 0.5 SSIM target undefended (mean SSIM {und:.3f} over {n_und} tiles "
-            f"at {attack.get('tile_size')}px, {how}). The DP rows below are therefore a weaker statement than "
-            "they look: a stronger attack might recover more at the same ε."
-        )
-    dp_ok = []
+    dp_ok: list[bool] = []
     for e in results:
-        eps = e.get("epsilon")
-        if eps is None or eps > 8:
+        if e.get("epsilon") is None or key not in e["attacks"]:
             continue
-        for name, a in e["attacks"].items():
-            s = a.get("summary", {})
-            if "mean_ssim" not in s:
-                continue
-            margin = s["mean_ssim"] - s["mean_prior_ssim_true"]
-            dp_ok.append(margin <= 0.05)
-            lines.append(
-                f"ε = {eps:g}, {name}: SSIM {s['mean_ssim']:.3f} vs prior {s['mean_prior_ssim_true']:.3f} "
-                f"({'within' if margin <= 0.05 else 'MORE than'} prior + 0.05)."
-            )
+        a = e["attacks"][key]
+        sd = a["summary"]["difference"]
+        lines.append(
+            f"{_eps_label(e)}: SSIM {a['summary']['ssim']['mean']:.3f} vs prior "
+            f"{a['summary']['prior_ssim']['mean']:.3f}, difference CI [{sd['ci_low']:+.3f}, {sd['ci_high']:+.3f}]: "
+            f"{a['status']}."
+        )
+        if e["epsilon"] <= 8:
+            dp_ok.append(a["status"] != "beats prior")
+    ind = attack.get("indistinguishable_from") or {}
+    eps_star = ind.get("epsilon")
+    if eps_star is not None:
+        row = next(e for e in results if e.get("epsilon") == eps_star)
+        lines.append(f"Leakage is indistinguishable from the prior from {_eps_label(row)} down.")
+    else:
+        lines.append("At every ε of this sweep the attack still beats the prior.")
     return {
         "lines": lines,
-        "undefended_target_met": bool(und is not None and und >= 0.5),
+        "control_beats_prior": True,
         "dp_within_prior": all(dp_ok) if dp_ok else None,
+        "informative": True,
+        "indistinguishable_from": eps_star,
     }
 
 
@@ -272,6 +297,9 @@ def collect(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise FedpathError(f"{run_dir}: run directory not found")
     ledgers = sorted((run_dir / "sites").glob("*/privacy.json"))
+    if not ledgers and (run_dir / "calibrate" / "calibrate.json").is_file():
+        # a calibrate run: the ledgers of its federation at each ε
+        ledgers = sorted((run_dir / "calibrate" / "variants").glob("*/sites/*/privacy.json"))
     if not ledgers:
         raise FedpathError(
             f"{run_dir / 'sites'}: no site privacy ledger (sites/<site>/privacy.json); train the sites first"
@@ -287,7 +315,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
         data = _load_json(p)
         if not isinstance(data, dict):
             raise FedpathError(f"{p}: ledger is not a JSON object")
-        rows.append(ledger_row(p.parent.name, data, p.relative_to(run_dir)))
+        name = p.parent.name if p.parent.parent.parent == run_dir else f"{p.parents[2].name}/{p.parent.name}"
+        rows.append(ledger_row(name, data, p.relative_to(run_dir)))
     update_rows = [
         ledger_row(p.parent.name, _load_json(p), p.relative_to(run_dir))
         for p in sorted((run_dir / "sites").glob("*/update_privacy.json"))
@@ -295,6 +324,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
     updates_dir = run_dir / "server" / "updates"
     n_updates = len(list(updates_dir.glob("*/*.safetensors"))) if updates_dir.is_dir() else 0
     summary = read_summary(run_dir)
+    calib_path = run_dir / "calibrate" / "calibrate.json"
+    calib = _load_json(calib_path) if calib_path.is_file() else None
     from pipeline.statement import write_statement
 
     return {
@@ -307,6 +338,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "update_ledger": update_rows,
         "stored_updates": n_updates,
         "attack": attack,
+        "calibrate": calib,
         "config": _config(run_dir, summary),
         "summary": summary,
     }
@@ -324,7 +356,7 @@ def build_report(run_dir: Path | str) -> Path:
         g = e.get("grid")
         grids.append(
             {
-                "epsilon": "no DP" if e["epsilon"] is None else f"ε = {e['epsilon']:g}",
+                "epsilon": _eps_label(e),
                 "sigma": e.get("noise_multiplier"),
                 "png": _b64_png(run_dir / g) if g else None,
             }
@@ -341,7 +373,8 @@ def build_report(run_dir: Path | str) -> Path:
         attack=attack,
         grids=grids,
         real=real,
-        plots=_plots(attack["results"]),
+        plots=_plots(attack, data["calibrate"]),
+        eps_label=_eps_label,
         config_json=json.dumps(data["config"], indent=2, default=str),
     )
     out = run_dir / "report"

@@ -113,3 +113,71 @@ def summarise(rows: list[Leakage]) -> dict[str, float]:
         out[f"mean_{key}"] = float(vals.mean()) if vals.size else float("nan")
     out["n"] = float(len(rows))
     return out
+
+
+def bootstrap_ci(
+    values: np.ndarray | list[float], level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``values`` (resampled with replacement)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    if v.size == 1:
+        return float(v[0]), float(v[0])
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def spread(values: np.ndarray | list[float]) -> dict[str, float]:
+    """Median, interquartile range, mean and a 95% bootstrap CI of the mean."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"n": 0.0}
+    q1, med, q3 = np.quantile(v, [0.25, 0.5, 0.75])
+    lo, hi = bootstrap_ci(v)
+    return {
+        "n": float(v.size),
+        "mean": float(v.mean()),
+        "median": float(med),
+        "q1": float(q1),
+        "q3": float(q3),
+        "ci_low": lo,
+        "ci_high": hi,
+    }
+
+
+def compare_to_prior(ssims: list[float], priors: list[float]) -> dict[str, Any]:
+    """Reconstruction SSIM against the prior's SSIM on the same tiles: the spread of both and of their
+    per-tile difference, and the verdict the difference's 95% bootstrap CI supports: ``"beats prior"``
+    (CI above 0), ``"below prior"`` (CI below 0) or ``"indistinguishable from prior"`` (CI holds 0)."""
+    diff = np.asarray(ssims, dtype=np.float64) - np.asarray(priors, dtype=np.float64)
+    d = spread(diff)
+    if d.get("n", 0) == 0:
+        status = "not measured"
+    elif d["ci_low"] > 0:
+        status = "beats prior"
+    elif d["ci_high"] < 0:
+        status = "below prior"
+    else:
+        status = "indistinguishable from prior"
+    return {"ssim": spread(ssims), "prior_ssim": spread(priors), "difference": d, "status": status}
+
+
+def prior_ssims(truth: torch.Tensor, public: torch.Tensor, mean_image: torch.Tensor) -> dict[str, Any]:
+    """What an attacker who knows only the data distribution achieves on ``truth`` (3, H, W): the SSIM
+    of the public set's mean image, and of the public tile nearest to the truth (an oracle pick, so an
+    upper bound on any guess from public data); ``prior_ssim`` is the better of the two."""
+    mean_s = ssim(mean_image, truth)
+    pub = [ssim(public[i], truth) for i in range(public.shape[0])]
+    k = int(np.argmax(pub)) if pub else -1
+    best_pub = pub[k] if pub else float("-inf")
+    return {
+        "prior_ssim": float(max(mean_s, best_pub)),
+        "prior_mean_ssim": float(mean_s),
+        "prior_public_ssim": float(best_pub) if pub else None,
+        "prior_public_index": k,
+    }

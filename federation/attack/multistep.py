@@ -35,6 +35,7 @@ class LocalTraining:
     batch_size: int = 1
     lr: float = 1e-3
     optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.0  # SGD's (torch semantics: the first step's buffer is the gradient itself)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -55,7 +56,12 @@ class _FunctionalOptimizer:
     def step(self, params: dict[str, Tensor], grads: dict[str, Tensor]) -> dict[str, Tensor]:
         s = self.s
         if s.optimizer == "sgd":
-            return {k: params[k] - s.lr * grads[k] for k in params}
+            if s.momentum == 0:
+                return {k: params[k] - s.lr * grads[k] for k in params}
+            for k in params:
+                self.m[k] = grads[k] if self.t == 0 else s.momentum * self.m[k] + grads[k]
+            self.t += 1
+            return {k: params[k] - s.lr * self.m[k] for k in params}
         self.t += 1
         b1, b2 = s.betas
         out = {}

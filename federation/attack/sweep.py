@@ -1,21 +1,25 @@
-"""`fedpath attack`: the attacks over a sweep of privacy settings, with utility and membership at each ε.
+"""`fedpath attack`: what a curious aggregator reconstructs from what sites upload, over a sweep of ε.
 
-For every ε in ``attack.epsilons`` (``None`` = no DP) the sweep
+For every ε in ``attack.epsilons`` (``None`` = no DP: the undefended control, always in the same sweep)
+the sweep
 
 1. turns ε into the DP-SGD noise multiplier σ that reaches it for the federation's planned training
    (sampling rate, steps, δ; :func:`pipeline.privacy.noise_for_target` with the configured accountant);
-2. lets the honest-but-curious aggregator attack what a site would send at that σ: the DP-SGD gradient
-   of one step (per-sample clipping to C plus N(0, σ²C²), exactly Opacus' release) for Inverting
-   Gradients and DLG, and the update after ``local_steps`` DP-SGD steps for the multi-step attack;
-   always the worst case (one tile, one step), plus the configured batch size when it is larger;
-3. scores each reconstruction (SSIM/PSNR/MSE, leakage against the dataset-mean prior);
-4. trains the configured network with DP-SGD through Opacus at that ε on real tiles (the sweep's own
-   short training, labelled as such) and measures validation Dice and a loss-threshold membership
-   inference attack on its members against held-out tiles.
+2. has fedpath's own trainer (:func:`federation.attack.fedavg.victim_round` → :func:`pipeline.train.train_local`)
+   run one site round at that σ on real tiles: ``local_steps`` steps at ``batch_size`` tiles from the
+   known global model (``multistep``), and, as the worst-case upper bound, one step of one tile
+   (``inverting_gradients``, ``dlg``);
+3. inverts each upload (Geiping et al.'s FedAvg reconstructor: simulate the local steps, match the whole
+   update) and scores every reconstructed tile against the truth and against the prior: the best SSIM an
+   attacker knowing only the data distribution gets (the public set's mean image, or the public tile
+   nearest to the truth);
+4. reports per ε the median, IQR and a bootstrap CI of SSIM − prior, and whether leakage is
+   distinguishable from the prior.
 
-When the run holds stored updates (``server/updates/<r>/<site>.safetensors``), the multi-step
-inversion also runs against them from the round's global model and is scored against the site's
-actual tiles. Everything goes to ``<run_dir>/attack/attack.json``, PNG grids per ε, and the summary.
+Tiles come from three disjoint sets of source images, all named in attack.json: the public set (the
+prior), the tuning set (where ``attack.tuning`` candidates are ranked) and the scored set. When the run
+holds stored updates (``server/updates/<r>/<site>.safetensors``) the update inversion also runs against
+them. Everything goes to ``<run_dir>/attack/attack.json``, PNG grids per ε, and the summary.
 """
 
 from __future__ import annotations
@@ -33,19 +37,20 @@ import torch
 from torch import Tensor, nn
 
 from fedcore.summary import update_summary
-from federation.attack.common import DPSGD, observed_gradient, segmentation_loss
+from federation.attack.common import segmentation_loss
 from federation.attack.dlg import DLGSettings, dlg_attack
-from federation.attack.inverting import InversionSettings, Reconstruction, invert_gradients
-from federation.attack.membership import loss_threshold_attack
-from federation.attack.metrics import Leakage, leakage, summarise
-from federation.attack.multistep import LocalTraining, invert_update, local_update
+from federation.attack.fedavg import VictimRound, invert_round, victim_round
+from federation.attack.inverting import InversionSettings, Reconstruction
+from federation.attack.metrics import compare_to_prior, leakage, mse, prior_ssims, psnr, ssim
+from federation.attack.multistep import LocalTraining, invert_update
 from federation.attack.tiles import TileSet, load_monuseg_tiles, load_store_tiles, monuseg_dir
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 
 log = logging.getLogger(__name__)
 
-ATTACK_JSON_VERSION = 1
+ATTACK_JSON_VERSION = 2
+UPPER_BOUND = "worst-case upper bound: one tile, one step (no site sends this)"
 
 
 @dataclass
@@ -115,9 +120,12 @@ def load_attack_tiles(
             max_images=cfg.attack.max_images,
             seed=cfg.attack.seed,
         )
-    stores = [cfg.store_path(s.name) for s in cfg.sites if (cfg.store_path(s.name) / "zarr.json").exists()]
-    if stores:
-        parts = [load_store_tiles(p, 64, tile_size, seed=cfg.attack.seed) for p in stores]
+    sites = [s.name for s in cfg.sites if (cfg.store_path(s.name) / "zarr.json").exists()]
+    if sites:
+        parts = [load_store_tiles(cfg.store_path(s), 64, tile_size, seed=cfg.attack.seed) for s in sites]
+        for site, p in zip(sites, parts, strict=True):
+            # a store's tiles are named slide#index: group them by slide so the image split is by slide
+            p.sources = [f"{site}/{src.split('#')[0]}" for src in p.sources]
         return TileSet(
             torch.cat([p.images for p in parts]),
             torch.cat([p.masks for p in parts]),
@@ -129,30 +137,37 @@ def load_attack_tiles(
     )
 
 
-def split_by_source(tiles: TileSet, n_first: int, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of tiles whose source images are among the first ``n_first`` (shuffled) and the rest."""
-    srcs = sorted(set(tiles.sources))
-    rng = np.random.default_rng(seed)
-    order = [srcs[i] for i in rng.permutation(len(srcs))]
-    first = set(order[:n_first])
-    a = [i for i, s in enumerate(tiles.sources) if s in first]
-    b = [i for i, s in enumerate(tiles.sources) if s not in first]
-    return a, b
+@dataclass
+class TileSplit:
+    """Disjoint source images: the public set (the prior), the tuning set, the scored set."""
+
+    public: list[str]
+    tuning: list[str]
+    scored: list[str]
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"public": self.public, "tuning": self.tuning, "scored": self.scored}
 
 
-def pick_targets(tiles: TileSet, n: int, seed: int) -> list[int]:
-    """``n`` tile indices, one per source image in a shuffled order (round-robin when there are fewer
-    images than targets), so the attacked tiles are not crops of one slide."""
-    rng = np.random.default_rng(seed)
+def split_images(tiles: TileSet, n_public: int, n_tuning: int, seed: int) -> TileSplit:
+    """A seeded random split of the source images; at least one scored image must remain."""
     srcs = sorted(set(tiles.sources))
-    order = [srcs[i] for i in rng.permutation(len(srcs))]
-    by_src = {s: [i for i, t in enumerate(tiles.sources) if t == s] for s in order}
-    out: list[int] = []
-    depth = 0
-    while len(out) < n and depth < max(len(v) for v in by_src.values()):
-        out += [by_src[s][depth] for s in order if depth < len(by_src[s])][: n - len(out)]
-        depth += 1
-    return out
+    order = [srcs[i] for i in np.random.default_rng(seed).permutation(len(srcs))]
+    if n_public + n_tuning >= len(order):
+        raise FedpathError(
+            f"attack: {len(order)} source images cannot give {n_public} public + {n_tuning} tuning images "
+            "and still leave images to score (lower attack.public_images / attack.tuning_images)"
+        )
+    return TileSplit(
+        sorted(order[:n_public]),
+        sorted(order[n_public : n_public + n_tuning]),
+        sorted(order[n_public + n_tuning :]),
+    )
+
+
+def _subset_of(tiles: TileSet, images: list[str]) -> TileSet:
+    keep = set(images)
+    return tiles.subset([i for i, s in enumerate(tiles.sources) if s in keep])
 
 
 def target_model(cfg: ExperimentConfig) -> tuple[nn.Module, str]:
@@ -171,8 +186,143 @@ def target_model(cfg: ExperimentConfig) -> tuple[nn.Module, str]:
     return net.eval(), f"build_model(config.model), seed {cfg.federation.seed}"
 
 
-def _score(rec: Reconstruction, truth: Tensor, pool: Tensor, prior: Tensor) -> list[Leakage]:
-    return [leakage(rec.images[i], truth[i], pool, prior) for i in range(truth.shape[0])]
+def tile_names(tiles: TileSet) -> list[str]:
+    """``image#k``: the k-th tile cut from that source image in this pool."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in tiles.sources:
+        out.append(f"{s}#{seen.get(s, 0)}")
+        seen[s] = seen.get(s, 0) + 1
+    return out
+
+
+# -- one attack -------------------------------------------------------------------------------------------
+@dataclass
+class Prior:
+    """The attacker's knowledge of the data distribution: a public tile set and its mean image."""
+
+    public: Tensor
+    mean: Tensor
+
+
+def score_tiles(rec: Tensor, truth: Tensor, names: list[str], prior: Prior) -> list[dict[str, Any]]:
+    """One row per reconstructed tile: SSIM/PSNR/MSE to the truth, and the prior's SSIM on that tile."""
+    rows = []
+    for i in range(truth.shape[0]):
+        p = prior_ssims(truth[i], prior.public, prior.mean)
+        rows.append(
+            {
+                "tile": names[i],
+                "ssim": ssim(rec[i], truth[i]),
+                "psnr": psnr(rec[i], truth[i]),
+                "mse": mse(rec[i], truth[i]),
+                **p,
+            }
+        )
+    return rows
+
+
+def _settings(cfg: ExperimentConfig, update: bool, seed: int, **over: Any) -> InversionSettings:
+    a = cfg.attack
+    base: dict[str, Any] = {"labels_known": a.labels_known, "seed": seed, "n_classes": cfg.model.out_channels}
+    if update:
+        base.update(iterations=a.update_iterations, restarts=a.update_restarts)
+    return InversionSettings.from_config(a, **{**base, **over})
+
+
+def attack_once(
+    name: str,
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    global_state: dict[str, Tensor],
+    tiles: TileSet,
+    sigma: float | None,
+    dpp: DPParams,
+    prior: Prior,
+    seed: int,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Reconstruction, VictimRound]:
+    """Let fedpath's trainer run the site's round on ``tiles`` at noise ``sigma`` (None: no DP), then
+    invert what it uploads. ``multistep``: the configured round (``local_steps`` steps, all tiles in each
+    batch, the experiment's optimiser); ``inverting_gradients``/``dlg``: one SGD step (its update is
+    −lr · the DP-SGD gradient), the worst-case upper bound."""
+    a = cfg.attack
+    loss_fn = segmentation_loss(a.loss)
+    if name == "multistep":
+        victim = victim_round(cfg, global_state, tiles, a.local_steps, sigma, clip=dpp.clip)
+        rec = invert_round(
+            model, victim, _settings(cfg, True, seed, **(overrides or {})), loss_fn, prior.mean
+        )
+        return rec, victim
+    victim = victim_round(cfg, global_state, tiles, 1, sigma, clip=dpp.clip, optimizer="sgd")
+    if name == "inverting_gradients":
+        rec = invert_round(
+            model, victim, _settings(cfg, False, seed, **(overrides or {})), loss_fn, prior.mean
+        )
+        return rec, victim
+    if name == "dlg":
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
+        grad = [-victim.update[k] / victim.lr for k in names]
+        s = DLGSettings(
+            iterations=a.dlg_iterations, restarts=1, labels_known=a.labels_known, seed=seed,
+            n_classes=cfg.model.out_channels,
+        )  # fmt: skip
+        known = victim.masks if a.labels_known else None
+        return dlg_attack(model, grad, tuple(victim.images.shape), loss_fn, s, masks=known), victim
+    raise ValueError(f"unknown attack {name!r}")
+
+
+def attack_key(name: str, cfg: ExperimentConfig) -> str:
+    a = cfg.attack
+    if name == "multistep":
+        return f"fedavg_round_{a.local_steps}steps_batch{a.batch_size}"
+    return f"{name}_batch1_upper_bound"
+
+
+def tune(
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    global_state: dict[str, Tensor],
+    tuning: TileSet,
+    prior: Prior,
+    dpp: DPParams,
+) -> dict[str, Any]:
+    """Rank the ``attack.tuning`` candidates by mean SSIM of the undefended round inversion on tuning
+    tiles (disjoint from the scored ones); the configured settings are always candidate 0."""
+    a = cfg.attack
+    cands: list[dict[str, Any]] = [{}] + [dict(c) for c in a.tuning]
+    if len(cands) == 1 or len(tuning) < a.batch_size:
+        return {"chosen": {}, "candidates": [], "tiles": tile_names(tuning)[: a.batch_size]}
+    names = tile_names(tuning)
+    idx = pick_targets(tuning, a.batch_size, a.seed + 7)
+    batch = tuning.subset(idx)
+    rows: list[dict[str, Any]] = []
+    for c in cands:
+        try:
+            _settings(cfg, True, a.seed, **c)
+        except TypeError as exc:
+            raise FedpathError(f"attack.tuning: {c} is not a setting of the inversion ({exc})") from None
+        rec, victim = attack_once("multistep", cfg, model, global_state, batch, None, dpp, prior, a.seed, c)
+        s = [ssim(rec.images[i], victim.images[i]) for i in range(len(batch))]
+        rows.append({"overrides": c, "mean_ssim": float(np.mean(s)), "cost": rec.cost})
+        log.info("attack: tuning %s -> SSIM %.3f", c, rows[-1]["mean_ssim"])
+    best = max(rows, key=lambda r: float(r["mean_ssim"]))
+    return {"chosen": best["overrides"], "candidates": rows, "tiles": [names[i] for i in idx]}
+
+
+def pick_targets(tiles: TileSet, n: int, seed: int) -> list[int]:
+    """``n`` tile indices, one per source image in a shuffled order (round-robin when there are fewer
+    images than targets), so the attacked tiles are not crops of one slide."""
+    rng = np.random.default_rng(seed)
+    srcs = sorted(set(tiles.sources))
+    order = [srcs[i] for i in rng.permutation(len(srcs))]
+    by_src = {s: [i for i, t in enumerate(tiles.sources) if t == s] for s in order}
+    out: list[int] = []
+    depth = 0
+    while len(out) < n and depth < max(len(v) for v in by_src.values()):
+        out += [by_src[s][depth] for s in order if depth < len(by_src[s])][: n - len(out)]
+        depth += 1
+    return out
 
 
 def _grid_png(path: Path, rows: list[tuple[str, Tensor]], scale: int | None = None) -> Path:
@@ -199,156 +349,6 @@ def _grid_png(path: Path, rows: list[tuple[str, Tensor]], scale: int | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
     return path
-
-
-def _short(key: str) -> str:
-    """A grid row label: IG / DLG / multi-step N, with the batch size when above 1."""
-    name, _, batch = key.partition("_batch")
-    label = {"inverting_gradients": "IG", "dlg": "DLG"}.get(name, name.replace("multistep_", "multi-step "))
-    return f"{label} (batch {batch})" if batch else label
-
-
-def _threat_batches(a_batch: int) -> list[int]:
-    return [1] if a_batch == 1 else [1, a_batch]
-
-
-def _attack_one(
-    name: str,
-    cfg: ExperimentConfig,
-    model: nn.Module,
-    x: Tensor,
-    m: Tensor,
-    dp: DPSGD | None,
-    gen: torch.Generator,
-    prior: Tensor,
-    seed: int,
-) -> Reconstruction:
-    a = cfg.attack
-    loss_fn = segmentation_loss(a.loss)
-    ig = InversionSettings.from_config(
-        a, labels_known=a.labels_known, seed=seed, n_classes=cfg.model.out_channels
-    )
-    known = m if a.labels_known else None
-    if name == "inverting_gradients":
-        g = observed_gradient(model, x, m, loss_fn, dp, gen)
-        return invert_gradients(model, g, x.shape, loss_fn, ig, masks=known, prior=prior)
-    if name == "dlg":
-        g = observed_gradient(model, x, m, loss_fn, dp, gen)
-        s = DLGSettings(
-            iterations=a.dlg_iterations,
-            restarts=1,
-            labels_known=a.labels_known,
-            seed=seed,
-            n_classes=cfg.model.out_channels,
-        )
-        return dlg_attack(model, g, x.shape, loss_fn, s, masks=known)
-    if name == "multistep":
-        sched = LocalTraining(
-            steps=a.local_steps,
-            batch_size=x.shape[0],
-            lr=cfg.train.lr,
-            optimizer=a.local_optimizer or cfg.train.optimizer,
-        )
-        upd = local_update(model, x, m, loss_fn, sched, dp, gen)
-        return invert_update(
-            model, upd, x.shape[0], x.shape[1:], loss_fn, sched, ig, masks=known, prior=prior
-        )
-    raise ValueError(f"unknown attack {name!r}")
-
-
-def dp_train_and_evaluate(
-    cfg: ExperimentConfig,
-    members: TileSet,
-    held_out: TileSet,
-    epsilon: float | None,
-    seed: int,
-) -> dict[str, Any]:
-    """The sweep's own short training of the configured network on real tiles, with Opacus DP-SGD at
-    ``epsilon`` (Poisson sampling, per-sample clipping, σ from Opacus for this training's own sampling
-    rate and steps), then validation Dice on held-out tiles and loss-threshold membership inference."""
-    from monai.metrics import DiceMetric
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from pipeline.dprandom import SecureRandom
-    from pipeline.dpsgd import PoissonSampler, collate_or_none, make_private
-    from pipeline.models import build_model
-    from pipeline.privacy import epsilon_of, noise_for_target
-
-    a, pv = cfg.attack, cfg.train.privacy
-    loss_fn = segmentation_loss(a.loss)
-    torch.manual_seed(seed)
-    plain = build_model(cfg.model)
-    net: nn.Module = plain
-    n = len(members)
-    bs = min(a.utility_batch_size, n)
-    q = bs / n
-    delta = 1.0 / (10 * n)
-    clip = a.clip or pv.max_grad_norm
-    opt = torch.optim.Adam(net.parameters(), lr=a.utility_lr)
-    dataset = TensorDataset(members.images, members.masks)
-    loader: Any = DataLoader(dataset, batch_size=bs, shuffle=True)
-    sigma = 0.0
-    if epsilon is not None:
-        # fedpath's own DP-SGD path (CSPRNG noise and Poisson coins), as the sites run it
-        sigma = noise_for_target(epsilon, delta, q, a.utility_steps, pv.accountant)
-        rng = SecureRandom()
-        net, opt = make_private(
-            net, opt, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=int(n * q), rng=rng
-        )
-        loader = DataLoader(
-            dataset, batch_sampler=PoissonSampler(n, q, a.utility_steps, rng), collate_fn=collate_or_none
-        )
-    t0 = time.perf_counter()
-    net.train()
-    steps = 0
-    while steps < a.utility_steps:
-        for batch in loader:
-            if steps >= a.utility_steps:
-                break
-            if batch is None:  # Poisson sampling may draw an empty batch; a noise-only step
-                for p in opt.params:  # type: ignore[attr-defined]
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                opt.step()
-                opt.zero_grad()
-                steps += 1
-                continue
-            xb, mb = batch
-            opt.zero_grad()
-            loss_fn(net(xb), mb).backward()
-            opt.step()
-            steps += 1
-    seconds = time.perf_counter() - t0
-    spent = epsilon_of([(sigma, q, a.utility_steps)], delta, pv.accountant) if epsilon is not None else None
-    plain.eval()  # Opacus' GradSampleModule wraps (and shares the parameters of) this module
-    dice = DiceMetric(include_background=False, reduction="mean")
-    with torch.no_grad():
-        for i in range(0, len(held_out), 16):
-            logits = plain(held_out.images[i : i + 16])
-            pred = torch.nn.functional.one_hot(logits.argmax(1), cfg.model.out_channels).permute(0, 3, 1, 2)
-            true = torch.nn.functional.one_hot(held_out.masks[i : i + 16], cfg.model.out_channels).permute(
-                0, 3, 1, 2
-            )
-            dice(pred, true)
-    out: dict[str, Any] = {
-        "what": (
-            f"sweep-local training of the configured network with fedpath's DP-SGD: {n} member tiles, "
-            f"{a.utility_steps} steps, batch {bs} (Poisson), {a.utility_tile_size}px"
-        ),
-        "dice": float(torch.as_tensor(dice.aggregate()).item()),
-        "noise_multiplier": sigma,
-        "epsilon_spent": spent,
-        "delta": delta,
-        "sample_rate": q,
-        "steps": a.utility_steps,
-        "clip": clip,
-        "seconds": seconds,
-    }
-    if a.membership:
-        mres = loss_threshold_attack(
-            plain, (members.images, members.masks), (held_out.images, held_out.masks), loss_fn
-        )
-        out["membership"] = mres.as_dict()
-    return out
 
 
 def _update_files(run_dir: Path) -> list[tuple[int, str, Path]]:
@@ -482,6 +482,26 @@ def _run_training_results(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def indistinguishable_from(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The largest ε from which on (it and every smaller ε in the sweep) the attack ``key`` is no better
+    than the prior, by the CI of SSIM − prior; ``None`` when even the smallest ε beats the prior."""
+    rows = sorted(
+        [
+            (e["epsilon"], e["attacks"][key]["status"])
+            for e in results
+            if e["epsilon"] is not None and key in e["attacks"]
+        ],
+        key=lambda r: -r[0],
+    )
+    control = next((e["attacks"].get(key, {}).get("status") for e in results if e["epsilon"] is None), None)
+    eps_star: float | None = None
+    for k, (eps, _) in enumerate(rows):
+        if all(st != "beats prior" for _, st in rows[k:]):
+            eps_star = eps
+            break
+    return {"attack": key, "control_status": control, "epsilon": eps_star}
+
+
 def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
     """The CLI stage: the whole sweep; returns (and writes) the attack.json content."""
     a = cfg.attack
@@ -491,104 +511,149 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    pool = load_attack_tiles(cfg, data_root, a.tile_size, per_image=4)
-    tgt_idx = pick_targets(pool, a.n_targets * max(_threat_batches(a.batch_size)), a.seed)
-    prior = pool.images.mean(0)
+    pool = load_attack_tiles(cfg, data_root, a.tile_size, per_image=a.tiles_per_image)
+    split = split_images(pool, a.public_images, a.tuning_images, a.seed)
+    public, tuning, scored = (_subset_of(pool, s) for s in (split.public, split.tuning, split.scored))
+    prior = Prior(public.images, public.images.mean(0))
+    names = tile_names(scored)
+    need = a.n_targets * a.batch_size if "multistep" in a.attacks else a.upper_bound_targets
+    tgt = pick_targets(scored, max(need, a.upper_bound_targets), a.seed)
+    if len(tgt) < need:
+        raise FedpathError(
+            f"attack: {len(scored)} scored tiles cannot fill {a.n_targets} rounds of {a.batch_size} tiles "
+            "(raise attack.tiles_per_image or lower attack.n_targets / attack.batch_size)"
+        )
     model, model_src = target_model(cfg)
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dpp = dp_params(cfg, len(pool))
-
-    util_tiles = load_attack_tiles(cfg, data_root, a.utility_tile_size, per_image=4)
-    mem_idx, held_idx = split_by_source(util_tiles, max(1, len(set(util_tiles.sources)) // 2), a.seed + 1)
-    members = util_tiles.subset(mem_idx[: a.utility_train_tiles])
-    held_out = util_tiles.subset(held_idx[: a.utility_test_tiles])
-    if len(members) < 2 or len(held_out) < 2:
-        raise FedpathError(f"{data_root}: too few tiles for the utility/membership split ({len(util_tiles)})")
+    tuned = tune(cfg, model, global_state, tuning, prior, dpp) if "multistep" in a.attacks else {}
+    overrides = tuned.get("chosen") or {}
 
     def assemble(per_eps: list[dict[str, Any]], real: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
-        run_utility = _run_training_results(cfg.run_dir)
-        ig = next((e["attacks"].get("inverting_gradients") for e in per_eps if e["epsilon"] is None), None)
-        undefended = ig["summary"]["mean_ssim"] if ig else None
-        result: dict[str, Any] = {
+        primary = attack_key("multistep" if "multistep" in a.attacks else a.attacks[0], cfg)
+        return {
             "version": ATTACK_JSON_VERSION,
             "tile_size": a.tile_size,
             "target_mpp": a.target_mpp or cfg.tiling.target_mpp,
             "tile_source": "monuseg-train (data root)" if monuseg_dir(data_root) else "site stores",
+            "images": split.as_dict(),
+            "scored_tiles": [names[i] for i in tgt],
+            "tuning": tuned,
             "n_pool_tiles": len(pool),
             "model": {"source": model_src, "config": cfg.model.model_dump()},
             "threat_model": {
-                "batch_sizes": _threat_batches(a.batch_size),
-                "local_steps": a.local_steps,
-                "local_optimizer": a.local_optimizer or cfg.train.optimizer,
+                "round": {
+                    "local_steps": a.local_steps,
+                    "batch_size": a.batch_size,
+                    "optimizer": cfg.train.optimizer,
+                    "lr": cfg.train.lr,
+                    "trainer": "pipeline.train.train_local (fedpath's DP-SGD: pipeline.dpsgd.make_private)",
+                    "augmentation": "off (the attacker cannot know the random draws)",
+                },
+                "upper_bound": UPPER_BOUND,
                 "labels_known": a.labels_known,
                 "loss": a.loss,
+                "prior": "best of: the public set's mean image, the public tile nearest to the truth (oracle)",
             },
-            "settings": a.model_dump(),
+            "settings": {**a.model_dump(), "tuned_overrides": overrides},
             "dp_accounting": {
                 "sample_rate": dpp.sample_rate,
                 "steps": dpp.steps,
                 "delta": dpp.delta,
                 "clip": dpp.clip,
                 "accountant": dpp.accountant,
+                "unit": "tile",
                 "from": dpp.source,
             },
+            "primary_attack": primary,
+            "indistinguishable_from": indistinguishable_from(per_eps, primary),
             "results": per_eps,
             "real_updates": real,
-            "run_utility": run_utility,
-            "undefended_mean_ssim": undefended,
-            "strength_target_met": (undefended is not None and undefended >= 0.5),
+            "run_utility": _run_training_results(cfg.run_dir),
             "seconds": time.perf_counter() - t_start,
             "complete": complete,
         }
-        return result
 
     per_eps: list[dict[str, Any]] = []
-    for k, eps in enumerate(a.epsilons):
-        sigma = dpp.sigma(eps)
-        dp = DPSGD(dpp.clip, sigma) if eps is not None else None
-        gen = torch.Generator().manual_seed(a.seed + 1000 * k)
-        entry: dict[str, Any] = {"epsilon": eps, "noise_multiplier": sigma, "attacks": {}}
+    for eps in a.epsilons:
+        sigma = dpp.sigma(eps) if eps is not None else None
+        entry: dict[str, Any] = {
+            "epsilon": eps,
+            "delta": dpp.delta if eps is not None else None,
+            "unit": "tile" if eps is not None else None,
+            "noise_multiplier": sigma or 0.0,
+            "attacks": {},
+        }
         grid_rows: list[tuple[str, Tensor]] = []
         truth_row: Tensor | None = None
         for name in a.attacks:
-            for bsz in _threat_batches(a.batch_size) if name != "multistep" else [a.batch_size]:
-                rows: list[Leakage] = []
-                secs: list[float] = []
-                recs: list[Tensor] = []
-                truths: list[Tensor] = []
-                for j in range(a.n_targets):
-                    idx = tgt_idx[j * bsz : (j + 1) * bsz]
-                    if len(idx) < bsz:
-                        break
-                    x, m = pool.images[idx], pool.masks[idx]
-                    rec = _attack_one(name, cfg, model, x, m, dp, gen, prior, a.seed + j)
-                    rows += _score(rec, x, pool.images, prior)
-                    secs.append(rec.seconds)
-                    recs.append(rec.images[:1])
-                    truths.append(x[:1])
-                key = name if name != "multistep" else f"multistep_{a.local_steps}steps"
-                key += f"_batch{bsz}" if bsz > 1 else ""
-                entry["attacks"][key] = {
-                    "batch_size": bsz,
-                    "local_steps": a.local_steps if name == "multistep" else 1,
-                    "labels_known": a.labels_known,
-                    "summary": summarise(rows),
-                    "per_tile": [r.as_dict() for r in rows],
-                    "seconds_per_reconstruction": float(np.mean(secs)) if secs else None,
-                }
-                if recs and bsz == 1:  # grid columns are the batch-1 targets, the same for every attack
-                    if truth_row is None:
-                        truth_row = torch.cat(truths)
-                    grid_rows.append((_short(key), torch.cat(recs)))
-                log.info(
-                    "attack: ε=%s %s SSIM %.3f",
-                    _eps_key(eps),
-                    key,
-                    summarise(rows).get("mean_ssim", float("nan")),
+            key = attack_key(name, cfg)
+            if name == "multistep":
+                batches = [tgt[j * a.batch_size : (j + 1) * a.batch_size] for j in range(a.n_targets)]
+            else:
+                batches = [[i] for i in tgt[: a.upper_bound_targets]]
+            rows: list[dict[str, Any]] = []
+            secs: list[float] = []
+            recs: list[Tensor] = []
+            truths: list[Tensor] = []
+            for j, idx in enumerate(batches):
+                rec, victim = attack_once(
+                    name,
+                    cfg,
+                    model,
+                    global_state,
+                    scored.subset(idx),
+                    sigma,
+                    dpp,
+                    prior,
+                    a.seed + j,
+                    overrides,
                 )
+                rows += score_tiles(rec.images, victim.images, [names[i] for i in idx], prior)
+                secs.append(rec.seconds)
+                recs.append(rec.images)
+                truths.append(victim.images)
+            if not rows:
+                continue
+            cmp = compare_to_prior([r["ssim"] for r in rows], [r["prior_ssim"] for r in rows])
+            entry["attacks"][key] = {
+                "batch_size": a.batch_size if name == "multistep" else 1,
+                "local_steps": a.local_steps if name == "multistep" else 1,
+                "labels_known": a.labels_known,
+                "upper_bound": name != "multistep",
+                "summary": {
+                    **cmp,
+                    "mean_psnr": float(
+                        np.mean([r["psnr"] for r in rows if math.isfinite(r["psnr"])] or [np.nan])
+                    ),
+                },
+                "status": cmp["status"],
+                "per_tile": rows,
+                "seconds_per_reconstruction": float(np.mean(secs)) if secs else None,
+            }
+            rec_all, truth_all = torch.cat(recs), torch.cat(truths)
+            if name == "multistep" or truth_row is None:
+                truth_row = truth_all if truth_row is None else truth_row
+            label = (
+                f"round ({a.local_steps} steps)"
+                if name == "multistep"
+                else f"{'IG' if name == 'inverting_gradients' else 'DLG'} (1 tile, bound)"
+            )
+            grid_rows.append((label, _align(rec_all, truth_all, truth_row)))
+            log.info("attack: ε=%s %s SSIM %.3f prior %.3f: %s", _eps_key(eps), key,
+                     cmp["ssim"].get("mean", float("nan")), cmp["prior_ssim"].get("mean", float("nan")), cmp["status"])  # fmt: skip
         if truth_row is not None:
-            png = _grid_png(out_dir / f"grid_eps_{_eps_key(eps)}.png", [("true", truth_row), *grid_rows])
+            near = torch.stack(
+                [
+                    prior.public[prior_ssims(t, prior.public, prior.mean)["prior_public_index"]]
+                    for t in truth_row
+                ]
+            )
+            png = _grid_png(
+                out_dir / f"grid_eps_{_eps_key(eps)}.png",
+                [("true", truth_row), *grid_rows, ("prior: nearest public", near)],
+            )
             entry["grid"] = str(png.relative_to(cfg.run_dir))
-        entry["utility"] = dp_train_and_evaluate(cfg, members, held_out, eps, a.seed + k)
         per_eps.append(entry)
         _write_json(out_dir / "attack.json", assemble(per_eps, [], complete=False))  # partial, per ε
 
@@ -601,32 +666,43 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
     return result
 
 
+def _align(rec: Tensor, truth: Tensor, row: Tensor) -> Tensor:
+    """Reconstructions placed under the grid's truth row (matched by identical truth tiles); a blank
+    (white) cell where this attack did not target that tile."""
+    out = torch.ones_like(row)
+    for i in range(row.shape[0]):
+        for j in range(truth.shape[0]):
+            if torch.equal(truth[j], row[i]):
+                out[i] = rec[j]
+                break
+    return out
+
+
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     """The compact per-ε figures for summary.json."""
     rows = []
+    headline = {}
     for e in result["results"]:
         rows.append(
             {
                 "epsilon": e["epsilon"],
+                "delta": e["delta"],
                 "noise_multiplier": e["noise_multiplier"],
-                "ssim": {k: v["summary"].get("mean_ssim") for k, v in e["attacks"].items()},
-                "prior_ssim": {k: v["summary"].get("mean_prior_ssim_true") for k, v in e["attacks"].items()},
-                "dice": e["utility"]["dice"],
-                "membership_auc": e["utility"].get("membership", {}).get("auc"),
+                "ssim": {k: v["summary"]["ssim"].get("mean") for k, v in e["attacks"].items()},
+                "prior_ssim": {k: v["summary"]["prior_ssim"].get("mean") for k, v in e["attacks"].items()},
+                "status": {k: v["status"] for k, v in e["attacks"].items()},
             }
         )
-    headline = {}
-    for e in result["results"]:
-        ig = e["attacks"].get("inverting_gradients") or next(iter(e["attacks"].values()), None)
-        if ig is not None:
+        main = e["attacks"].get(result["primary_attack"])
+        if main is not None:
             label = "no DP" if e["epsilon"] is None else f"ε={e['epsilon']:g}"
-            headline[label] = round(float(ig["summary"].get("mean_ssim", float("nan"))), 3)
+            headline[label] = round(float(main["summary"]["ssim"].get("mean", float("nan"))), 3)
     return {
         "attack_json": "attack/attack.json",
+        "primary_attack": result["primary_attack"],
         "headline": headline,
         "tile_size": result["tile_size"],
-        "undefended_mean_ssim": result["undefended_mean_ssim"],
-        "strength_target_met": result["strength_target_met"],
+        "indistinguishable_from": result["indistinguishable_from"],
         "per_epsilon": rows,
         "real_updates": [
             {k: r.get(k) for k in ("round", "site", "mean_nearest_ssim", "mean_prior_ssim")}

@@ -29,8 +29,8 @@ def _small_demo_config(repo_root: Path, tmp_path: Path, full: bool) -> Path:
         cfg["train"].update(max_steps=3, batch_size=8, physical_batch_size=8)
         cfg["federation"].update(rounds=2)
         cfg["attack"].update(
-            epsilons=[None, 8.0], n_targets=1, iterations=15, utility_steps=4, utility_train_tiles=8,
-            utility_test_tiles=8, real_iterations=4, attacks=["inverting_gradients", "dlg"], dlg_iterations=5,
+            epsilons=[None, 8.0], n_targets=1, iterations=15, upper_bound_targets=1, real_iterations=4,
+            attacks=["inverting_gradients", "dlg"], dlg_iterations=5,
         )
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
