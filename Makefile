@@ -70,9 +70,9 @@ attack: install
 report: install
 	$(BIN)/fedpath report --config $(CONFIG)
 
-EPSILONS ?= inf,8,4,1
+EPSILONS ?=
 experiment: install
-	$(BIN)/fedpath experiment --config $(CONFIG) --epsilons $(EPSILONS)
+	$(BIN)/fedpath experiment --config $(CONFIG) $(if $(EPSILONS),--epsilons $(EPSILONS))
 
 bench: install
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
