@@ -337,6 +337,10 @@ class ExperimentOptions(_Strict):
     full_resolution: bool = Field(
         False, description="score whole test images at their own resolution, with instances (AJI, PQ)"
     )
+    variants: list[Literal["local", "centralised", "federated", "feddp"]] = Field(
+        default_factory=lambda: ["local", "centralised", "federated", "feddp"],  # type: ignore[arg-type]
+        description="which kinds of row this invocation trains (others, e.g. in parallel, may do the rest)",
+    )
     dp_batch_size: int | None = Field(
         None, ge=1, description="FedDP rows: logical batch (larger batches need less noise per sample at a fixed ε)"
     )
