@@ -657,7 +657,7 @@ def _lr_schedule(
     cfg: ExperimentConfig, opt: torch.optim.Optimizer, steps_total: int, round_index: int | None
 ) -> Any:
     """A function of the job's step that sets the optimizer's learning rate: constant, or cosine from
-    ``lr`` to ``lr_min`` over the whole training (a federation's rounds 1..R are one horizon)."""
+    ``lr`` to ``lr_min`` over the whole training (a federation's rounds 0..R-1 are one horizon)."""
     tc = cfg.train
 
     def set_lr(step_now: int) -> None:
@@ -666,7 +666,7 @@ def _lr_schedule(
         if round_index is None:
             pos = step_now / max(1, steps_total)
         else:
-            done = max(0, round_index - 1) * steps_total + step_now
+            done = round_index * steps_total + step_now  # rounds count from 0 (round_0 trains first)
             pos = done / max(1, cfg.federation.rounds * steps_total)
         pos = min(1.0, max(0.0, pos))
         lr = tc.lr_min + (tc.lr - tc.lr_min) * 0.5 * (1.0 + math.cos(math.pi * pos))
