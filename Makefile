@@ -73,12 +73,12 @@ attack: install
 report: install
 	$(BIN)/fedpath report --config $(CONFIG)
 
-EPSILONS ?= inf,8,4,1
 experiment-oneshot: install
 	$(BIN)/fedpath experiment-oneshot --config $(CONFIG)
 
+EPSILONS ?=
 experiment: install
-	$(BIN)/fedpath experiment --config $(CONFIG) --epsilons $(EPSILONS)
+	$(BIN)/fedpath experiment --config $(CONFIG) $(if $(EPSILONS),--epsilons $(EPSILONS))
 
 CALIBRATE ?= configs/calibrate.yaml
 calibrate: install

@@ -313,8 +313,9 @@ def experiment(
     set_: SetOpt = None,
     data_root: DataRootOpt = None,
     epsilons: Annotated[
-        str, typer.Option(help="comma-separated FedDP ε targets over the whole training; 'inf' = clip, no noise")
-    ] = "inf,8,4,1",
+        str, typer.Option(help="comma-separated FedDP ε targets over the whole training; 'inf' = clip, no noise "
+                          "(default: the config's experiment.epsilons, else inf,8,4,1)")
+    ] = "",
 ) -> None:
     """The real-data experiment: local, centralised, FedAvg, FedProx and FedDP at several ε, tabulated."""
     from fedpath.experiment import run_experiment
@@ -324,7 +325,7 @@ def experiment(
         eps = [float(e) for e in epsilons.split(",") if e.strip()]
     except ValueError:
         raise ConfigError(f"--epsilons: expected comma-separated numbers or 'inf', got {epsilons!r}") from None
-    run_experiment(cfg, data_root=cfg.resolved_data_root(data_root), epsilons=eps)
+    run_experiment(cfg, data_root=cfg.resolved_data_root(data_root), epsilons=eps or None)
 
 
 @app.command("experiment-oneshot")

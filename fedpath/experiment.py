@@ -9,8 +9,14 @@ Variants (same model, same budget of local optimiser steps):
 * ``feddp_eps_<ε>``: FedAvg with sample-level DP-SGD at every site (FedDP), ε over the whole training;
   ``inf`` clips per-sample gradients but adds no noise.
 
-Every model is evaluated on every site's held-out (``test`` split) tiles. The table (markdown and JSON) is
-written to ``<run_dir>/experiment.md`` / ``experiment.json`` and to ``summary.json`` key "experiment".
+Every model is evaluated on every site's held-out (``test`` split) images, which no variant trains on:
+their tiles, or (``experiment.full_resolution``) the whole images at their own resolution with instance
+metrics (AJI, PQ) against the annotations' own nuclei. Each variant runs once per seed
+(``experiment.seeds``; the seed drives initialisation, augmentation and shuffling, never DP noise); the
+table gives mean ± sd over seeds, with paired differences (same seed, same test images) between
+centralised, FedAvg and FedDP, and per site, the site's local model against the federation. Written to
+``<run_dir>/experiment.md`` / ``experiment.json`` / ``experiment.png`` (bar plot with error bars) /
+``experiment.html`` and to ``summary.json`` key "experiment".
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +65,61 @@ def _link_stores(base: ExperimentConfig, variant: ExperimentConfig) -> None:
             os.symlink(src, dst, target_is_directory=True)
 
 
-def _evaluate(cfg: ExperimentConfig, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _evaluate(cfg: ExperimentConfig, state: dict[str, torch.Tensor], data_root: Path) -> dict[str, Any]:
+    """Every site's test images: whole images at full resolution with instances, or the stored tiles."""
     net = build_model(cfg.model)
     net.load_state_dict(state)
-    return {s.name: evaluate_store(net, cfg.store_path(s.name), {"test"}) for s in cfg.sites}
+    if not cfg.experiment.full_resolution:
+        return {s.name: evaluate_store(net, cfg.store_path(s.name), {"test"}) for s in cfg.sites}
+    from pipeline.evaluate import evaluate_images
+    from wsi.manifest import read_manifest
+
+    out: dict[str, Any] = {}
+    for s in cfg.sites:
+        rows = [r for r in read_manifest(s.manifest, site=s.name) if r.split == "test"]
+        out[s.name] = evaluate_images(
+            net, rows, data_root, target_mpp=cfg.tiling.target_mpp, window=cfg.tiling.tile_size,
+            default_mpp=cfg.tiling.default_mpp, mpp_tolerance=cfg.tiling.mpp_tolerance,
+        )  # fmt: skip
+    return out
 
 
-def _final_global(run_dir: Path) -> dict[str, torch.Tensor]:
-    from pipeline.checkpoint import read_model_file
-
+def _global_models(run_dir: Path) -> list[Path]:
     models = sorted(
         (run_dir / "server" / "global").glob("round_*.safetensors"), key=lambda p: int(p.stem.split("_")[1])
     )
     if not models:
         raise FedpathError(f"{run_dir}/server/global: the federation published no model")
-    state, _ = read_model_file(models[-1])
+    return models
+
+
+def _final_global(run_dir: Path) -> dict[str, torch.Tensor]:
+    from pipeline.checkpoint import read_model_file
+
+    state, _ = read_model_file(_global_models(run_dir)[-1])
     return state
+
+
+def _best_global(cfg: ExperimentConfig, run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The global model of the round with the best validation Dice (mean over sites' ``val`` tiles): the
+    federation's early stopping. Validation images are no site's training data and no test image."""
+    from pipeline.checkpoint import read_model_file
+
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    history: list[tuple[int, float]] = []
+    for path in _global_models(run_dir)[1:]:  # round_0 is the untrained initial model
+        state, _ = read_model_file(path)
+        net = build_model(cfg.model)
+        net.load_state_dict(state)
+        vals = [evaluate_store(net, cfg.store_path(s.name), {"val"}).get("dice") for s in cfg.sites]
+        d = float(sum(v for v in vals if v is not None) / max(1, sum(v is not None for v in vals)))
+        r = int(path.stem.split("_")[1])
+        history.append((r, round(d, 4)))
+        if best is None or d > best[0]:
+            best = (d, r, state)
+    if best is None:
+        return _final_global(run_dir), {}
+    return best[2], {"selected_round": best[1], "val_dice": best[0], "val_history": history}
 
 
 def _ledger_eps(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -118,22 +164,31 @@ def _config_key(cfg: ExperimentConfig) -> str:
     import hashlib
 
     # how `simulate` runs its site jobs (warm workers or fresh processes) changes no result
-    exclude: Any = {"run_dir": True, "name": True, "federation": {"simulate_workers"}}
+    # nor which seeds one invocation runs: per-seed invocations (in parallel, say) share one table
+    exclude: Any = {
+        "run_dir": True, "name": True, "federation": {"simulate_workers"}, "experiment": {"seeds", "variants"},
+        "train": {"threads"},
+    }  # fmt: skip
     return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
 
 
 def run_experiment(
     cfg: ExperimentConfig, data_root: Path | None, epsilons: list[float] | None = None
 ) -> dict[str, Any]:
-    """Tile every site once, train every variant, evaluate on every site's held-out tiles, tabulate.
+    """Tile every site once, train every variant once per seed, evaluate on every site's held-out images,
+    tabulate mean ± sd over seeds.
 
-    Resumable: a variant already evaluated under the same config (``experiment.json``) is not rerun, and
-    training jobs themselves resume from their checkpoints.
+    Resumable: a (variant, seed) already evaluated under the same config (``experiment.json``) is not
+    rerun, and training jobs themselves resume from their checkpoints.
     """
+    import resource
+
     from fedpath.simulate import run_simulation
     from pipeline.train import train_local
     from wsi.tiling import run_tile_site
 
+    t_start = time.perf_counter()
+    cpu0 = _cpu_seconds(resource)
     base_dir = cfg.run_dir
     base_dir.mkdir(parents=True, exist_ok=True)
     if data_root is None:
@@ -146,117 +201,361 @@ def run_experiment(
         )
         if res.get("failed"):
             raise FedpathError(f"experiment: tiling {s.name} failed: {res['failed']}")
+    t_tiled = time.perf_counter()
 
+    ex = cfg.experiment
     rounds = cfg.federation.rounds
     steps = cfg.train.max_steps
     if steps is None:
         raise FedpathError("experiment: set train.max_steps (local steps per round) so every variant has the same budget")
     names = [s.name for s in cfg.sites]
-    eps_list: list[float] = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
+    eps_list: list[float] = list(epsilons or ex.epsilons or DEFAULT_EPSILONS)
     key = _config_key(cfg)
     state_file = base_dir / "experiment.json"
-    rows: dict[str, dict[str, Any]] = {}
+    runs: dict[str, dict[str, Any]] = {}
     if state_file.exists():
         try:
             previous = json.loads(state_file.read_text())
         except json.JSONDecodeError:
             previous = {}
         if previous.get("config_key") == key:
-            rows = previous.get("rows", {})
-            log.info("experiment: resuming, %d variants already done: %s", len(rows), ", ".join(rows))
+            runs = previous.get("runs", {})
+            log.info("experiment: resuming, %d runs already done: %s", len(runs), ", ".join(runs))
 
-    def record(name: str, kind: str, state: dict[str, torch.Tensor], seconds: float, run_dir: Path, extra: dict[str, Any]) -> None:
-        ev = _evaluate(cfg, state)
-        rows[name] = {"kind": kind, "seconds": seconds, "eval": ev, "ledger": _ledger_eps(run_dir), **extra}
-        log.info("experiment: %s done in %.0f s: %s", name, seconds, {k: round(v.get("dice", float("nan")), 3) for k, v in ev.items()})
-        tmp = state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"config_key": key, "rows": rows}, indent=2, default=str))
-        os.replace(tmp, state_file)
+    def save() -> None:
+        # under a lock, merged with what other invocations (other seeds) wrote meanwhile
+        import fcntl
+
+        with open(base_dir / ".experiment.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if state_file.exists():
+                try:
+                    disk = json.loads(state_file.read_text())
+                except json.JSONDecodeError:
+                    disk = {}
+                if disk.get("config_key") == key:
+                    for k, v in disk.get("runs", {}).items():
+                        runs.setdefault(k, v)
+            tmp = state_file.with_suffix(f".json.{os.getpid()}.tmp")
+            all_seeds = sorted({int(r["seed"]) for r in runs.values()} | set(ex.seeds))
+            rows = aggregate(runs, names, all_seeds)
+            tmp.write_text(json.dumps({"config_key": key, "runs": runs, "rows": rows}, indent=2, default=str))
+            os.replace(tmp, state_file)
+
+    def record(
+        name: str, seed: int, kind: str, state: dict[str, torch.Tensor], seconds: float, run_dir: Path, extra: dict[str, Any]
+    ) -> None:
+        from pipeline.checkpoint import ModelMeta, save_model
+
+        # the scored model, ready for `fedpath infer --model` (per-nucleus GeoJSON on a slide)
+        meta = ModelMeta(
+            model=cfg.model, tile_size=cfg.tiling.tile_size, target_mpp=cfg.tiling.target_mpp,
+            source="global" if kind == "federated" else "local", extra={"variant": name, "seed": seed},
+        )  # fmt: skip
+        save_model(run_dir / "model.safetensors", state, meta)
+        t0 = time.perf_counter()
+        ev = _evaluate(cfg, state, data_root)
+        runs[f"{name}@{seed}"] = {
+            "name": name, "seed": seed, "kind": kind, "seconds": seconds, "eval": ev, "ledger": _ledger_eps(run_dir),
+            "seconds_eval": round(time.perf_counter() - t0, 1), "cpu_seconds_so_far": round(_cpu_seconds(resource) - cpu0, 1),
+            **extra,
+        }  # fmt: skip
+        log.info("experiment: %s seed %d done in %.0f s: %s", name, seed, seconds, {k: _r3(v.get("dice")) for k, v in ev.items()})
+        save()
 
     no_dp = {"train__privacy__enabled": False}
-    for site in names:
-        if f"local:{site}" in rows:
-            continue
-        vdir = base_dir / "variants" / f"local_{site}"
-        vcfg = _variant_cfg(cfg, f"local_{site}", vdir, **no_dp)
-        _link_stores(cfg, vcfg)
-        t0 = time.perf_counter()
-        local = train_local(vcfg, [site], vdir, max_steps=rounds * steps, job_id="experiment")
-        record(f"local:{site}", "local", local.state, time.perf_counter() - t0, vdir, {"site": site})
+    fedmic_view: dict[str, dict[str, Any]] = {}
+    for seed in ex.seeds:
+        seeded = {"train__seed": seed, "federation__seed": seed}
+        root = base_dir / "variants" / f"seed_{seed}"
+        for site in names if "local" in ex.variants else []:
+            if f"local:{site}@{seed}" in runs:
+                continue
+            vdir = root / f"local_{site}"
+            vcfg = _variant_cfg(cfg, f"local_{site}", vdir, **no_dp, **seeded)
+            _link_stores(cfg, vcfg)
+            t0 = time.perf_counter()
+            local = train_local(vcfg, [site], vdir, max_steps=rounds * steps, job_id="experiment")
+            record(f"local:{site}", seed, "local", local.state, time.perf_counter() - t0, vdir,
+                   {"site": site, "steps": local.steps, "early_stopping": local.metrics.get("early_stopping")})  # fmt: skip
 
-    if "centralised" not in rows:
-        vdir = base_dir / "variants" / "centralised"
-        vcfg = _variant_cfg(cfg, "centralised", vdir, **no_dp)
-        _link_stores(cfg, vcfg)
-        t0 = time.perf_counter()
-        pooled = train_local(vcfg, names, vdir, max_steps=rounds * steps * len(names), job_id="experiment")
-        record("centralised", "centralised", pooled.state, time.perf_counter() - t0, vdir, {})
+        if "centralised" in ex.variants and f"centralised@{seed}" not in runs:
+            vdir = root / "centralised"
+            vcfg = _variant_cfg(cfg, "centralised", vdir, **no_dp, **seeded)
+            _link_stores(cfg, vcfg)
+            t0 = time.perf_counter()
+            pooled = train_local(vcfg, names, vdir, max_steps=rounds * steps * len(names), job_id="experiment")
+            record("centralised", seed, "centralised", pooled.state, time.perf_counter() - t0, vdir,
+                   {"steps": pooled.steps, "early_stopping": pooled.metrics.get("early_stopping")})  # fmt: skip
 
-    for strat in FED_VARIANTS:
-        if strat in rows:
-            continue
-        vdir = base_dir / "variants" / strat
-        vcfg = _variant_cfg(cfg, strat, vdir, federation__strategy=strat, **no_dp)
-        _link_stores(cfg, vcfg)
-        t0 = time.perf_counter()
-        run_simulation(vcfg)
-        record(strat, "federated", _final_global(vdir), time.perf_counter() - t0, vdir, {})
+        def federated(name: str, vdir: Path, vcfg: ExperimentConfig, extra: dict[str, Any], seed: int = seed) -> None:
+            _link_stores(cfg, vcfg)
+            t0 = time.perf_counter()
+            run_simulation(vcfg)
+            if ex.select_round:
+                state, sel = _best_global(vcfg, vdir)
+            else:
+                state, sel = _final_global(vdir), {}
+            record(name, seed, "federated", state, time.perf_counter() - t0, vdir, {**extra, **sel})
 
-    for eps in eps_list:
-        tag = "inf" if math.isinf(eps) else f"{eps:g}"
-        if f"feddp eps={tag}" in rows:
-            continue
-        vdir = base_dir / "variants" / f"feddp_eps_{tag}"
-        privacy = {
-            "train__privacy__enabled": True,
-            "train__privacy__target_epsilon": None if math.isinf(eps) else eps,
-            "train__privacy__noise_multiplier": 0.0 if math.isinf(eps) else None,
-            # ε = inf clips without noise: no guarantee, so no budget, and the statement says so
-            "train__privacy__budget_epsilon": "unlimited" if math.isinf(eps) else None,
-        }
-        vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy="fedavg", **privacy)
-        _link_stores(cfg, vcfg)
-        t0 = time.perf_counter()
-        run_simulation(vcfg)
-        record(f"feddp eps={tag}", "federated", _final_global(vdir), time.perf_counter() - t0, vdir, {"target_epsilon": eps})
+        for strat in ex.federated if "federated" in ex.variants else []:
+            if f"{strat}@{seed}" in runs:
+                continue
+            vdir = root / strat
+            federated(strat, vdir, _variant_cfg(cfg, strat, vdir, federation__strategy=strat, **no_dp, **seeded), {})
 
-    from fedpath.experiment_fedmic import fedmic_table, run_fedmic_variants  # issue 15: the FedMIC rows
+        for eps in eps_list if "feddp" in ex.variants else []:
+            tag = "inf" if math.isinf(eps) else f"{eps:g}"
+            if f"feddp eps={tag}@{seed}" in runs:
+                continue
+            vdir = root / f"feddp_eps_{tag}"
+            privacy = {
+                "train__privacy__enabled": True,
+                "train__privacy__target_epsilon": None if math.isinf(eps) else eps,
+                "train__privacy__noise_multiplier": 0.0 if math.isinf(eps) else None,
+                # ε = inf clips without noise: no guarantee, so no budget, and the statement says so
+                "train__privacy__budget_epsilon": "unlimited" if math.isinf(eps) else None,
+            }
+            if ex.dp_batch_size:
+                privacy["train__batch_size"] = ex.dp_batch_size
+            vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy="fedavg", **privacy, **seeded)
+            federated(f"feddp eps={tag}", vdir, vcfg, {"target_epsilon": eps})
 
-    run_fedmic_variants(cfg, base_dir, rows, record, _variant_cfg, _link_stores, _final_global)
-    table = tabulate(rows, names) + fedmic_table(rows, names)
-    (base_dir / "experiment.md").write_text(table)
-    summary = {"rows": rows, "table_markdown": table, "epsilons": [str(e) for e in eps_list]}
+        if "fedmic" in ex.variants and seed == ex.seeds[0]:  # issue 15: FedMIC beside FedAvg, first seed
+            from fedpath.experiment_fedmic import run_fedmic_variants
+
+            view = {r["name"]: r for r in runs.values() if int(r["seed"]) == seed}
+
+            def rec(name: str, kind: str, state: dict[str, torch.Tensor], seconds: float, vdir: Path,
+                    extra: dict[str, Any], seed: int = seed, view: dict[str, dict[str, Any]] = view) -> None:
+                record(name, seed, kind, state, seconds, vdir, extra)
+                view[name] = runs[f"{name}@{seed}"]
+
+            def seeded_cfg(base: ExperimentConfig, name: str, vdir: Path, seeded: dict[str, Any] = seeded, **changes: Any) -> ExperimentConfig:
+                return _variant_cfg(base, name, vdir, **changes, **seeded)
+
+            run_fedmic_variants(cfg, root, view, rec, seeded_cfg, _link_stores, _final_global)
+            fedmic_view = view
+
+    save()  # picks up the other invocations' seeds
+    seeds = sorted({int(r["seed"]) for r in runs.values()})
+    rows = aggregate(runs, names, seeds)
+    table = tabulate(rows, names)
+    if fedmic_view:
+        from fedpath.experiment_fedmic import fedmic_table
+
+        table += fedmic_table(fedmic_view, names)
+    extra_md = compare(runs, names, seeds)
+    wall = time.perf_counter() - t_start
+    cpu = _cpu_seconds(resource) - cpu0
+    md = table + "\n" + extra_md
+    (base_dir / "experiment.md").write_text(md)
+    plot = _bar_plot(rows, base_dir / "experiment.png")
+    _html(base_dir / "experiment.html", md, plot)
+    summary = {
+        "rows": rows, "table_markdown": table, "comparisons_markdown": extra_md, "epsilons": [str(e) for e in eps_list],
+        "seeds": seeds, "seconds_total": round(wall, 1), "cpu_seconds": round(cpu, 1), "seconds_tiling": round(t_tiled - t_start, 1),
+        "plot": str(plot) if plot else None,
+    }  # fmt: skip
     update_summary(base_dir, "experiment", summary)
-    print(table)
+    print(md)
     return summary
 
 
-def _mean(values: list[float]) -> float | None:
+def _cpu_seconds(resource: Any) -> float:
+    """CPU seconds of this process and its finished children (site jobs, aggregator): the machine time a
+    run costs, whatever else shares the cores."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return float(me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime)
+
+
+def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return sum(vals) / len(vals) if vals else None
 
 
+def _r3(x: Any) -> Any:
+    return round(x, 3) if isinstance(x, float) else x
+
+
+METRICS = ("dice", "jaccard", "pixel_accuracy", "aji", "pq", "dq", "sq")
+
+
+def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample sd (None with fewer than two values) of the values that exist."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def _site_mean(ev: dict[str, Any], sites: list[str], k: str) -> float | None:
+    return _mean([ev[s].get(k) for s in sites if s in ev])
+
+
+def aggregate(runs: dict[str, dict[str, Any]], sites: list[str], seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """One row per variant: per site and over sites (mean of the site means), mean and sd over seeds."""
+    names: list[str] = []
+    for r in runs.values():
+        if r["name"] not in names:
+            names.append(r["name"])
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        per_seed = [runs[f"{name}@{sd}"] for sd in seeds if f"{name}@{sd}" in runs]
+        first = per_seed[0]
+        ev: dict[str, Any] = {}
+        for s in sites:
+            ev[s] = {}
+            for k in METRICS:
+                m, sd = _stats([r["eval"].get(s, {}).get(k) for r in per_seed])
+                ev[s][k], ev[s][f"{k}_sd"] = m, sd
+        overall: dict[str, Any] = {}
+        for k in METRICS:
+            m, sd = _stats([_site_mean(r["eval"], sites, k) for r in per_seed])
+            overall[k], overall[f"{k}_sd"] = m, sd
+        rows[name] = {
+            "kind": first["kind"], "site": first.get("site"), "n_seeds": len(per_seed), "seeds": [r["seed"] for r in per_seed],
+            "seconds": sum(r["seconds"] for r in per_seed) / len(per_seed), "eval": ev, "overall": overall,
+            "ledger": first["ledger"],
+        }  # fmt: skip
+    return rows
+
+
+def _pm(m: Any, sd: Any) -> str:
+    if m is None:
+        return "-"
+    return f"{m:.3f}" if sd is None else f"{m:.3f} ± {sd:.3f}"
+
+
 def tabulate(rows: dict[str, dict[str, Any]], sites: list[str]) -> str:
-    """Markdown table: Dice per site's held-out slides, mean Dice/Jaccard/accuracy, ε, wall time."""
-    head = ["variant"] + [f"Dice {s}" for s in sites] + [
-        "mean Dice", "mean Jaccard", "mean pixel acc.", "Dice on other sites", "ε per tile (max; δ)", "ε per slide (max; δ)", "wall s",
-    ]
+    """Markdown table, mean ± sd over seeds: Dice per site's held-out images; over sites (mean of the site
+    means) Dice, AJI, PQ, Jaccard; Dice on the other sites' images (local models); ε; wall time."""
+    head = ["variant", "seeds"] + [f"Dice {s}" for s in sites] + [
+        "mean Dice", "mean AJI", "mean PQ", "mean Jaccard", "Dice on other sites", "ε per tile (max; δ)", "ε per slide (max; δ)", "wall s",
+    ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in rows.items():
-        ev = row["eval"]
-        dice = [ev[s].get("dice") for s in sites]
+        ev, ov = row["eval"], row["overall"]
         others = [ev[s].get("dice") for s in sites if s != row.get("site")] if row.get("site") else None
         eps = [(v["epsilon"], v.get("delta")) for v in row["ledger"].values() if isinstance(v.get("epsilon"), (int, float))]
         eps_slide = [(v["epsilon_slide"], v.get("delta_slide")) for v in row["ledger"].values() if isinstance(v.get("epsilon_slide"), (int, float))]
         dp_row = any(v.get("unit") for v in row["ledger"].values())
-        cells = [name] + [_fmt(d) for d in dice] + [
-            _fmt(_mean(dice)),
-            _fmt(_mean([ev[s].get("jaccard") for s in sites])),
-            _fmt(_mean([ev[s].get("pixel_accuracy") for s in sites])),
-            _fmt(_mean(others)) if others is not None else _fmt(_mean(dice)),
+        cells = [name, str(row["n_seeds"])] + [_pm(ev[s].get("dice"), ev[s].get("dice_sd")) for s in sites] + [
+            _pm(ov.get("dice"), ov.get("dice_sd")),
+            _pm(ov.get("aji"), ov.get("aji_sd")),
+            _pm(ov.get("pq"), ov.get("pq_sd")),
+            _pm(ov.get("jaccard"), ov.get("jaccard_sd")),
+            _fmt(_mean(others)) if others is not None else _fmt(ov.get("dice")),
             _eps_cell(max(eps)) if eps else "-",
             _eps_cell(max(eps_slide)) if eps_slide else ("no guarantee" if dp_row else "-"),
             f"{row['seconds']:.0f}",
-        ]
+        ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def compare(runs: dict[str, dict[str, Any]], sites: list[str], seeds: list[int]) -> str:
+    """Paired comparisons (same seed, same test images): differences of mean Dice / AJI between variants
+    (mean ± sd over seeds, and over (seed, image) pairs); per site, the federation against its local model."""
+    names = sorted({r["name"] for r in runs.values()})
+    dp = [n for n in names if n.startswith("feddp") and n != "feddp eps=inf"]
+    pairs = [(a, b) for a, b in [("centralised", "fedavg"), ("fedavg", "feddp eps=8"), ("centralised", "feddp eps=8")] if a in names and b in names]
+    pairs += [("fedavg", n) for n in dp if n != "feddp eps=8"]
+    out = ["Paired differences (A − B; same seeds, same test images; mean ± sd over seeds, and over seed × image pairs):", "",
+           "| A | B | Δ mean Dice (seeds) | Δ Dice (images) | Δ mean AJI (seeds) | n seeds |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for a, b in pairs:
+        common = [sd for sd in seeds if f"{a}@{sd}" in runs and f"{b}@{sd}" in runs]
+        if not common:
+            continue
+        dd, da, di = [], [], []
+        for sd in common:
+            ea, eb = runs[f"{a}@{sd}"]["eval"], runs[f"{b}@{sd}"]["eval"]
+            x, y = _site_mean(ea, sites, "dice"), _site_mean(eb, sites, "dice")
+            if x is not None and y is not None:
+                dd.append(x - y)
+            x, y = _site_mean(ea, sites, "aji"), _site_mean(eb, sites, "aji")
+            if x is not None and y is not None:
+                da.append(x - y)
+            for s in sites:
+                sa, sb = ea.get(s, {}).get("slides", {}), eb.get(s, {}).get("slides", {})
+                di += [sa[i]["dice"] - sb[i]["dice"] for i in sa if i in sb and sa[i].get("dice") is not None and sb[i].get("dice") is not None]
+        out.append(f"| {a} | {b} | {_pm(*_stats(dd))} | {_pm(*_stats(di))} | {_pm(*_stats(da))} | {len(common)} |")
+    fed = [n for n in ("fedavg", "feddp eps=8") if n in names]
+    if fed and any(f"local:{s}" in names for s in sites):
+        out += ["", "Per site, on that site's own test images (Dice, mean ± sd over seeds; Δ paired by seed):", ""]
+        head = ["site", "local"] + fed + [f"Δ {n} − local" for n in fed] + ["AJI local"] + [f"AJI {n}" for n in fed]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for s in sites:
+            loc = f"local:{s}"
+            if loc not in names:
+                continue
+
+            def site_vals(n: str, k: str = "dice", s: str = s) -> list[float | None]:
+                return [runs[f"{n}@{sd}"]["eval"].get(s, {}).get(k) if f"{n}@{sd}" in runs else None for sd in seeds]
+
+            cells = [s, _pm(*_stats(site_vals(loc)))] + [_pm(*_stats(site_vals(n))) for n in fed]
+            for n in fed:
+                d = [x - y for x, y in zip(site_vals(n), site_vals(loc), strict=True) if x is not None and y is not None]
+                cells.append(_pm(*_stats(d)))  # type: ignore[arg-type]
+            cells += [_pm(*_stats(site_vals(loc, "aji")))] + [_pm(*_stats(site_vals(n, "aji"))) for n in fed]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _bar_plot(rows: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Mean Dice, AJI and PQ per variant with sd error bars (over seeds)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    names = list(rows)
+    metrics = [k for k in ("dice", "aji", "pq") if any(rows[n]["overall"].get(k) is not None for n in names)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 3.6))
+    width = 0.8 / max(1, len(metrics))
+    for j, k in enumerate(metrics):
+        ys = [rows[n]["overall"].get(k) or 0.0 for n in names]
+        es = [rows[n]["overall"].get(f"{k}_sd") or 0.0 for n in names]
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, ys, width, yerr=es, capsize=3, label=k.upper() if k != "dice" else "Dice")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("mean over sites' test images")
+    n_seeds = max((r["n_seeds"] for r in rows.values()), default=0)
+    ax.set_title(f"held-out test images, mean ± sd over {n_seeds} seeds")
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _html(path: Path, md: str, plot: Path | None) -> None:
+    """A small self-contained report: the tables and the bar plot."""
+    import base64
+    import html
+
+    img = ""
+    if plot is not None and plot.exists():
+        img = f'<img alt="bar plot" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+    body = []
+    for line in md.splitlines():
+        if line.startswith("|") and set(line.replace("|", "").strip()) <= {"-"}:
+            continue
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        else:
+            body.append(f"</table><p>{html.escape(line)}</p><table border=1 cellspacing=0 cellpadding=3>")
+    path.write_text(
+        "<!doctype html><meta charset=utf-8><title>fedpath experiment</title>"
+        "<h1>Experiment: held-out test images</h1><table border=1 cellspacing=0 cellpadding=3>"
+        + "\n".join(body) + f"</table>{img}\n"
+    )  # fmt: skip

@@ -12,13 +12,12 @@ FedAvg run of the same level (``fedavg`` / ``feddp eps=8``):
   (``rounds/<r>/update.safetensors``) and the model bodies it received (``train.json`` ``bytes_down``),
   with the ratio to FedAvg's.
 
-``python -m fedpath.experiment_fedmic --config configs/experiment_real.yaml`` runs only these rows and
-their FedAvg baselines (``--set``/``--eps`` as the experiment).
+``fedpath experiment --config configs/experiment_real.yaml --set 'experiment.variants=[fedmic]'`` runs
+only these rows and their FedAvg baselines (they are also part of the default experiment).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -102,7 +101,7 @@ def wire_bytes(run_dir: Path, sites: list[str], rounds: int) -> dict[str, dict[s
 
 def run_fedmic_variants(
     cfg: ExperimentConfig,
-    base_dir: Path,
+    variants_dir: Path,
     rows: dict[str, dict[str, Any]],
     record: Record,
     variant_cfg: Callable[..., ExperimentConfig],
@@ -119,7 +118,7 @@ def run_fedmic_variants(
         baseline = "fedavg" if eps is None else f"feddp eps={eps:g}"
         base_dirname = "fedavg" if eps is None else f"feddp_eps_{eps:g}"
         if baseline not in rows:
-            vdir = base_dir / "variants" / base_dirname
+            vdir = variants_dir / base_dirname
             vcfg = variant_cfg(cfg, base_dirname, vdir, federation__strategy="fedavg", **_privacy(eps))
             link_stores(cfg, vcfg)
             t0 = time.perf_counter()
@@ -128,14 +127,14 @@ def run_fedmic_variants(
         name = f"fedmic{tag}"
         if name in rows:
             continue
-        vdir = base_dir / "variants" / name.replace(" ", "_").replace("=", "_")
+        vdir = variants_dir / name.replace(" ", "_").replace("=", "_")
         strategy = dict(FEDMIC_STRATEGY, energy_rounds=max(1, min(FEDMIC_STRATEGY["energy_rounds"], rounds)))
         vcfg = variant_cfg(cfg, name, vdir, federation__strategy=strategy, **_privacy(eps))
         link_stores(cfg, vcfg)
         t0 = time.perf_counter()
         run_simulation(vcfg)
         seconds = time.perf_counter() - t0
-        base_vdir = base_dir / "variants" / base_dirname
+        base_vdir = variants_dir / base_dirname
         mic_bytes = wire_bytes(vdir, names, rounds)
         avg_bytes = wire_bytes(base_vdir, names, rounds)
         extra = {
@@ -194,42 +193,3 @@ def _f(x: Any, nd: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:.{nd}f}"
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run only the FedMIC rows and their FedAvg baselines (same config, same resumable experiment.json)."""
-    from fedpath import experiment as ex
-    from pipeline.config import load_config
-    from wsi.tiling import run_tile_site
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, type=Path)
-    p.add_argument("--set", action="append", default=[], dest="overrides")
-    p.add_argument("--data-root", type=Path, default=None)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_config(a.config, a.overrides)
-    data_root = cfg.resolved_data_root(a.data_root)
-    base = cfg.run_dir
-    base.mkdir(parents=True, exist_ok=True)
-    for s in cfg.sites:
-        run_tile_site(manifest=s.manifest, data_root=data_root, store=cfg.store_path(s.name), tiling=cfg.tiling,
-                      site=s.name, run_dir=base)
-    state_file = base / "experiment_fedmic.json"
-    rows: dict[str, dict[str, Any]] = json.loads(state_file.read_text())["rows"] if state_file.is_file() else {}
-
-    def record(name: str, kind: str, state: dict[str, torch.Tensor], seconds: float, run_dir: Path,
-               extra: dict[str, Any]) -> None:
-        rows[name] = {"kind": kind, "seconds": seconds, "eval": ex._evaluate(cfg, state),
-                      "ledger": ex._ledger_eps(run_dir), **extra}
-        state_file.write_text(json.dumps({"rows": rows}, indent=2, default=str))
-
-    run_fedmic_variants(cfg, base, rows, record, ex._variant_cfg, ex._link_stores, ex._final_global)
-    names = [s.name for s in cfg.sites]
-    table = ex.tabulate(rows, names) + fedmic_table(rows, names)
-    (base / "experiment_fedmic.md").write_text(table)
-    print(table)
-
-
-if __name__ == "__main__":
-    main()

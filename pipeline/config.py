@@ -136,6 +136,14 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
     checkpoint_every: int = Field(20, ge=1, description="optimizer steps between resumable checkpoints")
     max_val_tiles: int | None = Field(None, ge=1, description="cap on validation tiles (evenly spread)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: decay from lr to lr_min over the whole training (every round)"
+    )
+    lr_min: float = Field(0.0, ge=0, description="final learning rate of the cosine schedule")
+    val_every: int | None = Field(
+        None, ge=1, description="steps between validation Dice checks (early stopping; keeps the best model)"
+    )
+    patience: int = Field(3, ge=1, description="validation checks without improvement before stopping")
     stain: StainConfig = StainConfig()
     augment: AugmentConfig = AugmentConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -258,8 +266,13 @@ class InferenceConfig(_Strict):
         1.0, ge=1.0, description="largest factor a slide may be upsampled to reach the model's MPP"
     )
     thumbnail_size: int = Field(1024, ge=64)
-    geojson_object_type: Literal["detection", "annotation"] = "detection"
-    geojson_class: str = Field("Nucleus", description="QuPath classification of the polygons")
+    geojson_object_type: Literal["detection", "annotation"] = Field(
+        "annotation", description="QuPath object type of mask.geojson's regions (nuclei.geojson: detections)"
+    )
+    geojson_class: str = Field(
+        "Nuclear region", description="QuPath class of mask.geojson's regions: merged blobs, not nuclei; "
+        "one detection per nucleus is in nuclei.geojson"
+    )
     geojson_simplify: float = Field(0.25, ge=0, description="polygon simplification in model pixels")
     aji_max_pixels: int = Field(
         64_000_000, ge=1, description="AJI over the whole slide up to this many model pixels, else per block"
@@ -350,6 +363,29 @@ class PretrainConfig(_Strict):
     seed: int = 0
 
 
+class ExperimentOptions(_Strict):
+    """``fedpath experiment``: which variants, how many seeds, how they are scored."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one table row per seed")
+    epsilons: list[float] | None = Field(None, description="FedDP rows (default: inf, 8, 4, 1); .inf: clip only")
+    federated: list[Literal["fedavg", "fedprox"]] = Field(
+        default_factory=lambda: ["fedavg", "fedprox"]  # type: ignore[arg-type]
+    )
+    full_resolution: bool = Field(
+        False, description="score whole test images at their own resolution, with instances (AJI, PQ)"
+    )
+    variants: list[Literal["local", "centralised", "federated", "feddp", "fedmic"]] = Field(
+        default_factory=lambda: ["local", "centralised", "federated", "feddp", "fedmic"],  # type: ignore[arg-type]
+        description="which kinds of row this invocation trains (others, e.g. in parallel, may do the rest)",
+    )
+    dp_batch_size: int | None = Field(
+        None, ge=1, description="FedDP rows: logical batch (larger batches need less noise per sample at a fixed ε)"
+    )
+    select_round: bool = Field(
+        False, description="federated rows: the round whose global model has the best validation Dice"
+    )
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment: where things live and how each stage behaves."""
 
@@ -367,6 +403,7 @@ class ExperimentConfig(_Strict):
     inference: InferenceConfig = InferenceConfig()
     attack: AttackConfig = AttackConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    experiment: ExperimentOptions = ExperimentOptions()
 
     def site(self, name: str) -> SiteConfig:
         for s in self.sites:

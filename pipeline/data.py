@@ -85,8 +85,10 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         augment: AugmentConfig | None = None,
         stain: StainFn | None = None,
         seed: int = 0,
+        classes: int = 2,
     ) -> None:
         self.store_path = Path(store_path)
+        self.classes = classes  # 3: a 3-class store's 0/1/2 labels kept (inside/boundary); 2: foreground 0/1
         store = SiteStore(self.store_path)
         if not store.exists():
             raise FedpathError(f"{self.store_path}: no tile store (run `fedpath tile` for this site first)")
@@ -152,7 +154,7 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if self.stain is not None:
             img = self.stain(img)
         image = img.astype(np.float32) / 255.0
-        mask = (msk > 0).astype(np.int64)
+        mask = (msk > 0).astype(np.int64) if self.classes == 2 else _three_class(msk)
         if self.augment is not None:
             # a fresh stream per draw (torch's per-worker seed differs by worker and epoch)
             rng = np.random.default_rng([self.seed, item, int(torch.randint(0, 2**31 - 1, ()).item())])
@@ -160,6 +162,12 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         y = torch.from_numpy(np.ascontiguousarray(mask))[None]
         return x, y
+
+
+def _three_class(msk: np.ndarray) -> np.ndarray:
+    """0/1/2 labels of a 3-class tile mask; a 0/1 (or 0/255) mask gives 0/1 (inside only, no boundary)."""
+    m = np.asarray(msk)
+    return np.where(m == 2, 2, m > 0).astype(np.int64)
 
 
 def store_tile_size(store_path: Path | str) -> int:

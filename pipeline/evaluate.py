@@ -1,4 +1,5 @@
-"""Evaluate a segmentation model on the held-out tiles of one or more site stores.
+"""Evaluate a segmentation model: on the held-out tiles of a site store, or on whole held-out images at
+full resolution with instance metrics (:func:`evaluate_images`).
 
 Metrics are computed per slide from pixel confusion counts (foreground = class 1) and then averaged over
 slides, the way FedDP reports Dice, Jaccard and pixel accuracy; the pooled (all pixels) figures are kept
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.metrics import metrics_from_counts
 from wsi.store import SiteStore
 
 
@@ -34,16 +36,8 @@ class Counts:
         self.tn += int(np.count_nonzero(~p & ~g))
 
     def metrics(self) -> dict[str, float]:
-        tp, fp, fn, tn = self.tp, self.fp, self.fn, self.tn
-        denom = 2 * tp + fp + fn
-        union = tp + fp + fn
-        total = tp + fp + fn + tn
-        return {
-            # An empty slide predicted empty is a perfect segmentation.
-            "dice": 1.0 if denom == 0 else 2 * tp / denom,
-            "jaccard": 1.0 if union == 0 else tp / union,
-            "pixel_accuracy": 1.0 if total == 0 else (tp + tn) / total,
-        }
+        # An empty slide predicted empty is a perfect segmentation.
+        return metrics_from_counts((self.tp, self.fp, self.fn, self.tn))
 
 
 @torch.no_grad()
@@ -84,3 +78,106 @@ def evaluate_store(
     keys = ("dice", "jaccard", "pixel_accuracy")
     mean = {k: float(np.mean([m[k] for m in per_slide.values()])) for k in keys}
     return {"slides": per_slide, "n_slides": len(per_slide), **mean, "pooled": pooled.metrics()}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Whole images at full resolution, with instances
+# ------------------------------------------------------------------------------------------------------
+_GT_CACHE: dict[tuple[str, int, int, int], tuple[np.ndarray, np.ndarray | None]] = {}
+
+
+def _ground_truth(annotation: Path, W0: int, H0: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(binary mask, instance labels or None) of an annotation at full resolution; kept for the process,
+    since every model of an experiment is scored against the same few test images."""
+    from wsi.annotations import load_annotation
+
+    key = (str(annotation.resolve()), annotation.stat().st_mtime_ns, W0, H0)
+    if key not in _GT_CACHE:
+        if len(_GT_CACHE) > 64:
+            _GT_CACHE.clear()
+        ann = load_annotation(annotation, slide_dimensions=(W0, H0))
+        gt = ann.rasterize(0, 0, W0, H0, W0, H0) > 0
+        inst = ann.rasterize_instances(0, 0, W0, H0, W0, H0) if ann.has_instances else None
+        _GT_CACHE[key] = (gt, inst)
+    return _GT_CACHE[key]
+
+
+def evaluate_image(
+    net: nn.Module,
+    slide: Path,
+    annotation: Path | None,
+    *,
+    target_mpp: float,
+    window: int,
+    mpp: float | None = None,
+    default_mpp: float | None = None,
+    mpp_tolerance: float = 0.05,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """One whole image: the model runs at ``target_mpp`` (sliding windows, Gaussian blending), its
+    foreground and its instances (:mod:`pipeline.instances`) are brought back to the image's own pixels
+    (nearest neighbour), and scored there against the annotation rasterised at full resolution: Dice
+    (MONAI's), Jaccard; AJI and PQ (DQ = detection F1, SQ) against the annotation's own instances (one
+    polygon per nucleus). A mask-image annotation has no instances: its AJI/PQ are None, never computed
+    from merged blobs."""
+    from pipeline.instances import (
+        foreground,
+        instances_from_probabilities,
+        predict_probabilities,
+        upsample_labels,
+    )
+    from pipeline.metrics import aggregated_jaccard_index, dice, panoptic_quality
+    from wsi.readers import open_slide
+
+    reader = open_slide(slide, mpp, default_mpp)
+    try:
+        W0, H0 = reader.dimensions
+        w, h = max(1, round(W0 * reader.mpp / target_mpp)), max(1, round(H0 * reader.mpp / target_mpp))
+        pixels = reader.read_at_mpp(0, 0, w, h, target_mpp, mpp_tolerance)
+    finally:
+        close = getattr(reader, "close", None)
+        if close is not None:
+            close()
+    probs = predict_probabilities(net, pixels, window)
+    labels = instances_from_probabilities(probs, threshold)
+    fg_full = upsample_labels((foreground(probs) > threshold).astype(np.uint8), (H0, W0))
+    out: dict[str, Any] = {"model_shape": [h, w], "shape": [H0, W0], "n_pred": int(labels.max())}
+    if annotation is None:
+        return out
+    gt, gt_inst = _ground_truth(Path(annotation), W0, H0)
+    c = Counts()
+    c.add(fg_full, gt)
+    out.update(c.metrics())
+    out["dice"] = dice(fg_full, gt)  # MONAI's Dice (the same value as from the counts)
+    if gt_inst is not None:
+        pred_inst = upsample_labels(labels, (H0, W0))
+        out["aji"] = aggregated_jaccard_index(gt_inst, pred_inst)
+        out.update(panoptic_quality(gt_inst, pred_inst))
+        out["n_gt"] = int(len(np.unique(gt_inst)) - 1)
+    else:
+        out["aji"] = None
+        out["pq"] = None
+    return out
+
+
+def evaluate_images(
+    net: nn.Module, rows: list[Any], data_root: Path, *, target_mpp: float, window: int,
+    default_mpp: float | None = None, mpp_tolerance: float = 0.05,
+) -> dict[str, Any]:  # fmt: skip
+    """:func:`evaluate_image` over manifest rows (``wsi.manifest.ManifestRow``); per image and the mean
+    over images (Dice, Jaccard, AJI, PQ/DQ/SQ over the images that have instance ground truth)."""
+    per: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        ann = row.annotation_file(data_root)
+        per[row.slide_id] = evaluate_image(
+            net, row.slide_path(data_root), ann, target_mpp=target_mpp, window=window, mpp=row.mpp,
+            default_mpp=default_mpp, mpp_tolerance=mpp_tolerance,
+        )  # fmt: skip
+    if not per:
+        return {"slides": {}, "n_slides": 0}
+    res: dict[str, Any] = {"slides": per, "n_slides": len(per)}
+    for k in ("dice", "jaccard", "pixel_accuracy", "aji", "pq", "dq", "sq"):
+        vals = [m[k] for m in per.values() if m.get(k) is not None]
+        res[k] = float(np.mean(vals)) if vals else None
+    res["n_instance_slides"] = sum(1 for m in per.values() if m.get("aji") is not None)
+    return res

@@ -675,6 +675,12 @@ def infer_slide(
             mpp=reader.mpp, object_type=inf.geojson_object_type, class_name=inf.geojson_class,
             simplify=inf.geojson_simplify,
         )  # fmt: skip
+        from pipeline.instances import slide_instances
+
+        nuclei = slide_instances(
+            model.net, functools.partial(read_canvas, reader, canvas), canvas.shape, canvas.scale, reader.mpp,
+            out, window=inf.tile_size or model.meta.tile_size, fg_prob=prob, threshold=inf.threshold,
+        )  # one detection per nucleus (nuclei.geojson) and the instance label image (instances.zarr)
         thumb = reader.thumbnail(inf.thumbnail_size)
         cover = mask_coverage(prob, 0, inf.threshold, thumb.shape[:2])
         write_thumbnail(out / "thumbnail.png", thumb, cover)
@@ -685,6 +691,10 @@ def infer_slide(
 
             ann = load_annotation(job.annotation, slide_dimensions=reader.dimensions)
             metrics = slide_metrics(prob, canvas, ann, inf.threshold, inf.aji_max_pixels)
+            from pipeline.instances import instance_metrics
+
+            # AJI/PQ of the predicted nuclei against the annotated ones at full resolution (not of blobs)
+            metrics.update(instance_metrics(out / "instances.zarr", ann, reader.dimensions, inf.aji_max_pixels))
             metrics["annotation"] = str(job.annotation)
             _write_json(out / "metrics.json", metrics)
         slide_info = reader.describe()
@@ -705,6 +715,7 @@ def infer_slide(
         "resampled": not canvas.exact,
         "foreground_fraction": float(fg),
         "polygons": n_polys,
+        "nuclei": nuclei,
         "mask_levels": [list(lv) for lv in levels],
         "metrics": metrics,
         **stats,

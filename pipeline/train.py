@@ -236,9 +236,10 @@ def train_local(
         store_path = run_dir / "sites" / site / "store.zarr"
         split = split_by_slide(SiteStore(store_path), tc.val_fraction, tc.seed)
         split_info[site] = {"train": split.train, "val": split.val, "source": split.source}
-        train_parts.append(TileDataset(store_path, split.train, tc.augment, None, seed=tc.seed + i))
+        classes = 3 if cfg.model.out_channels == 3 else 2  # a 3-class model learns inside/boundary
+        train_parts.append(TileDataset(store_path, split.train, tc.augment, None, seed=tc.seed + i, classes=classes))
         if split.val:
-            val_parts.append(TileDataset(store_path, split.val, None, None, seed=tc.seed + i))
+            val_parts.append(TileDataset(store_path, split.val, None, None, seed=tc.seed + i, classes=classes))
         if tc.stain.method != "none":
             ds0 = train_parts[-1]
             pick = np.linspace(0, len(ds0) - 1, min(tc.stain.reference_tiles, len(ds0))).round().astype(int)
@@ -506,6 +507,16 @@ def _run(
 
             opt.step_hook = _hook  # type: ignore[attr-defined]
 
+    set_lr = _lr_schedule(cfg, opt, steps_total, round_index)
+    set_lr(step)
+    # early stopping (local and pooled jobs; a federation picks its best round instead): validation Dice
+    # every `val_every` steps, the best model kept, stop after `patience` checks without improvement
+    stopper = (
+        _EarlyStopping(net, _concat(val_parts), tc.val_every, tc.patience, tc.max_val_tiles)
+        if tc.val_every and val_parts and round_index is None
+        else None
+    )
+
     def commit(step_now: int, done: bool, metrics: dict[str, Any] | None = None) -> None:
         # 1. the ledger (steps spent so far), 2. the checkpoint, 3. progress.json pointing at it
         if ledger is not None and delta is not None and sigma is not None:
@@ -601,6 +612,9 @@ def _run(
                             ledger,
                             job,
                         )
+                        set_lr(step)
+                        if stopper is not None and stopper.check(step):
+                            break
             else:
                 for x, y in _forever(dl):
                     if step >= steps_total:
@@ -619,6 +633,11 @@ def _run(
                     step = _after_step(
                         step, steps_total, tc.checkpoint_every, commit, prog_bar, task, losses, None, job
                     )
+                    set_lr(step)
+                    if stopper is not None and stopper.check(step):
+                        break
+        if stopper is not None:
+            stopper.restore_best()
         val_ds = _concat(val_parts) if val_parts else None
         val_net = hooks.shared_model(net) if hooks is not None else net
         metrics = evaluate_dataset(val_net, val_ds, max_tiles=tc.max_val_tiles) if val_ds is not None else {}
@@ -626,6 +645,8 @@ def _run(
             f"val_{k}" if k in ("dice", "jaccard", "pixel_accuracy") else k: v for k, v in metrics.items()
         }
         metrics["train_loss_last"] = float(np.mean(losses[-10:])) if losses else None
+        if stopper is not None:
+            metrics["early_stopping"] = stopper.report()
         commit(step, True, metrics)
     entry = ledger.entry(job) if ledger is not None else None
     final = hooks.shared_state(net) if hooks is not None else strip_wrappers(net.state_dict())
@@ -648,6 +669,66 @@ def _run(
             "privacy": ledger.statement() if ledger is not None else None,
         },
     )
+
+
+def _lr_schedule(
+    cfg: ExperimentConfig, opt: torch.optim.Optimizer, steps_total: int, round_index: int | None
+) -> Any:
+    """A function of the job's step that sets the optimizer's learning rate: constant, or cosine from
+    ``lr`` to ``lr_min`` over the whole training (a federation's rounds 0..R-1 are one horizon)."""
+    tc = cfg.train
+
+    def set_lr(step_now: int) -> None:
+        if tc.lr_schedule != "cosine":
+            return
+        if round_index is None:
+            pos = step_now / max(1, steps_total)
+        else:
+            done = round_index * steps_total + step_now  # rounds count from 0 (round_0 trains first)
+            pos = done / max(1, cfg.federation.rounds * steps_total)
+        pos = min(1.0, max(0.0, pos))
+        lr = tc.lr_min + (tc.lr - tc.lr_min) * 0.5 * (1.0 + math.cos(math.pi * pos))
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+    return set_lr
+
+
+class _EarlyStopping:
+    """Validation Dice every ``every`` steps; the best weights are kept; ``check`` says stop after
+    ``patience`` checks without improvement."""
+
+    def __init__(self, net: nn.Module, val: Dataset[Any], every: int, patience: int, max_tiles: int | None):
+        self.net, self.val, self.every, self.patience, self.max_tiles = net, val, every, patience, max_tiles
+        self.best = -1.0
+        self.best_step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad = 0
+        self.history: list[tuple[int, float]] = []
+        self.stopped_at: int | None = None
+
+    def check(self, step: int) -> bool:
+        if step % self.every:
+            return False
+        d = float(evaluate_dataset(self.net, self.val, max_tiles=self.max_tiles).get("dice", 0.0))
+        self.history.append((step, round(d, 4)))
+        if d > self.best:
+            self.best, self.best_step, self.bad = d, step, 0
+            self.best_state = {k: v.detach().clone() for k, v in strip_wrappers(self.net.state_dict()).items()}
+        else:
+            self.bad += 1
+        if self.bad >= self.patience:
+            self.stopped_at = step
+            log.info("early stopping at step %d: best validation Dice %.4f at step %d", step, self.best, self.best_step)
+            return True
+        return False
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.net.load_state_dict(self.best_state)
+
+    def report(self) -> dict[str, Any]:
+        return {"best_val_dice": self.best, "best_step": self.best_step, "stopped_at": self.stopped_at, "history": self.history}
 
 
 def _dp_physical_step(

@@ -77,8 +77,15 @@ class Annotation:
         what = f"mask {self.mask.shape}" if self.mask is not None else f"{len(self.polygons)} polygons"
         return f"Annotation({str(self.path)!r}, {self.kind}, {what})"
 
-    def rasterize(self, x0: float, y0: float, w0: float, h0: float, out_w: int, out_h: int) -> np.ndarray:
+    def rasterize(
+        self, x0: float, y0: float, w0: float, h0: float, out_w: int, out_h: int, classes: int = 2
+    ) -> np.ndarray:
         """uint8 (out_h, out_w) 0/1 mask of the level-0 box (x0, y0, w0, h0) at out_w x out_h pixels.
+
+        ``classes=3``: 0 background, 1 nucleus inside, 2 nucleus boundary (the inner boundary pixels of
+        every instance, so two touching nuclei are parted by a boundary line): the target of a model that
+        separates nuclei. Instances are the polygons; a mask image's instances are its connected blobs
+        (merged where nuclei touch, so only polygon annotations teach the model to part them).
 
         Output pixel (i, j) covers level-0 ``[x0 + j*sx, x0 + (j+1)*sx) x [y0 + i*sy, ...)`` with
         ``sx = w0/out_w``. A polygon sets the pixels it covers plus those its outline passes through
@@ -88,6 +95,10 @@ class Annotation:
         if out_w <= 0 or out_h <= 0 or w0 <= 0 or h0 <= 0:
             raise ValueError(f"{self.path}: empty box {w0}x{h0} -> {out_w}x{out_h}")
         sx, sy = w0 / out_w, h0 / out_h
+        if classes == 3:
+            return instance_classes(self.rasterize_instances(x0, y0, w0, h0, out_w, out_h))
+        if classes != 2:
+            raise ValueError(f"{self.path}: mask classes must be 2 or 3, not {classes}")
         if self.mask is not None:
             return self._sample_mask(x0, y0, sx, sy, out_w, out_h)
         canvas = Image.new("L", (out_w, out_h), 0)
@@ -95,6 +106,36 @@ class Annotation:
         self._fill(draw, self.polygons, self._bboxes, x0, y0, w0, h0, sx, sy, 1)
         self._fill(draw, self.negative, self._neg_bboxes, x0, y0, w0, h0, sx, sy, 0)
         return np.asarray(canvas, dtype=np.uint8).copy()
+
+    def rasterize_instances(
+        self, x0: float, y0: float, w0: float, h0: float, out_w: int, out_h: int
+    ) -> np.ndarray:
+        """int32 (out_h, out_w) instance labels of the box: polygon k (in file order, from 1) is drawn
+        with label k by the same pixel rule as :meth:`rasterize` (a later polygon overwrites an earlier
+        one where they overlap; negative regions clear). A mask image has no instances of its own: its
+        connected blobs (8-connectivity) are labelled instead, which merges touching nuclei; use polygon
+        annotations (MoNuSeg XML, GBM40 contours, GeoJSON) for instance ground truth.
+        """
+        if out_w <= 0 or out_h <= 0 or w0 <= 0 or h0 <= 0:
+            raise ValueError(f"{self.path}: empty box {w0}x{h0} -> {out_w}x{out_h}")
+        sx, sy = w0 / out_w, h0 / out_h
+        if self.mask is not None:
+            from skimage.measure import label
+
+            return label(self._sample_mask(x0, y0, sx, sy, out_w, out_h), connectivity=2).astype(np.int32)
+        # PIL's "I" mode holds int32 labels; every polygon is filled with its own label.
+        canvas = Image.new("I", (out_w, out_h), 0)
+        draw = ImageDraw.Draw(canvas)
+        hit = _hits(self._bboxes, x0, y0, w0, h0, sx, sy)
+        for i in hit:
+            self._fill(draw, [self.polygons[i]], self._bboxes[i : i + 1], x0, y0, w0, h0, sx, sy, int(i) + 1)
+        self._fill(draw, self.negative, self._neg_bboxes, x0, y0, w0, h0, sx, sy, 0)
+        return np.asarray(canvas, dtype=np.int32).copy()
+
+    @property
+    def has_instances(self) -> bool:
+        """Whether the annotation holds true instances (polygons), not a mask image's merged blobs."""
+        return self.mask is None and bool(self.polygons)
 
     def _fill(
         self,
@@ -111,12 +152,7 @@ class Annotation:
     ) -> None:
         if not polys:
             return
-        hit = np.nonzero(
-            (bboxes[:, 2] >= x0 - sx)
-            & (bboxes[:, 0] <= x0 + w0 + sx)
-            & (bboxes[:, 3] >= y0 - sy)
-            & (bboxes[:, 1] <= y0 + h0 + sy)
-        )[0]
+        hit = _hits(bboxes, x0, y0, w0, h0, sx, sy)
 
         def to_px(xy: np.ndarray) -> list[tuple[int, int]]:
             # Level-0 point x lies in output pixel floor((x - x0) / sx) (pixel j covers [j, j+1)).
@@ -161,6 +197,27 @@ class Annotation:
             sub = self.mask[np.ix_(rows[vr], cols[vc])]
             out[np.ix_(vr, vc)] = sub
         return out
+
+
+def _hits(bboxes: np.ndarray, x0: float, y0: float, w0: float, h0: float, sx: float, sy: float) -> np.ndarray:
+    """Indices of the boxes that reach the output box (one output pixel of margin)."""
+    return np.nonzero(
+        (bboxes[:, 2] >= x0 - sx)
+        & (bboxes[:, 0] <= x0 + w0 + sx)
+        & (bboxes[:, 3] >= y0 - sy)
+        & (bboxes[:, 1] <= y0 + h0 + sy)
+    )[0]
+
+
+def instance_classes(labels: np.ndarray) -> np.ndarray:
+    """uint8 3-class map of an instance label image: 0 background, 1 inside, 2 boundary (each instance's
+    inner boundary pixels: those with a 4-neighbour outside the instance)."""
+    from skimage.segmentation import find_boundaries
+
+    lab = np.asarray(labels)
+    out = (lab > 0).astype(np.uint8)
+    out[find_boundaries(lab, connectivity=1, mode="inner") & (lab > 0)] = 2
+    return out
 
 
 def _bboxes(polys: list[Polygon]) -> np.ndarray:

@@ -37,6 +37,9 @@ class TilingConfig(_Strict):
     tile_size: int = Field(256, ge=16, le=4096)
     overlap: int = Field(0, ge=0)
     min_tissue_fraction: float = Field(0.25, ge=0, le=1)
+    mask_classes: Literal[2, 3] = Field(
+        2, description="2: 0/1 masks; 3: 0 background, 1 nucleus inside, 2 nucleus boundary (instance targets)"
+    )
     tissue: TissueConfig = TissueConfig()
     workers: int = Field(
         1, ge=1, description="threads of the local dask cluster's one in-process worker (--scheduler: a real cluster)"

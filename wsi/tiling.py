@@ -99,6 +99,7 @@ class SlideJob:
     tissue: dict[str, Any]
     row: ManifestRow
     data_root: str
+    mask_classes: int = 2
 
 
 @dataclass
@@ -127,6 +128,8 @@ def params_fingerprint(tiling: TilingConfig) -> dict[str, Any]:
         "overlap": tiling.overlap,
         "min_tissue_fraction": tiling.min_tissue_fraction,
         "tissue": tiling.tissue.model_dump(),
+        # only a 3-class store records it, so 2-class stores tiled before it stay current
+        **({"mask_classes": tiling.mask_classes} if tiling.mask_classes != 2 else {}),
     }
 
 
@@ -443,10 +446,10 @@ def tile_batch(
             if stream is not None:
                 stream.ready(stop - first)  # the disk write of these tiles overlaps decoding the next
             if masks is not None and ann is not None:
-                m = ann.rasterize(x0, y0, wout * scale, T * scale, wout, T)
+                m = ann.rasterize(x0, y0, wout * scale, T * scale, wout, T, classes=job.mask_classes)
                 for i in range(k):
                     masks[start - first + i] = m[:, i * stride : i * stride + T]
-                fg += int(m.sum())
+                fg += int(np.count_nonzero(m))
         pipe.defer(writer.write_tiles(slice(first, last), images, masks, stream=stream, wait=False))
     except BaseException:
         if stream is not None:
@@ -541,6 +544,7 @@ def _job(row: ManifestRow, data_root: Path, tiling: TilingConfig) -> SlideJob:
         tissue=tiling.tissue.model_dump(),
         row=row,
         data_root=str(data_root),
+        mask_classes=tiling.mask_classes,
     )
 
 
