@@ -53,12 +53,17 @@ def rank_for_energy(s: torch.Tensor, energy: float, cap: int) -> int:
 
 
 def compress(
-    state: Mapping[str, torch.Tensor], energy: float, factor_dtype: torch.dtype | None = None
+    state: Mapping[str, torch.Tensor], energy: float, factor_dtype: torch.dtype | None = None,
+    rank_fraction: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The low-rank payload of ``state``: factors for matrices (in ``factor_dtype``, default the tensor's),
-    the tensor itself otherwise."""
+    the tensor itself otherwise. The rank keeps ``energy`` of the squared singular values, but at most
+    ``rank_fraction`` of the rank at which factors are as large as the matrix (a byte budget: under DP the
+    delta's noise is full-rank, and the energy rule alone would send almost everything)."""
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1] (got {energy})")
+    if not 0 < rank_fraction <= 1:
+        raise ValueError(f"rank_fraction must be in (0, 1] (got {rank_fraction})")
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         spec = TensorSpec(dtype_code(t), tuple(t.shape))
@@ -68,7 +73,7 @@ def compress(
         m, n = matrix_shape(spec.shape)
         mat = t.detach().reshape(m, n).to(torch.float32)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        r = rank_for_energy(s, energy, max_rank(m, n))
+        r = rank_for_energy(s, energy, max(1, int(rank_fraction * max_rank(m, n))))
         dt = factor_dtype or t.dtype
         out[name + SEP + "U"] = (u[:, :r] * s[:r]).to(dt).contiguous()
         out[name + SEP + "V"] = vh[:r].to(dt).contiguous()

@@ -41,6 +41,7 @@ FEDMIC_STRATEGY: dict[str, Any] = {
     "energy_end": 0.98,
     "energy_rounds": 4,
     "teacher_width": 1.5,
+    "max_rank_fraction": 0.4,
 }
 #: the ε of the DP row (and the FedDP row it is compared with)
 FEDMIC_EPSILON = 8.0

@@ -39,6 +39,11 @@ class FedMICConfig(StrategyConfig):
     energy_start: float = Field(0.90, gt=0, le=1, description="energy share kept by the first round's factors")
     energy_end: float = Field(0.98, gt=0, le=1, description="energy share kept once the schedule has risen")
     energy_rounds: int = Field(4, ge=1, description="rounds over which the share rises linearly")
+    max_rank_fraction: float = Field(
+        1.0, gt=0, le=1,
+        description="rank cap as a share of the rank where factors stop saving bytes (0.4 with fp16 factors: "
+        "every factorised tensor ≥ 5× smaller than fp32, whatever the DP noise)",
+    )
     temperature: float = Field(2.0, gt=0, description="softening of the outputs in the decision-level KL")
     kd_weight: float = Field(1.0, ge=0, description="weight of the decision-level (output) distillation")
     feature_weight: float = Field(1.0, ge=0, description="weight of the representation-level distillation")
@@ -86,7 +91,7 @@ class FedMIC(Strategy):
     def encode_update(self, delta: State, fit: FitConfig) -> State:
         if fit.energy is None:
             raise ValueError("fedmic: the round's fit config carries no energy share")
-        return compress(delta, fit.energy, self.factor_dtype)
+        return compress(delta, fit.energy, self.factor_dtype, self.cfg.max_rank_fraction)
 
     def iter_delta(self, update: UpdateInfo, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.context is None or not self.context.global_spec:
@@ -110,7 +115,7 @@ class FedMIC(Strategy):
     # -- server side ---------------------------------------------------------------------------------
     def apply(self, global_state: State, avg_delta: State, round_index: int) -> State:
         """``global + U @ V`` of the averaged delta compressed at the round's energy (as sites rebuild it)."""
-        payload = compress(avg_delta, self.energy(round_index), self.factor_dtype)
+        payload = compress(avg_delta, self.energy(round_index), self.factor_dtype, self.cfg.max_rank_fraction)
         self._download = payload
         out = {k: v.clone() for k, v in global_state.items()}
         for k in avg_delta:

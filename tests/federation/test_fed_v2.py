@@ -167,6 +167,14 @@ def test_lowrank_keeps_the_energy_share_and_decodes_exactly() -> None:
         torch.testing.assert_close(back["b"], delta["b"])
         assert math.isclose(float(u.norm()), float(back["w"].norm()), rel_tol=1e-4)  # ||U V|| = ||U||
         assert payload_nbytes(p) * 5 < payload_nbytes(delta)
+    # full-rank noise (what DP-SGD adds): the energy rule alone sends nearly everything; the rank cap
+    # bounds the bytes whatever the noise
+    noise = {"w": torch.randn(64, 288, generator=g).reshape(64, 32, 3, 3)}
+    full = compress(noise, 0.98, torch.float16)
+    capped = compress(noise, 0.98, torch.float16, rank_fraction=0.4)
+    assert payload_nbytes(full) * 2.5 > payload_nbytes(noise)
+    assert payload_nbytes(capped) * 5 <= payload_nbytes(noise)
+    assert capped["w" + SEP + "U"].shape[1] == int(0.4 * max_rank(64, 288))
 
 
 # -- the live service with a low-rank strategy --------------------------------------------------------------
