@@ -191,11 +191,16 @@ def run_oneshot(
     server_tiles = UnlabelledTiles(RunLayout(base).server.data_store, seed=cfg.pretrain.seed)
 
     state_file = base / "oneshot.json"
-    rows: dict[str, dict[str, Any]] = json.loads(state_file.read_text()).get("rows", {}) if state_file.is_file() else {}
+    from fedcore.hashing import sha256_bytes
+
+    config_key = sha256_bytes(cfg.model_dump_json(exclude={"run_dir", "name"}).encode())[:16]
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    # rows of another configuration are never mixed into this table
+    rows: dict[str, dict[str, Any]] = previous.get("rows", {}) if previous.get("config_key") == config_key else {}
 
     def record(key: str, row: dict[str, Any]) -> None:
         rows[key] = row
-        atomic_write_json(state_file, {"rows": rows})
+        atomic_write_json(state_file, {"config_key": config_key, "rows": rows})
         log.info("oneshot: %s: left-out Dice %s", key, row["score"]["left_out"])
 
     for left_out in folds:
