@@ -44,6 +44,7 @@ from fedcore.summary import read_summary, update_summary
 from pipeline.checkpoint import ModelMeta, load_model, read_model_file
 from pipeline.config import ExperimentConfig, InferenceConfig
 from pipeline.errors import FedpathError
+from pipeline.metrics import dice_from_counts
 from wsi.errors import WSIError
 from wsi.readers import SlideReader, open_slide
 from wsi.stitch import ArrayMerger, ZarrMerger, window_positions
@@ -509,9 +510,8 @@ def slide_metrics(
                 inter, union = inter + i, union + u
     if gt_full is not None and pr_full is not None:
         inter, union = aji_sums(label(gt_full, connectivity=2), label(pr_full, connectivity=2))
-    denom = 2 * tp + fp + fn
     return {
-        "dice": 1.0 if denom == 0 else 2 * tp / denom,
+        "dice": dice_from_counts(tp, fp, fn),
         "jaccard": 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn),
         "pixel_accuracy": (tp + tn) / max(1, tp + fp + fn + tn),
         "aji": 1.0 if union == 0 else inter / union,

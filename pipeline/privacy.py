@@ -86,7 +86,8 @@ def make_accountant(name: str, history: History | None = None) -> Any:
 
     _prv_domain_orders()
     acc = create_accountant(mechanism=name)
-    acc.history = list(merge_history(history or []))
+    if history:
+        acc.load_state_dict({"history": list(merge_history(history)), "mechanism": acc.mechanism()})
     return acc
 
 

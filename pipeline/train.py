@@ -497,15 +497,12 @@ def _run(
     if dp:
         if ref is not None:
             # FedProx with DP-SGD: the proximal gradient joins *after* clipping, noise and averaging, just
-            # before the inner optimizer's step (Opacus' step hook runs there); it depends on no sample
-            inner_hook = opt.step_hook  # type: ignore[attr-defined]
-
+            # before the inner optimizer's step (Opacus' step hook runs there); it depends on no sample.
+            # fedpath accounts privacy in its own ledger, so no accountant hook is attached to replace.
             def _hook(o: Any) -> None:
-                if inner_hook is not None:
-                    inner_hook(o)
                 _add_proximal_grad(net, ref, mu)  # type: ignore[arg-type]
 
-            opt.step_hook = _hook  # type: ignore[attr-defined]
+            opt.attach_step_hook(_hook)  # type: ignore[union-attr,attr-defined]
 
     set_lr = _lr_schedule(cfg, opt, steps_total, round_index)
     set_lr(step)
@@ -598,6 +595,8 @@ def _run(
                         if step >= steps_total:
                             break
                         _dp_physical_step(model, opt, criterion, batch, losses)
+                        # Opacus has no public flag for "this physical step only accumulated"; its own
+                        # BatchMemoryManager reads the same attribute, so it moves with Opacus' API
                         if opt._is_last_step_skipped:  # type: ignore[attr-defined]
                             continue  # a physical chunk of a larger logical batch
                         step += 1
