@@ -829,7 +829,9 @@ def run_infer(
             m = entry.get("metrics") or {}
             log.info(
                 "%s: %s, %d windows, %.1f s%s", job.slide_id, entry["status"], entry.get("windows", 0),
-                entry.get("seconds", 0.0), f", dice {m['dice']:.3f} aji {m['aji']:.3f}" if m else "",
+                entry.get("seconds", 0.0), "".join(
+                    f", {k} {m[k]:.3f}" for k in ("dice", "aji") if isinstance(m.get(k), (int, float))
+                ),
             )  # fmt: skip
             return entry, None
         except WSIError as exc:
