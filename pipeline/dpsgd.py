@@ -54,7 +54,7 @@ class SecureDPOptimizer(DPOptimizer):
         for p in self.params:
             _check_processed_flag(p.grad_sample)
             g = self._get_flat_grad_sample(p).to(p.dtype)
-            flat.append(g.reshape(len(g), -1))
+            flat.append(g.reshape(len(g), p.numel()))  # (samples, params): also for an empty batch
         if len(flat[0]) == 0:  # an empty Poisson batch
             factor = torch.zeros((0,), dtype=flat[0].dtype, device=flat[0].device)
         else:

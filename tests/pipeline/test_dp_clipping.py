@@ -186,3 +186,21 @@ def test_secure_optimizer_noise_std_is_sigma_times_clip() -> None:
     n = noise.numel()
     assert abs(float(noise.std()) - sigma * clip) < 5 * sigma * clip / (2 * n) ** 0.5
     assert abs(float(noise.mean())) < 5 * sigma * clip / n**0.5
+
+
+def test_fused_clipping_of_an_empty_poisson_batch_adds_only_noise() -> None:
+    """Poisson sampling can draw no sample at all: the fused clip must give a zero sum, not crash."""
+    from pipeline.dprandom import SecureRandom
+    from pipeline.dpsgd import SecureDPOptimizer
+
+    conv = nn.Conv2d(3, 4, 3)
+    gsm = GradSampleModule(conv, loss_reduction="sum")
+    opt = SecureDPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.0), rng=SecureRandom(), noise_multiplier=1.0,
+        max_grad_norm=1.0, expected_batch_size=4, loss_reduction="sum",
+    )
+    gsm(torch.randn(0, 3, 8, 8)).sum().backward()
+    opt.pre_step()
+    for p in gsm.parameters():
+        assert p.summed_grad is not None and torch.count_nonzero(p.summed_grad) == 0
+        assert p.grad is not None and torch.isfinite(p.grad).all()
