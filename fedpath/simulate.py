@@ -519,6 +519,14 @@ def run_simulation(cfg: ExperimentConfig) -> dict[str, Any]:
             secs: dict[str, float] = {}
             codes = run_site_jobs(cfg, config_path, url, r, [s.name for s in cfg.sites], workers, fallbacks, secs)
             jobs.append({"round": r, "exit_codes": codes, "seconds": secs})
+            failed = {s: c for s, c in codes.items() if c != 0}
+            if failed and len(codes) - len(failed) < fed.min_sites:  # nobody else will upload: fail now
+                h = agg.health()
+                if h["phase"] != "finished" and int(h["round"]) == r:
+                    raise FedpathError(
+                        f"round {r} cannot close: site job(s) {failed} failed and fewer than "
+                        f"federation.min_sites={fed.min_sites} uploaded; see each site's rounds/{r}/job.log"
+                    )
             end = time.monotonic() + fed.round_deadline_s + 60
             while True:
                 h = agg.health()
