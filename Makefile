@@ -31,7 +31,7 @@ lint: install
 	$(BIN)/mypy
 
 test: install lint
-	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not slow" --durations=20 $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/pytest -q -m "slow" $(PYTEST_ARGS)
