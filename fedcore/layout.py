@@ -64,7 +64,7 @@ class ServerLayout:
         return self.root / f"state.json.corrupt-{stamp}"
 
     def updates(self, r: int) -> Path:
-        return self.root / "updates" / str(_index(r))
+        return self.updates_root / str(_index(r))
 
     def update(self, r: int, site: str) -> Path:
         return self.updates(r) / f"{_name(site)}.safetensors"
@@ -73,8 +73,35 @@ class ServerLayout:
         """Where an unusable file found in ``updates/<r>/`` is moved (kept, never counted)."""
         return self.updates(r) / "quarantine" / Path(name).name
 
+    @property
+    def updates_root(self) -> Path:
+        """``updates/``: one folder per round, one stored update per site."""
+        return self.root / "updates"
+
+    @property
+    def global_dir(self) -> Path:
+        return self.root / "global"
+
     def global_model(self, r: int) -> Path:
-        return self.root / "global" / f"round_{_index(r)}.safetensors"
+        return self.global_dir / f"round_{_index(r)}.safetensors"
+
+    def global_models(self) -> list[tuple[int, Path]]:
+        """Every published ``global/round_<r>.safetensors``, oldest first (stray names are skipped)."""
+        found = []
+        for p in self.global_dir.glob("round_*.safetensors"):
+            tail = p.stem.split("_", 1)[1]
+            if tail.isdigit():
+                found.append((int(tail), p))
+        return sorted(found)
+
+    def latest_global(self, hint: str = "") -> Path:
+        """The newest published global model; FedpathError naming the folder when there is none."""
+        found = self.global_models()
+        if not found:
+            raise FedpathError(
+                f"{self.global_dir}: the federation published no global model (round_<r>.safetensors){hint}"
+            )
+        return found[-1][1]
 
     @property
     def data_store(self) -> Path:
@@ -115,6 +142,16 @@ class SiteLayout:
         return self.root / "update_privacy.json"
 
     @property
+    def train(self) -> Path:
+        """The job folder of a plain (non-federated) training run: ``fedpath train``'s checkpoints."""
+        return self.root / "train"
+
+    @property
+    def model(self) -> Path:
+        """The model a plain training run writes (``fedpath train``)."""
+        return self.root / "model.safetensors"
+
+    @property
     def state(self) -> Path:
         """Private site state kept between batch jobs (personal model, optimiser, teacher); never sent."""
         return self.root / "state"
@@ -151,8 +188,17 @@ class RunLayout:
     def server(self) -> ServerLayout:
         return ServerLayout(self.root / "server")
 
+    @property
+    def sites(self) -> Path:
+        return self.root / "sites"
+
     def site(self, name: str) -> SiteLayout:
-        return SiteLayout(self.root / "sites" / _name(name))
+        return SiteLayout(self.sites / _name(name))
+
+    @property
+    def central(self) -> SiteLayout:
+        """The pooled (centralised) baseline's folder ``<run>/central/``, laid out like a site's."""
+        return SiteLayout(self.root / "central")
 
     @property
     def provision(self) -> Path:

@@ -28,9 +28,11 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from pipeline.config import ConfigError, ExperimentConfig, apply_overrides, load_config
 from pipeline.errors import FedpathError
+from pipeline.tiles import tile_sites
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +126,8 @@ def federated_utility(cfg: ExperimentConfig, eps: float | None) -> dict[str, Any
     v = _variant(cfg, eps)
     t0 = time.perf_counter()
     run_simulation(v)
-    models = sorted((v.run_dir / "server" / "global").glob("round_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
-    if not models:
-        raise FedpathError(f"{v.run_dir}/server/global: the federation published no model")
+    RunLayout(v.run_dir).server.latest_global()  # none published: one-line error naming the folder
+    models = [p for _, p in RunLayout(v.run_dir).server.global_models()]
     state, _ = read_model_file(models[-1])
     net = build_model(v.model)
     net.load_state_dict(state)
@@ -244,15 +245,7 @@ def run_calibrate(cal: CalibrateConfig, cfg: ExperimentConfig, data_root: Path |
         return result
 
     if cal.utility == "federated":
-        from wsi.tiling import run_tile_site
-
-        for s in cfg.sites:
-            res = run_tile_site(
-                manifest=s.manifest, data_root=data_root.resolve(), store=cfg.store_path(s.name), tiling=cfg.tiling,
-                site=s.name, run_dir=cfg.run_dir, scheduler=cfg.tiling.scheduler, workers=cfg.tiling.workers,
-            )  # fmt: skip
-            if res.get("failed"):
-                raise FedpathError(f"calibrate: tiling {s.name} failed: {res['failed']}")
+        tile_sites(cfg, data_root, "calibrate")
 
     attack: dict[str, Any] = {}
     if cal.inversion:

@@ -31,11 +31,15 @@ DataRootOpt = Annotated[
 ]
 
 
-def _cfg(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
-    from federation.strategies import strategy_config
-
+def _cfg(config: Path | None, overrides: list[str] | None, *, federated: bool = True) -> ExperimentConfig:
+    """The validated config. ``federated`` commands also validate ``federation.strategy`` against the
+    strategy registry (which imports torch); the stages that never federate (synth, tile, train, infer,
+    privacy, report) skip it, so that they start without torch."""
     cfg = load_config(config, overrides)
-    strategy_config(cfg.federation, f"{config or '<config>'}: federation.strategy")  # one-line error if bad
+    if federated:
+        from federation.strategies import strategy_config
+
+        strategy_config(cfg.federation, f"{config or '<config>'}: federation.strategy")  # one-line error if bad
     return cfg
 
 
@@ -63,7 +67,7 @@ def synth(
     from wsi.errors import WSIError
     from wsi.synth import run_synth
 
-    cfg = _cfg(config, set_)
+    cfg = _cfg(config, set_, federated=False)
     try:
         # the config's own data_root (not FEDPATH_DATA_ROOT, which may be read-only real data)
         run_synth(cfg.synth, out or cfg.data_root or cfg.run_dir / "synthetic", run_dir=cfg.run_dir)
@@ -84,7 +88,7 @@ def tile(
     from wsi.errors import WSIError
     from wsi.tiling import run_tile_site
 
-    cfg = _cfg(config, set_)
+    cfg = _cfg(config, set_, federated=False)
     sites = [site] if site else [s.name for s in cfg.sites]
     failed = 0
     for name in sites:
@@ -119,7 +123,7 @@ def train(
     from pipeline.statement import statement_lines, write_statement
     from pipeline.train import run_train
 
-    cfg = _cfg(config, set_)
+    cfg = _cfg(config, set_, federated=False)
     run_train(cfg, site or [s.name for s in cfg.sites])
     _print_privacy(statement_lines(write_statement(cfg.run_dir)))
 
@@ -217,7 +221,7 @@ def privacy(
     with its unit, ε, δ, accountant, noise source and who must be trusted."""
     from pipeline.statement import STATEMENT_FILE, statement_lines, write_statement
 
-    run_dir = run if run is not None else _cfg(config, set_).run_dir
+    run_dir = run if run is not None else _cfg(config, set_, federated=False).run_dir
     if not (Path(run_dir) / "sites").is_dir():
         _fail(f"{run_dir}: not a run directory (no sites/)")
     _print_privacy(statement_lines(write_statement(run_dir)))
@@ -245,7 +249,7 @@ def infer(
     """Run a model over whole slides and stitch seam-free slide-level masks (OME-TIFF, OME-Zarr, GeoJSON)."""
     from pipeline.infer import run_infer
 
-    cfg = _cfg(config, set_)
+    cfg = _cfg(config, set_, federated=False)
     if scheduler:
         cfg = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"scheduler": scheduler})})
     result = run_infer(
@@ -294,7 +298,7 @@ def report(
     """Write report/index.html (self-contained) and report/report.json for a run directory."""
     from pipeline.report import build_report
 
-    run_dir = run if run is not None else _cfg(config, set_).run_dir
+    run_dir = run if run is not None else _cfg(config, set_, federated=False).run_dir
     path = build_report(run_dir)
     typer.echo(str(path))
 

@@ -15,10 +15,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedcore.layout import RunLayout
 from fedcore.summary import read_summary, update_summary
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 from pipeline.statement import statement_lines, write_statement
+from pipeline.tiles import tile_sites
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -26,16 +28,6 @@ console = Console()
 
 def _stage(name: str) -> None:
     console.rule(f"[bold]{name}")
-
-
-def _latest_global(run_dir: Path) -> Path:
-    models = sorted(
-        (run_dir / "server" / "global").glob("round_*.safetensors"),
-        key=lambda p: int(p.stem.split("_")[1]),
-    )
-    if not models:
-        raise FedpathError(f"{run_dir / 'server' / 'global'}: the federation published no global model")
-    return models[-1]
 
 
 def _headline(run_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
@@ -65,7 +57,6 @@ def run_demo(cfg: ExperimentConfig) -> dict[str, Any]:
     from pipeline.infer import run_infer
     from pipeline.report import build_report
     from wsi.synth import run_synth
-    from wsi.tiling import run_tile_site
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,19 +71,7 @@ def run_demo(cfg: ExperimentConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     _stage("2/6 tile every site into its own zarr store")
-    for site in cfg.sites:
-        result = run_tile_site(
-            manifest=site.manifest,
-            data_root=data_root,
-            store=cfg.store_path(site.name),
-            tiling=cfg.tiling,
-            site=site.name,
-            run_dir=run_dir,
-            scheduler=cfg.tiling.scheduler,
-            workers=cfg.tiling.workers,
-        )
-        if result.get("failed"):
-            raise FedpathError(f"tiling site {site.name} failed: {result['failed']}")
+    tile_sites(cfg, data_root, "demo")
     timings["tile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -102,7 +81,7 @@ def run_demo(cfg: ExperimentConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     _stage("4/6 inference and stitching on the held-out slides")
-    model = _latest_global(run_dir)
+    model = RunLayout(run_dir).server.latest_global()
     failed: list[Any] = []
     for site in cfg.sites:
         res = run_infer(cfg, model=model, slides=[], manifest=None, site=site.name, data_root=data_root, all_splits=False)

@@ -32,11 +32,13 @@ from typing import Any
 
 import torch
 
+from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 from pipeline.evaluate import evaluate_store
 from pipeline.models import build_model
+from pipeline.tiles import tile_sites
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +87,8 @@ def _evaluate(cfg: ExperimentConfig, state: dict[str, torch.Tensor], data_root: 
 
 
 def _global_models(run_dir: Path) -> list[Path]:
-    models = sorted(
-        (run_dir / "server" / "global").glob("round_*.safetensors"), key=lambda p: int(p.stem.split("_")[1])
-    )
-    if not models:
-        raise FedpathError(f"{run_dir}/server/global: the federation published no model")
-    return models
-
+    RunLayout(run_dir).server.latest_global()  # none published: one-line error naming the folder
+    return [p for _, p in RunLayout(run_dir).server.global_models()]
 
 def _final_global(run_dir: Path) -> dict[str, torch.Tensor]:
     from pipeline.checkpoint import read_model_file
@@ -185,7 +182,6 @@ def run_experiment(
 
     from fedpath.simulate import run_simulation
     from pipeline.train import train_local
-    from wsi.tiling import run_tile_site
 
     t_start = time.perf_counter()
     cpu0 = _cpu_seconds(resource)
@@ -194,13 +190,7 @@ def run_experiment(
     if data_root is None:
         raise FedpathError("experiment: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
     data_root = data_root.resolve()
-    for s in cfg.sites:
-        res = run_tile_site(
-            manifest=s.manifest, data_root=data_root, store=cfg.store_path(s.name), tiling=cfg.tiling,
-            site=s.name, run_dir=base_dir, scheduler=cfg.tiling.scheduler, workers=cfg.tiling.workers,
-        )
-        if res.get("failed"):
-            raise FedpathError(f"experiment: tiling {s.name} failed: {res['failed']}")
+    tile_sites(cfg, data_root, "experiment")
     t_tiled = time.perf_counter()
 
     ex = cfg.experiment

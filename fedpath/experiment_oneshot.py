@@ -40,6 +40,7 @@ from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
+from pipeline.tiles import tile_sites
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,6 @@ def run_oneshot(
     from fedpath.simulate import run_simulation
     from pipeline.train import train_local
     from pipeline.transfer import UnlabelledTiles
-    from wsi.tiling import run_tile_site
 
     if data_root is None:
         raise FedpathError("experiment-oneshot: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
@@ -178,11 +178,7 @@ def run_oneshot(
     if unknown:
         raise FedpathError(f"experiment-oneshot: --folds names unknown sites {unknown}")
     base = cfg.run_dir
-    for sc in cfg.sites:
-        tiled = run_tile_site(manifest=sc.manifest, data_root=data_root.resolve(), store=cfg.store_path(sc.name),
-                              tiling=cfg.tiling, site=sc.name, run_dir=base, workers=cfg.tiling.workers)
-        if tiled.get("failed"):
-            raise FedpathError(f"experiment-oneshot: tiling {sc.name} failed: {tiled['failed']}")
+    tile_sites(cfg, data_root, "experiment-oneshot")
     pre_info = run_pretrain(cfg, data_root)
     pre_path = Path(pre_info["path"])
     from pipeline.checkpoint import read_model_file

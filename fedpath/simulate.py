@@ -47,32 +47,14 @@ from federation.server import server_paths
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 from pipeline.statement import write_statement
+from pipeline.tiles import tile_sites
 
 log = logging.getLogger(__name__)
 
 
 def _ensure_stores(cfg: ExperimentConfig) -> None:
-    missing = [s.name for s in cfg.sites if not cfg.store_path(s.name).exists()]
-    if not missing:
-        return
-    try:
-        from wsi.tiling import run_tile_site
-    except ImportError:
-        raise FedpathError(
-            f"{cfg.store_path(missing[0])}: no tile store; run `fedpath tile` first (wsi.tiling unavailable)"
-        ) from None
-    for name in missing:
-        s = cfg.site(name)
-        run_tile_site(
-            manifest=s.manifest,
-            data_root=cfg.resolved_data_root(),
-            store=cfg.store_path(name),
-            tiling=cfg.tiling,
-            site=name,
-            run_dir=cfg.run_dir,
-            scheduler=cfg.tiling.scheduler,
-            workers=cfg.tiling.workers,
-        )
+    """Tile the sites that have no store yet (a site whose store exists keeps it as it is)."""
+    tile_sites(cfg, cfg.resolved_data_root(), "simulate", missing_only=True)
 
 
 def freeze_config(cfg: ExperimentConfig, path: Path) -> Path:

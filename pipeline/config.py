@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from fedcore.layout import RunLayout
 from wsi.config import SynthConfig, TilingConfig, TissueConfig, _Strict
 
 
@@ -413,10 +414,10 @@ class ExperimentConfig(_Strict):
         raise ConfigError(f"site {name!r} is not in the config (known: {known})")
 
     def site_dir(self, name: str) -> Path:
-        return self.run_dir / "sites" / check_site_name(name)
+        return RunLayout(self.run_dir).site(check_site_name(name)).root
 
     def store_path(self, name: str) -> Path:
-        return self.site_dir(name) / "store.zarr"
+        return RunLayout(self.run_dir).site(check_site_name(name)).store
 
     def resolved_data_root(self, override: Path | None = None) -> Path | None:
         """--data-root, then the config's data_root, then FEDPATH_DATA_ROOT."""

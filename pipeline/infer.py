@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcore.layout import RunLayout
 from fedcore.summary import read_summary, update_summary
 from pipeline.checkpoint import ModelMeta, load_model, read_model_file
 from pipeline.config import ExperimentConfig, InferenceConfig
@@ -747,20 +748,6 @@ def _slide_id(path: Path, taken: set[str]) -> str:
     return sid
 
 
-def latest_global_model(run_dir: Path) -> Path:
-    """The newest ``server/global/round_<r>.safetensors`` of a run (FedpathError when there is none)."""
-    gdir = Path(run_dir) / "server" / "global"
-    found = []
-    for p in gdir.glob("round_*.safetensors"):
-        try:
-            found.append((int(p.stem.split("_", 1)[1]), p))
-        except ValueError:
-            continue
-    if not found:
-        raise FedpathError(f"{gdir}: no global model (round_<r>.safetensors); pass --model")
-    return max(found)[1]
-
-
 def collect_jobs(
     cfg: ExperimentConfig,
     slides: list[Path],
@@ -811,7 +798,7 @@ def run_infer(
 ) -> dict[str, Any]:
     """The ``infer`` stage: every slide's outputs under ``<run_dir>/predictions/``; failures are listed
     (one line each) and the others go on. Writes the summary's ``infer`` key and returns it."""
-    model_path = Path(model) if model is not None else latest_global_model(cfg.run_dir)
+    model_path = Path(model) if model is not None else RunLayout(cfg.run_dir).server.latest_global("; pass --model")
     loaded = load_inference_model(model_path)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedcore.layout import RunLayout
 from fedcore.summary import read_summary
 from pipeline.errors import FedpathError
 
@@ -321,7 +322,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         ledger_row(p.parent.name, _load_json(p), p.relative_to(run_dir))
         for p in sorted((run_dir / "sites").glob("*/update_privacy.json"))
     ]
-    updates_dir = run_dir / "server" / "updates"
+    updates_dir = RunLayout(run_dir).server.updates_root
     n_updates = len(list(updates_dir.glob("*/*.safetensors"))) if updates_dir.is_dir() else 0
     summary = read_summary(run_dir)
     calib_path = run_dir / "calibrate" / "calibrate.json"

@@ -131,7 +131,7 @@ def site_statement(run_dir: Path, site: str) -> dict[str, Any]:
     lay = RunLayout(run_dir).site(site)
     sample = _sample_level(lay.privacy, site)
     update = _update_level(lay.update_privacy)
-    central = _central(run_dir / "server" / "state.json")
+    central = _central(RunLayout(run_dir).server.state)
     local = [m for m in (sample, update) if m is not None]
     units = sorted({m["unit"] for m in local} | {"site"}, key=lambda u: _FINER.get(u, 2))
     against_aggregator = {u: _compose(local, u) for u in units}

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from fedcore.layout import RunLayout
 from pipeline.checkpoint import ModelMeta, save_model, strip_wrappers
 from pipeline.config import ExperimentConfig
 from pipeline.data import TileDataset, split_by_slide
@@ -187,9 +188,10 @@ def _concat(parts: list[TileDataset]) -> Dataset[Any]:
 
 def _site_paths(run_dir: Path, sites: list[str], round_index: int | None) -> tuple[Path, Path]:
     """(job directory, ledger path): a site's own, or ``central/`` for the pooled baseline."""
-    base = run_dir / "sites" / sites[0] if len(sites) == 1 else run_dir / "central"
-    job = base / "train" if round_index is None else base / "rounds" / str(round_index)
-    return job, base / "privacy.json"
+    lay = RunLayout(run_dir)
+    base = lay.site(sites[0]) if len(sites) == 1 else lay.central
+    job = base.train if round_index is None else base.round(round_index)
+    return job, base.privacy
 
 
 # -- the job ----------------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def train_local(
     split_info: dict[str, Any] = {}
     ref_tiles: list[np.ndarray] = []
     for i, site in enumerate(sites):
-        store_path = run_dir / "sites" / site / "store.zarr"
+        store_path = RunLayout(run_dir).site(site).store
         split = split_by_slide(SiteStore(store_path), tc.val_fraction, tc.seed)
         split_info[site] = {"train": split.train, "val": split.val, "source": split.source}
         classes = 3 if cfg.model.out_channels == 3 else 2  # a 3-class model learns inside/boundary
@@ -813,7 +815,8 @@ def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str | None = None
     job_id = job_id or f"train-{_fingerprint(cfg, sites, None, None)[:8]}"
     res = train_local(cfg, sites, cfg.run_dir, job_id=job_id)
     store = SiteStore(cfg.store_path(sites[0])).attrs
-    out_dir = cfg.site_dir(sites[0]) if len(sites) == 1 else cfg.run_dir / "central"
+    lay = RunLayout(cfg.run_dir)
+    out = lay.site(sites[0]) if len(sites) == 1 else lay.central
     meta = ModelMeta(
         model=cfg.model,
         tile_size=int(store.get("tile_size", 0)),
@@ -821,7 +824,7 @@ def run_train(cfg: ExperimentConfig, sites: list[str], job_id: str | None = None
         source="local" if len(sites) == 1 else "central",
         extra={"sites": sites, "steps": res.steps, "epsilon": res.epsilon, "delta": res.delta},
     )
-    path = save_model(out_dir / "model.safetensors", res.state, meta)
+    path = save_model(out.model, res.state, meta)
     summary = {
         "sites": sites,
         "model": str(path),

@@ -75,3 +75,23 @@ def test_each_package_imports_alone(pkg: str) -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_stages_that_never_federate_start_without_torch(tmp_path: Path) -> None:
+    """``fedpath synth``/``tile`` load and validate the config without the strategy registry's torch."""
+    code = (
+        "import sys\n"
+        "from fedpath.cli import run\n"
+        "rc = run(['synth', '--help'])\n"
+        "from fedpath.cli import _cfg\n"
+        "cfg = _cfg(None, ['federation.strategy=nope'], federated=False)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "try:\n"
+        "    _cfg(None, ['federation.strategy=nope'])\n"
+        "except Exception as e:\n"
+        "    assert 'unknown strategy' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('a federating command accepted an unknown strategy')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from federation.attack.common import segmentation_loss
 from federation.attack.dlg import DLGSettings, dlg_attack
@@ -176,7 +177,7 @@ def target_model(cfg: ExperimentConfig) -> tuple[nn.Module, str]:
     from pipeline.checkpoint import load_model
     from pipeline.models import build_model
 
-    g0 = cfg.run_dir / "server" / "global" / "round_0.safetensors"
+    g0 = RunLayout(cfg.run_dir).server.global_model(0)
     if g0.is_file():
         net, _ = load_model(g0)
         return net.eval(), str(g0)
@@ -352,7 +353,7 @@ def _grid_png(path: Path, rows: list[tuple[str, Tensor]], scale: int | None = No
 
 
 def _update_files(run_dir: Path) -> list[tuple[int, str, Path]]:
-    base = run_dir / "server" / "updates"
+    base = RunLayout(run_dir).server.updates_root
     found: list[tuple[int, str, Path]] = []
     if not base.is_dir():
         return found
@@ -379,7 +380,7 @@ def attack_stored_updates(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str
     a, tr = cfg.attack, cfg.train
     results: list[dict[str, Any]] = []
     for rnd, site, path in _update_files(cfg.run_dir)[: a.real_max_updates]:
-        gpath = cfg.run_dir / "server" / "global" / f"round_{rnd}.safetensors"
+        gpath = RunLayout(cfg.run_dir).server.global_model(rnd)
         if not gpath.is_file():
             raise FedpathError(f"{gpath}: global model of round {rnd} missing (needed to attack {path})")
         model, meta = load_model(gpath)

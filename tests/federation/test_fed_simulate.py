@@ -18,6 +18,7 @@ import yaml
 
 from federation.strategies import LocalUpdateDP
 from pipeline.config import ExperimentConfig, load_config
+from pipeline.tiles import tile_sites
 from wsi.manifest import subset_manifest
 
 pytestmark = pytest.mark.realdata
@@ -71,23 +72,10 @@ def _config(tmp: Path, data_root: Path, repo_root: Path, run: str, **federation:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory, data_root: Path, repo_root: Path) -> tuple[Path, Path]:
-    """Tile both sites once (wsi.tiling) into a template run directory."""
-    pytest.importorskip("wsi.tiling", reason="wsi.tiling (helper A2) not available yet")
-    pytest.importorskip("pipeline.train", reason="pipeline.train (helper B) not available yet")
-    from wsi.tiling import run_tile_site
-
+    """Tile both sites once into a template run directory."""
     tmp = tmp_path_factory.mktemp("fedreal")
     cfg = load_config(_config(tmp, data_root, repo_root, "template"))
-    for s in cfg.sites:
-        res = run_tile_site(
-            manifest=s.manifest,
-            data_root=data_root,
-            store=cfg.store_path(s.name),
-            tiling=cfg.tiling,
-            site=s.name,
-            run_dir=cfg.run_dir,
-        )
-        assert not res.get("failed"), res
+    tile_sites(cfg, data_root, "test")
     return tmp, cfg.run_dir
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from fedcore.layout import RunLayout
 from pipeline.config import ExperimentConfig, load_config
+from pipeline.tiles import tile_sites
 from wsi.manifest import subset_manifest
 
 pytestmark = pytest.mark.realdata
@@ -70,20 +71,9 @@ def _config(tmp: Path, data_root: Path, repo_root: Path, run: str, **train: Any)
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory, data_root: Path, repo_root: Path) -> tuple[Path, Path]:
-    from wsi.tiling import run_tile_site
-
     tmp = tmp_path_factory.mktemp("fedmic")
     cfg = load_config(_config(tmp, data_root, repo_root, "template"))
-    for s in cfg.sites:
-        res = run_tile_site(
-            manifest=s.manifest,
-            data_root=data_root,
-            store=cfg.store_path(s.name),
-            tiling=cfg.tiling,
-            site=s.name,
-            run_dir=cfg.run_dir,
-        )
-        assert not res.get("failed"), res
+    tile_sites(cfg, data_root, "test")
     return tmp, cfg.run_dir
 
 
