@@ -127,13 +127,20 @@ def _link(stores: Path, cfg: ExperimentConfig) -> None:
 def run_central(data: dict[str, Any], stores: Path, work: Path) -> dict[str, Any]:
     from pipeline.train import train_local
 
-    cfg = load_config_dict(data, work / "central")
+    # Every optimiser step the federation takes, and no early stop: the experiment's centralised row stops
+    # when validation Dice stops improving (train.patience), which would compare fewer steps with more.
+    # Validation runs every train.val_every steps, as often as the federation's jobs validate.
+    central = json.loads(json.dumps(data))
+    central["train"]["patience"] = 10**6
+    cfg = load_config_dict(central, work / "central")
     _link(stores, cfg)
     names = [s.name for s in cfg.sites]
     steps = cfg.federation.rounds * int(cfg.train.max_steps or 0) * len(names)
     t0 = time.perf_counter()
     res = train_local(cfg, names, cfg.run_dir, max_steps=steps, job_id="bench", progress=False)
     wall = time.perf_counter() - t0
+    if res.steps != steps:
+        raise SystemExit(f"centralised training stopped at {res.steps} of {steps} steps")
     return {"wall_s": wall, "steps": res.steps, "epsilon": res.epsilon}
 
 

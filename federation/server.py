@@ -847,7 +847,7 @@ class Aggregator:
 
 # -- HTTP layer --------------------------------------------------------------------------------------
 #: bytes of an upload's body buffered before they are hashed and written in one worker-thread call
-_SINK_BATCH = 4 << 20
+_SINK_BATCH = 1 << 20
 
 
 def _bearer(request: Request) -> str | None:
