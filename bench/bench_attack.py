@@ -7,8 +7,10 @@ Prints, at the attack tile size on the machine's cores (2 in CI):
 * mean SSIM of Inverting Gradients undefended and under DP-SGD at each ε (σ from Opacus for the
   default federation's accounting), next to the prior baseline (the dataset-mean image).
 
-Writes bench/out/bench_attack.json and bench/out/bench_attack_grid.png (true tiles, the prior, the
-reconstructions per ε). Usage: python bench/bench_attack.py [--targets 4 --iterations 600 --threads 2]
+Writes bench/out/bench_attack.json (``--out``) and bench/out/bench_attack_grid.png next to it (true tiles,
+the prior, the reconstructions per ε). ``--smoke``: 6 MoNuSeg images, one target, a few iterations of each
+attack, ε in {none, 8}: checks that the bench works (CI runs it; no timing or SSIM means anything there).
+Usage: python bench/bench_attack.py [--targets 4 --iterations 600 --threads 2] [--smoke] [--out PATH]
 """
 
 from __future__ import annotations
@@ -17,23 +19,28 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from federation.attack.common import DPSGD, observed_gradient, segmentation_loss
-from federation.attack.dlg import DLGSettings, dlg_attack
-from federation.attack.inverting import InversionSettings, invert_gradients
-from federation.attack.metrics import ssim
-from federation.attack.multistep import LocalTraining, invert_update, local_update
-from federation.attack.sweep import DPParams, _grid_png, pick_targets, target_model
-from federation.attack.tiles import load_monuseg_tiles
-from pipeline.config import ExperimentConfig
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from federation.attack.common import DPSGD, observed_gradient, segmentation_loss  # noqa: E402
+from federation.attack.dlg import DLGSettings, dlg_attack  # noqa: E402
+from federation.attack.inverting import InversionSettings, invert_gradients  # noqa: E402
+from federation.attack.metrics import ssim  # noqa: E402
+from federation.attack.multistep import LocalTraining, invert_update, local_update  # noqa: E402
+from federation.attack.sweep import DPParams, _grid_png, pick_targets, target_model  # noqa: E402
+from federation.attack.tiles import load_monuseg_tiles  # noqa: E402
+from pipeline.config import ExperimentConfig  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument(
         "--data-root", type=Path, default=Path(os.environ.get("FEDPATH_DATA_ROOT", "../shared/data"))
@@ -43,14 +50,29 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=None)
     ap.add_argument("--epsilons", default="none,32,8,2")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
+    ap.add_argument(
+        "--smoke", action="store_true",
+        help="6 images, 1 target, a few iterations, eps none and 8: checks the bench works, no meaning",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "out" / "bench_attack.json",
+        help="JSON report; the PNG grid goes next to it (<stem>_grid.png)",
+    )
+    args = ap.parse_args(argv)
     cfg = ExperimentConfig()
     a = cfg.attack
+    # the smoke run: enough tiles for a sampling rate below 1 (train.batch_size 16), every phase tiny
+    max_images, floor_reps, dlg_iters, local_steps = None, 20, a.dlg_iterations, a.local_steps
+    if args.smoke:
+        args.targets, args.iterations, args.restarts, args.epsilons, args.threads = 1, 4, 1, "none,8", 1
+        max_images, floor_reps, dlg_iters, local_steps = 6, 2, 2, 2
+    torch.set_num_threads(args.threads)
+
     iters = args.iterations or a.iterations
     restarts = args.restarts or a.restarts
-    pool = load_monuseg_tiles(args.data_root, a.tile_size, cfg.tiling.target_mpp, per_image=4, seed=a.seed)
+    pool = load_monuseg_tiles(
+        args.data_root, a.tile_size, cfg.tiling.target_mpp, per_image=4, max_images=max_images, seed=a.seed
+    )
     prior = pool.images.mean(0)
     tgt = pick_targets(pool, args.targets, a.seed)
     model, source = target_model(cfg)
@@ -62,7 +84,7 @@ def main() -> None:
     for _ in range(3):
         observed_gradient(model, x0, m0, loss_fn)
     t = time.perf_counter()
-    reps = 20
+    reps = floor_reps
     for _ in range(reps):
         observed_gradient(model, x0, m0, loss_fn)
     floor = (time.perf_counter() - t) / reps
@@ -79,7 +101,7 @@ def main() -> None:
         "bench",
     )
     eps_list = [None if e == "none" else float(e) for e in args.epsilons.split(",")]
-    out: dict = {
+    out: dict[str, Any] = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "tile_size": a.tile_size,
@@ -135,12 +157,10 @@ def main() -> None:
     for j, i in enumerate(tgt[:2]):
         x, m = pool.images[[i]], pool.masks[[i]]
         g = observed_gradient(model, x, m, loss_fn)
-        rec = dlg_attack(
-            model, g, x.shape, loss_fn, DLGSettings(iterations=a.dlg_iterations, seed=j), masks=m
-        )
+        rec = dlg_attack(model, g, x.shape, loss_fn, DLGSettings(iterations=dlg_iters, seed=j), masks=m)
         dlg_s.append(ssim(rec.images[0], x[0]))
         dlg_t.append(rec.seconds)
-        sched = LocalTraining(steps=a.local_steps, batch_size=1, lr=cfg.train.lr, optimizer="sgd")
+        sched = LocalTraining(steps=local_steps, batch_size=1, lr=cfg.train.lr, optimizer="sgd")
         upd = local_update(model, x, m, loss_fn, sched)
         settings.seed = j
         rec = invert_update(model, upd, 1, x.shape[1:], loss_fn, sched, settings, masks=m, prior=prior)
@@ -149,28 +169,29 @@ def main() -> None:
     out["dlg"] = {
         "mean_ssim": float(np.mean(dlg_s)),
         "seconds_per_reconstruction": float(np.mean(dlg_t)),
-        "iterations": a.dlg_iterations,
+        "iterations": dlg_iters,
     }
     out["multistep"] = {
         "mean_ssim": float(np.mean(ms_s)),
         "seconds_per_reconstruction": float(np.mean(ms_t)),
-        "local_steps": a.local_steps,
+        "local_steps": local_steps,
         "optimizer": "sgd",
     }
     print(
-        f"DLG (L-BFGS, {a.dlg_iterations} it): mean SSIM {np.mean(dlg_s):.3f}, {np.mean(dlg_t):.1f} s/reconstruction"
+        f"DLG (L-BFGS, {dlg_iters} it): mean SSIM {np.mean(dlg_s):.3f}, {np.mean(dlg_t):.1f} s/reconstruction"
     )
     print(
-        f"multi-step ({a.local_steps} SGD steps): mean SSIM {np.mean(ms_s):.3f}, {np.mean(ms_t):.1f} s/reconstruction"
+        f"multi-step ({local_steps} SGD steps): mean SSIM {np.mean(ms_s):.3f}, {np.mean(ms_t):.1f} s/reconstruction"
     )
     und = out["inverting_gradients"].get("none", {}).get("mean_ssim")
     if und is not None:
         print(
             f"undefended worst case: mean SSIM {und:.3f} -> 0.5 target {'MET' if und >= 0.5 else 'NOT met'}"
         )
-    Path("bench/out").mkdir(parents=True, exist_ok=True)
-    _grid_png(Path("bench/out/bench_attack_grid.png"), grid)
-    Path("bench/out/bench_attack.json").write_text(json.dumps(out, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _grid_png(args.out.with_name(args.out.stem + "_grid.png"), grid)
+    args.out.write_text(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ Measured in one run:
   and writes one model, whatever the number of sites.
 
 Sites are threads with their own httpx client in this process (their bodies are serialised before the
-clock starts). Usage: ``python bench/bench_federation.py [--sites 5 20] [--repeats 1]``. JSON goes to
-``bench/out/federation.json``.
+clock starts). Usage: ``python bench/bench_federation.py [--sites 5 20] [--repeats 1] [--smoke] [--out PATH]``.
+JSON goes to ``bench/out/federation.json``. ``--smoke``: 2 and 3 sites with a tiny UNet, checks that the
+bench works (CI runs it; no timing means anything there).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from pipeline.checkpoint import read_model_file  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 MODEL = {"name": "unet", "channels": [36, 72, 144, 288, 576], "strides": [2, 2, 2, 2], "num_res_units": 2}
+SMOKE_MODEL = {"name": "unet", "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
 
 
 class RssSampler(threading.Thread):
@@ -89,14 +91,16 @@ def _bodies(global_state: dict[str, Any], n_sites: int) -> list[bytes]:
     return out
 
 
-def run_aggregator(work: Path, n_sites: int, bodies: list[bytes] | None = None) -> dict[str, Any]:
+def run_aggregator(
+    work: Path, n_sites: int, bodies: list[bytes] | None = None, model: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One round with ``n_sites`` concurrent uploads; returns timings and the aggregator's memory."""
     sites = [f"s{i:02d}" for i in range(n_sites)]
     cfg_data = {
         "name": f"bench{n_sites}",
         "run_dir": str(work / "run"),
         "sites": [{"name": s, "manifest": "unused.csv"} for s in sites],
-        "model": MODEL,
+        "model": model or MODEL,
         "federation": {
             "rounds": 1, "min_sites": n_sites, "port": 0, "max_body_mb": 256, "max_concurrent_uploads": max(32, n_sites)
         },
@@ -205,11 +209,20 @@ def floor(work: Path, bodies: list[bytes], fsync: bool) -> float:
     return elapsed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sites", type=int, nargs="+", default=[5, 20])
     ap.add_argument("--repeats", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument(
+        "--smoke", action="store_true", help="2 and 3 sites, a tiny UNet: checks the bench works, no timing meaning"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "out" / "federation.json", help="JSON report"
+    )
+    args = ap.parse_args(argv)
+    model = SMOKE_MODEL if args.smoke else MODEL
+    if args.smoke:
+        args.sites, args.repeats = [2, 3], 1
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     results: list[dict[str, Any]] = []
     bodies: list[bytes] | None = None
@@ -218,7 +231,7 @@ def main() -> None:
             for rep in range(args.repeats):
                 work = Path(tmp) / f"n{n}_{rep}"
                 work.mkdir()
-                res = run_aggregator(work, n, bodies if bodies is not None and len(bodies) >= n else None)
+                res = run_aggregator(work, n, bodies if bodies is not None and len(bodies) >= n else None, model)
                 bodies = res.pop("bodies")
                 res["floor_s"] = floor(work, bodies[:n], fsync=True)
                 res["floor_nosync_s"] = floor(work, bodies[:n], fsync=False)
@@ -228,7 +241,7 @@ def main() -> None:
                 shutil.rmtree(work / "run", ignore_errors=True)
     print(f"fedpath federation benchmark: {platform.node()}, {psutil.cpu_count()} cores, TLS loopback")
     print(
-        f"model: UNet {MODEL['channels']}, {results[0]['params'] / 1e6:.2f} M parameters, "
+        f"model: UNet {model['channels']}, {results[0]['params'] / 1e6:.2f} M parameters, "
         f"{results[0]['update_mb']:.1f} MiB per update"
     )
     hdr = f"{'sites':>5} {'publish s':>10} {'floor s':>8} {'ratio':>6} {'floor(no fsync) s':>18} {'ratio':>6} {'RSS base MiB':>13} {'RSS peak MiB':>13} {'close s':>8}"
@@ -248,10 +261,11 @@ def main() -> None:
             f"peak RSS {lo} -> {hi} sites: {growth:+.0f} MiB "
             f"(holding the extra {hi - lo} updates would need {(hi - lo) * per_update:.0f} MiB)"
         )
-    out = REPO / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "federation.json").write_text(json.dumps({"model": MODEL, "results": results}, indent=2))
-    print(f"wrote {out / 'federation.json'}")
+    report = {"model": model, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ a synthetic pattern when the data root is absent), then reads the same grid of 2
 * tifffile's zarr store (``aszarr``), the generic chunked path;
 
 and unaligned 256-px reads (4 tiles each, cache on) for ours and OpenSlide. Prints tiles/s and ratios
-and writes bench/out/bench_readers.json.
+and writes bench/out/bench_readers.json (``--out``). ``--smoke``: a 2048-px slide, one repeat, in the
+system temp folder: checks that the bench works (CI runs it; no timing means anything there).
 
-    .venv/bin/python bench/bench_readers.py [--size 8192] [--repeat 1]
+    .venv/bin/python bench/bench_readers.py [--size 8192] [--repeat 1] [--smoke] [--out PATH]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,13 +74,25 @@ def rate(n: int, fn: Callable[[], None]) -> tuple[float, float]:
     return n / dt, dt
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=8192)
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats; the best of each is kept")
-    a = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+    ap.add_argument(
+        "--smoke", action="store_true", help="2048-px slide, 1 repeat: checks the bench works, no timing meaning"
+    )
+    ap.add_argument("--out", type=Path, default=OUT / "bench_readers.json", help="JSON report")
+    ap.add_argument(
+        "--workdir", type=Path, default=None,
+        help="where the scratch slide goes (default bench/out; with --smoke the system temp folder)",
+    )
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.size, a.repeat = 2048, 1
+    else:
+        OUT.mkdir(parents=True, exist_ok=True)
+    workdir = a.workdir if a.workdir is not None else None if a.smoke else OUT
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = Path(tmp) / "bench.tiff"
         img = source_pixels(a.size)
         t0 = time.perf_counter()
@@ -164,7 +178,7 @@ def main() -> None:
         }
         for k, v in ratios.items():
             print(f"{k:28s} {v:8.2f}x")
-        out = {
+        out: dict[str, Any] = {
             "size": a.size,
             "tile": T,
             "n_tiles": n,
@@ -172,8 +186,10 @@ def main() -> None:
             "tiles_per_s": res,
             "ratios": ratios,
         }
-        (OUT / "bench_readers.json").write_text(json.dumps(out, indent=2))
-        print(f"wrote {OUT / 'bench_readers.json'}")
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(out, indent=2))
+        print(f"wrote {a.out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ three times alternately (medians reported; the page cache is synced between phas
 and prints the ratios against the targets (>= 0.7x raw, >= 3x peer on one worker, >= 1.7x from one to two
 workers), by wall clock and by CPU time per tile. ``--memory`` also tiles a 20k and an 80k slide (the same
 amount of tissue, a sparse 80k) in subprocesses and compares their peak RSS (target: within 20%). JSON goes
-to bench/out/bench_tiling.json.
+to bench/out/bench_tiling.json (``--out``).
 
-    .venv/bin/python bench/bench_tiling.py [--size 30000] [--memory] [--quick]
+``--smoke`` runs the same phases on a 4k slide generated in a temporary folder (not the cache), one
+repeat, 16 peer tiles: it checks that the bench works (CI runs it; no timing means anything there).
+
+    .venv/bin/python bench/bench_tiling.py [--size 30000] [--memory] [--quick] [--smoke] [--out PATH]
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ OUT = REPO / "bench" / "out"
 CACHE = OUT / "cache"
 
 
-def make_slide(size: int, tissue_fraction: float, seed: int = 7, workers: int = 2) -> Path:
+def make_slide(
+    size: int, tissue_fraction: float, seed: int = 7, workers: int = 2, cache: Path = CACHE
+) -> Path:
     """A generated slide (cached under bench/out/cache: generation is not what is measured)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"bench_{size}_{tissue_fraction}_{seed}.tiff"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"bench_{size}_{tissue_fraction}_{seed}.tiff"
     if not path.exists():
         t0 = time.perf_counter()
         scene = SlideScene("bench", 0, size, size, 0.5, seed, tissue_fraction=tissue_fraction)
@@ -285,13 +290,13 @@ def peak_rss_mb(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     return peak_kb / 1024.0, dt
 
 
-def bench_memory(work: Path, small: int, big: int) -> dict[str, Any]:
+def bench_memory(work: Path, small: int, big: int, cache: Path = CACHE) -> dict[str, Any]:
     """Peak RSS of one-worker tiling for a small and a big slide with about the same tissue area."""
     frac_small = 0.85
     frac_big = min(0.85, frac_small * (small / big) ** 2)
     out: dict[str, Any] = {}
     for size, frac in ((small, frac_small), (big, frac_big)):
-        slide = make_slide(size, frac)
+        slide = make_slide(size, frac, cache=cache)
         mf = manifest_for(slide, work)
         store = work / f"mem_{size}.zarr"
         shutil.rmtree(store, ignore_errors=True)
@@ -313,23 +318,37 @@ def bench_memory(work: Path, small: int, big: int) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--size", type=int, default=30000, help="side of the throughput slide (px, >= 20000)")
     ap.add_argument("--memory", action="store_true", help="also compare peak RSS of 20k vs 80k slides")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--big", type=int, default=80000, help="side of the big slide of the memory run")
     ap.add_argument("--peer-tiles", type=int, default=1500, help="tiles the (slow) peers read")
-    ap.add_argument("--quick", action="store_true", help="8k slide, for a smoke run")
+    ap.add_argument("--quick", action="store_true", help="8k slide, a short run")
+    ap.add_argument(
+        "--smoke", action="store_true", help="4k slide, 1 repeat, 16 peer tiles: checks the bench works, no timing meaning"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="repeats of the fedpath/raw phases (median kept)")
-    args = ap.parse_args()
-    size = 8000 if args.quick else args.size
-    OUT.mkdir(parents=True, exist_ok=True)
+    ap.add_argument("--out", type=Path, default=OUT / "bench_tiling.json", help="JSON report")
+    ap.add_argument(
+        "--workdir", type=Path, default=None,
+        help="where the scratch folder goes (default bench/out; with --smoke the system temp folder)",
+    )
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.repeat, args.peer_tiles = 1, min(args.peer_tiles, 16)
+    size = 4096 if args.smoke else 8000 if args.quick else args.size
+    if not args.smoke:
+        OUT.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"size": size, "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()}
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+    workdir = args.workdir if args.workdir is not None else None if args.smoke else OUT
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         work = Path(tmp)
+        # the smoke run generates its tiny slides in the scratch folder: it leaves nothing in the cache
+        cache = work / "cache" if args.smoke else CACHE
         if not args.memory_only:
-            slide = make_slide(size, 0.85)
+            slide = make_slide(size, 0.85, cache=cache)
             # Each measured phase writes ~1 GB into the page cache. Before each one the previous phase's
             # output is deleted and everything is synced, so no phase pays for another's writeback (the
             # kernel starts writing back at 10% of memory dirty); phases alternate and repeat, and the
@@ -453,13 +472,16 @@ def main() -> None:
                 f"{os.cpu_count()} cores: wall-clock ratios include waiting for a core)"
             )
         if args.memory or args.memory_only:
-            mem = bench_memory(work, 20000 if not args.quick else 8000, args.big if not args.quick else 24000)
+            small, big = (2048, 4096) if args.smoke else (8000, 24000) if args.quick else (20000, args.big)
+            mem = bench_memory(work, small, big, cache=cache)
             results["memory"] = mem
             print(f"  peak RSS big / small     = {mem['ratio_big_over_small']:.2f}   (target <= 1.2)")
     results["load_avg_end"] = os.getloadavg()
     results["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (OUT / "bench_tiling.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nwrote {OUT / 'bench_tiling.json'} (load average {results['load_avg_end'][0]:.1f} at the end)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {args.out} (load average {results['load_avg_end'][0]:.1f} at the end)")
+    return results
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ over one round's bytes (what holding a round's updates in memory would cost). On
 compared with writing a whole round's files one after another: the 20 uploads of a round arrive at
 once, so the last is stored no sooner than that.
 
-Usage: ``python bench/bench_upload_load.py [--sites 20] [--rounds 5]``; JSON to
-``bench/out/upload_load.json``.
+Usage: ``python bench/bench_upload_load.py [--sites 20] [--rounds 5] [--smoke] [--out PATH]``; JSON to
+``bench/out/upload_load.json``. ``--smoke``: 3 sites, 2 rounds, a tiny UNet: checks that the bench works
+(CI runs it; no timing means anything there).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_federation import RssSampler  # noqa: E402
+from bench.bench_federation import SMOKE_MODEL, RssSampler  # noqa: E402
 from federation.provision import run_provision  # noqa: E402
 from federation.server import server_paths  # noqa: E402
 from federation.wire import encode_state, fsync_dir, update_metadata  # noqa: E402
@@ -64,13 +65,13 @@ def _bodies(global_state: dict[str, Any], sites: list[str], rounds: int) -> dict
     return out
 
 
-def run_load(work: Path, n_sites: int, rounds: int) -> dict[str, Any]:
+def run_load(work: Path, n_sites: int, rounds: int, model: dict[str, Any] | None = None) -> dict[str, Any]:
     sites = [f"s{i:02d}" for i in range(n_sites)]
     cfg_data = {
         "name": "loadbench",
         "run_dir": str(work / "run"),
         "sites": [{"name": s, "manifest": "unused.csv"} for s in sites],
-        "model": ModelConfig().model_dump(mode="json"),  # the default model
+        "model": model or ModelConfig().model_dump(mode="json"),  # the default model
         "federation": {"rounds": rounds, "min_sites": n_sites, "port": 0},  # default limits
     }
     cfg_path = work / "config.yaml"
@@ -182,15 +183,23 @@ def file_peer(work: Path, bodies: list[bytes]) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sites", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument(
+        "--smoke", action="store_true", help="3 sites, 2 rounds, a tiny UNet: checks the bench works, no timing meaning"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "out" / "upload_load.json", help="JSON report"
+    )
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.sites, args.rounds = 3, 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="loadbench-") as tmp:
         work = Path(tmp)
-        res = run_load(work, args.sites, args.rounds)
+        res = run_load(work, args.sites, args.rounds, SMOKE_MODEL if args.smoke else None)
         bodies = res.pop("bodies")
         peer = file_peer(work, bodies)
     rss_growth = res["rss_peak_mb"] - res["rss_baseline_mb"]
@@ -204,7 +213,8 @@ def main() -> None:
     }
     print(f"fedpath upload load benchmark: {platform.node()}, {psutil.cpu_count()} cores, TLS loopback")
     print(
-        f"default model: {res['params'] / 1e6:.2f} M parameters, {res['update_bytes'] / 2**20:.2f} MiB per update; "
+        f"{'smoke model' if args.smoke else 'default model'}: {res['params'] / 1e6:.2f} M parameters, "
+        f"{res['update_bytes'] / 2**20:.2f} MiB per update; "
         f"{args.sites} sites x {args.rounds} rounds = {res['uploads']} uploads in {res['wall_s']:.2f} s"
     )
     print(
@@ -221,12 +231,11 @@ def main() -> None:
         f"{ratios['p99_vs_round_written_in_turn']:.2f}x one round ({args.sites} files) written in turn; "
         f"RSS growth {ratios['rss_growth_vs_round_bytes']:.2f}x one round's bytes ({round_mb:.0f} MiB)"
     )
-    out = REPO / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "upload_load.json").write_text(
-        json.dumps({"aggregator": res, "peer": peer, "ratios": ratios}, indent=2)
-    )
-    print(f"wrote {out / 'upload_load.json'}")
+    report = {"aggregator": res, "peer": peer, "ratios": ratios}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""``bench/bench_federation.py --smoke``: 2 and then 3 sites upload a tiny UNet's update at once to a real
+aggregator (TLS loopback); the bench reports publish time against the write-and-average floor and the
+aggregator's memory. No timing assertion."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def test_bench_federation_smoke(
+    load_bench: Callable[[str], ModuleType],
+    bench_dir_untouched: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the bench sets it by default: keep it out of the session
+    bench = load_bench("bench_federation")
+    out = tmp_path / "federation.json"
+    report = bench.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["model"] == bench.SMOKE_MODEL
+    res = report["results"]
+    assert [r["sites"] for r in res] == [2, 3]
+    for r in res:
+        assert r["ratio"] > 0 and r["ratio_vs_nosync"] > 0
+        assert r["agg_s"] > 0 and r["floor_s"] > 0 and r["rss_peak_mb"] > 0
+        assert r["aggregate_s"] is not None
+    printed = capsys.readouterr().out
+    assert "publish s" in printed and "ratio" in printed
+    assert "peak RSS 2 -> 3 sites" in printed

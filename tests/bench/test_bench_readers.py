@@ -1,0 +1,41 @@
+"""``bench/bench_readers.py --smoke``: the region-read bench (raw decode, TiffSlideReader, OpenSlide,
+tifffile's zarr store, unaligned reads) runs on a small slide and reports its ratios. Real H&E pixels when
+the data root is there, a synthetic pattern otherwise. No timing assertion."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def test_bench_readers_smoke(
+    load_bench: Callable[[str], ModuleType],
+    bench_dir_untouched: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bench = load_bench("bench_readers")
+    out = tmp_path / "readers.json"
+    report = bench.main(["--smoke", "--out", str(out), "--workdir", str(tmp_path)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["size"] == 2048 and report["repeat"] == 1 and report["n_tiles"] == 64
+    assert set(report["tiles_per_s"]) == {
+        "raw_decode",
+        "tiffslidereader",
+        "openslide",
+        "tifffile_zarr",
+        "tiffslidereader_unaligned",
+        "openslide_unaligned",
+    }
+    assert all(v > 0 for v in report["tiles_per_s"].values())
+    ratios = report["ratios"]
+    assert set(ratios) == {"ours_vs_raw", "ours_vs_openslide", "ours_vs_tifffile_zarr", "unaligned_ours_vs_openslide"}
+    assert all(v > 0 for v in ratios.values()), ratios
+    assert [p.name for p in tmp_path.iterdir()] == ["readers.json"]  # the scratch slide is gone
+    printed = capsys.readouterr().out
+    for k in ratios:
+        assert f"{k:28s}" in printed
