@@ -92,9 +92,14 @@ def _bodies(global_state: dict[str, Any], n_sites: int) -> list[bytes]:
 
 
 def run_aggregator(
-    work: Path, n_sites: int, bodies: list[bytes] | None = None, model: dict[str, Any] | None = None
+    work: Path,
+    n_sites: int,
+    bodies: list[bytes] | None = None,
+    model: dict[str, Any] | None = None,
+    tls: bool = True,
 ) -> dict[str, Any]:
-    """One round with ``n_sites`` concurrent uploads; returns timings and the aggregator's memory."""
+    """One round with ``n_sites`` concurrent uploads; returns timings and the aggregator's memory.
+    ``tls=False``: plain HTTP on loopback (what a deployment behind a TLS-terminating proxy runs)."""
     sites = [f"s{i:02d}" for i in range(n_sites)]
     cfg_data = {
         "name": f"bench{n_sites}",
@@ -102,7 +107,7 @@ def run_aggregator(
         "sites": [{"name": s, "manifest": "unused.csv"} for s in sites],
         "model": model or MODEL,
         "federation": {
-            "rounds": 1, "min_sites": n_sites, "port": 0, "max_body_mb": 256, "max_concurrent_uploads": max(32, n_sites)
+            "rounds": 1, "min_sites": n_sites, "port": 0, "tls": tls, "max_body_mb": 256, "max_concurrent_uploads": max(32, n_sites)
         },
     }
     cfg_path = work / "config.yaml"
@@ -209,6 +214,53 @@ def floor(work: Path, bodies: list[bytes], fsync: bool) -> float:
     return elapsed
 
 
+def per_update_costs(body: bytes, work: Path, names: list[str], reps: int = 5) -> dict[str, float]:
+    """Milliseconds per update of each step the aggregator takes beyond the floor's write and read (best of
+    ``reps``, one thread): the profile behind the ratio. The floor writes, fsyncs and averages; the
+    aggregator also receives (TLS, HTTP), hashes (sha256, for idempotent retries and the audit trail),
+    validates (finite, norm) and folds the update into the running sum."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    from federation.wire import check_finite_and_norm
+
+    p = work / "one.safetensors"
+    out: dict[str, float] = {}
+
+    def best(fn: Any) -> float:
+        t = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+        return 1e3 * min(t)
+
+    def write(sync: bool) -> None:
+        with open(p, "wb") as f:
+            f.write(body)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    out["sha256_ms"] = best(lambda: hashlib.sha256(body).digest())
+    out["write_ms"] = best(lambda: write(False))
+    out["write_fsync_ms"] = best(lambda: write(True))
+    out["validate_ms"] = best(lambda: check_finite_and_norm(p, names))
+    with safe_open(str(p), framework="pt") as f:
+        acc = {k: torch.zeros_like(f.get_tensor(k), dtype=torch.float32) for k in names}
+
+    def fold() -> None:
+        with safe_open(str(p), framework="pt") as f:
+            for k in names:
+                acc[k].add_(f.get_tensor(k).to(torch.float32), alpha=0.5)
+
+    out["fold_ms"] = best(fold)
+    p.unlink()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sites", type=int, nargs="+", default=[5, 20])
@@ -218,6 +270,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument(
         "--out", type=Path, default=REPO / "bench" / "out" / "federation.json", help="JSON report"
+    )
+    ap.add_argument(
+        "--plain", action="store_true", help="also run each size without TLS (the TLS share of the ratio)"
     )
     args = ap.parse_args(argv)
     model = SMOKE_MODEL if args.smoke else MODEL
@@ -237,8 +292,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res["floor_nosync_s"] = floor(work, bodies[:n], fsync=False)
                 res["ratio"] = res["agg_s"] / res["floor_s"]
                 res["ratio_vs_nosync"] = res["agg_s"] / res["floor_nosync_s"]
+                if args.plain:
+                    (work / "plain").mkdir()
+                    plain = run_aggregator(work / "plain", n, bodies, model, tls=False)
+                    plain.pop("bodies")
+                    res["agg_plain_s"] = plain["agg_s"]
+                    res["ratio_plain"] = plain["agg_s"] / res["floor_s"]
                 results.append(res)
                 shutil.rmtree(work / "run", ignore_errors=True)
+        assert bodies is not None
+        from safetensors import safe_open
+
+        (Path(tmp) / "probe.safetensors").write_bytes(bodies[0])
+        with safe_open(str(Path(tmp) / "probe.safetensors"), framework="pt") as f:
+            names = list(f.keys())
+        costs = per_update_costs(bodies[0], Path(tmp), names)
     print(f"fedpath federation benchmark: {platform.node()}, {psutil.cpu_count()} cores, TLS loopback")
     print(
         f"model: UNet {model['channels']}, {results[0]['params'] / 1e6:.2f} M parameters, "
@@ -261,7 +329,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"peak RSS {lo} -> {hi} sites: {growth:+.0f} MiB "
             f"(holding the extra {hi - lo} updates would need {(hi - lo) * per_update:.0f} MiB)"
         )
-    report = {"model": model, "results": results}
+    if any("agg_plain_s" in r for r in results):
+        for r in results:
+            print(
+                f"{r['sites']:>5} sites without TLS: publish {r['agg_plain_s']:.2f} s, "
+                f"ratio to the floor {r['ratio_plain']:.2f} (with TLS {r['ratio']:.2f})"
+            )
+    n_max = max(r["sites"] for r in results)
+    extra_ms = costs["sha256_ms"] + costs["validate_ms"] + costs["fold_ms"]
+    print(
+        "per update, one thread (ms): "
+        + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in costs.items())
+        + f"; beyond the floor's write+fsync+read: sha256 + validate + fold = {extra_ms:.1f} ms "
+        f"= {extra_ms * n_max / 1e3:.2f} s of CPU at {n_max} sites"
+    )
+    report = {"model": model, "results": results, "per_update_ms": costs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

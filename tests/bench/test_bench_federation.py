@@ -22,7 +22,7 @@ def test_bench_federation_smoke(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the bench sets it by default: keep it out of the session
     bench = load_bench("bench_federation")
     out = tmp_path / "federation.json"
-    report = bench.main(["--smoke", "--out", str(out)])
+    report = bench.main(["--smoke", "--plain", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["model"] == bench.SMOKE_MODEL
     res = report["results"]
@@ -31,6 +31,10 @@ def test_bench_federation_smoke(
         assert r["ratio"] > 0 and r["ratio_vs_nosync"] > 0
         assert r["agg_s"] > 0 and r["floor_s"] > 0 and r["rss_peak_mb"] > 0
         assert r["aggregate_s"] is not None
+        assert r["agg_plain_s"] > 0 and r["ratio_plain"] > 0  # the same round without TLS
+    assert set(report["per_update_ms"]) == {"sha256_ms", "write_ms", "write_fsync_ms", "validate_ms", "fold_ms"}
+    assert all(v >= 0 for v in report["per_update_ms"].values())
     printed = capsys.readouterr().out
     assert "publish s" in printed and "ratio" in printed
     assert "peak RSS 2 -> 3 sites" in printed
+    assert "sites without TLS" in printed and "per update, one thread (ms)" in printed
