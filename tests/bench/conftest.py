@@ -4,10 +4,12 @@ the repository's bench/ folder (bench/out included) as it found it."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -48,3 +50,22 @@ def bench_dir_untouched(repo_root: Path) -> Iterator[None]:
     after = _bench_files(repo_root / "bench")
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"the smoke run wrote into the repository: {changed[:10]}"
+
+
+@pytest.fixture
+def run_smoke(
+    load_bench: Callable[[str], ModuleType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[ModuleType, dict[str, Any]]]:
+    """``bench, report = run_smoke("bench_tiling", "--workdir", d)``: the bench's ``--smoke`` run, its JSON
+    written to the test's tmp dir and checked to be the report ``main`` returned. One torch/OpenMP thread
+    (the benches set it by default; the setting is kept out of the session)."""
+
+    def run(name: str, *args: str) -> tuple[ModuleType, dict[str, Any]]:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        bench = load_bench(name)
+        out = tmp_path / f"{name}.json"
+        report = bench.main(["--smoke", *args, "--out", str(out)])
+        assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=str))
+        return bench, report
+
+    return run

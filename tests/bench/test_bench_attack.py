@@ -4,10 +4,10 @@ forward+backward floor is reported. No timing or SSIM assertion: the smoke run i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -25,16 +25,13 @@ def torch_threads() -> Iterator[None]:
 
 def test_bench_attack_smoke(
     data_root: Path,
-    load_bench: Callable[[str], ModuleType],
-    bench_dir_untouched: None,
     torch_threads: None,
     tmp_path: Path,
+    run_smoke: Callable[..., tuple[ModuleType, dict[str, Any]]],
+    bench_dir_untouched: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    bench = load_bench("bench_attack")
-    out = tmp_path / "attack.json"
-    report = bench.main(["--smoke", "--data-root", str(data_root), "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    bench, report = run_smoke("bench_attack", "--data-root", str(data_root))
     assert (tmp_path / "attack_grid.png").stat().st_size > 0
     assert report["floor_forward_backward_s"] > 0 and report["targets"] == 1
     assert 0 < report["accounting"]["sample_rate"] < 1

@@ -3,21 +3,18 @@ clipping, channels-last) runs a full step and the ratios are reported. No timing
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import pytest
 
 
-def test_bench_dp_smoke(repo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("bench_dp", repo_root / "bench" / "bench_dp.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "dp.json"
-    report = bench.main(["--smoke", "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+def test_bench_dp_smoke(
+    run_smoke: Callable[..., tuple[ModuleType, dict[str, Any]]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bench, report = run_smoke("bench_dp")
     paths = report["paths"]
     assert {"no_dp", "dp_fedpath", "dp_opacus_ghost", "dp_fedpath_cl", "no_dp_cl", "dp_fedpath_unfused"} <= set(paths)
     assert all(p["ratio_cpu"] > 0 and p["images_per_s_wall"] > 0 for p in paths.values())

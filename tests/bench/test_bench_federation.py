@@ -4,26 +4,19 @@ aggregator's memory. No timing assertion."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 
 def test_bench_federation_smoke(
-    load_bench: Callable[[str], ModuleType],
+    run_smoke: Callable[..., tuple[ModuleType, dict[str, Any]]],
     bench_dir_untouched: None,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the bench sets it by default: keep it out of the session
-    bench = load_bench("bench_federation")
-    out = tmp_path / "federation.json"
-    report = bench.main(["--smoke", "--plain", "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    bench, report = run_smoke("bench_federation", "--plain")
     assert report["model"] == bench.SMOKE_MODEL
     res = report["results"]
     assert [r["sites"] for r in res] == [2, 3]

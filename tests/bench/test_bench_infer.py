@@ -4,9 +4,10 @@ run is far too small to mean anything; the figures come from the full run (READM
 
 from __future__ import annotations
 
-import importlib.util
-import json
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -14,16 +15,14 @@ pytestmark = pytest.mark.realdata
 
 
 def test_bench_infer_smoke(
-    data_root: Path, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    data_root: Path,
+    tmp_path: Path,
+    run_smoke: Callable[..., tuple[ModuleType, dict[str, Any]]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FEDPATH_DATA_ROOT", str(data_root))
-    spec = importlib.util.spec_from_file_location("bench_infer", repo_root / "bench" / "bench_infer.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "infer.json"
-    report = bench.main(["--smoke", "--out", str(out), "--workdir", str(tmp_path)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    bench, report = run_smoke("bench_infer", "--workdir", str(tmp_path))
     real = report["real"]
     assert real["ratio_float32_vs_monai"] > 0 and real["monai_s"] > 0
     assert 0 < real["windows_tissue"] < real["windows_total"]  # the real region has glass to skip

@@ -4,24 +4,21 @@ the data root is there, a synthetic pattern otherwise. No timing assertion."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 
 def test_bench_readers_smoke(
-    load_bench: Callable[[str], ModuleType],
-    bench_dir_untouched: None,
     tmp_path: Path,
+    run_smoke: Callable[..., tuple[ModuleType, dict[str, Any]]],
+    bench_dir_untouched: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    bench = load_bench("bench_readers")
-    out = tmp_path / "readers.json"
-    report = bench.main(["--smoke", "--out", str(out), "--workdir", str(tmp_path)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    bench, report = run_smoke("bench_readers", "--workdir", str(tmp_path))
     assert report["size"] == 2048 and report["repeat"] == 1 and report["n_tiles"] == 64
     assert set(report["tiles_per_s"]) == {
         "raw_decode",

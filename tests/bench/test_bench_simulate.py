@@ -3,9 +3,10 @@ the smoke run is far too small to mean anything; the figures come from the full 
 
 from __future__ import annotations
 
-import importlib.util
-import json
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -13,16 +14,13 @@ pytestmark = pytest.mark.realdata
 
 
 def test_bench_simulate_smoke(
-    data_root: Path, repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    data_root: Path,
+    run_smoke: Callable[..., tuple[ModuleType, dict[str, Any]]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FEDPATH_DATA_ROOT", str(data_root))
-    spec = importlib.util.spec_from_file_location("bench_simulate", repo_root / "bench" / "bench_simulate.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "simulate.json"
-    report = bench.main(["--smoke", "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    bench, report = run_smoke("bench_simulate")
     assert set(report["ratios"]) == {"cold_vs_central", "warm_vs_central", "cold_vs_warm"}
     assert all(v > 0 for v in report["ratios"].values())
     res = report["results"]

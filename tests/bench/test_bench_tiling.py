@@ -5,10 +5,10 @@ anything; the figures come from the full run (README)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -30,17 +30,12 @@ RATIOS = {
 
 @pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # MONAI's peer reader
 def test_bench_tiling_smoke(
-    load_bench: Callable[[str], ModuleType],
-    bench_dir_untouched: None,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    run_smoke: Callable[..., tuple[ModuleType, dict[str, Any]]],
+    bench_dir_untouched: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    bench = load_bench("bench_tiling")
-    out = tmp_path / "tiling.json"
-    report = bench.main(["--smoke", "--out", str(out), "--workdir", str(tmp_path)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=str))
+    bench, report = run_smoke("bench_tiling", "--workdir", str(tmp_path))
     assert set(report["ratios"]) == RATIOS
     assert all(v > 0 for v in report["ratios"].values()), report["ratios"]
     assert report["size"] == 4096

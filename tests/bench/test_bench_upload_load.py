@@ -4,27 +4,20 @@ assertion."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 
 def test_bench_upload_load_smoke(
-    load_bench: Callable[[str], ModuleType],
+    run_smoke: Callable[..., tuple[ModuleType, dict[str, Any]]],
     bench_dir_untouched: None,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the bench sets it by default: keep it out of the session
-    bench = load_bench("bench_upload_load")
-    out = tmp_path / "upload_load.json"
-    report = bench.main(["--smoke", "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    bench, report = run_smoke("bench_upload_load")
     agg = report["aggregator"]
     assert agg["sites"] == 3 and agg["rounds"] == 2 and agg["uploads"] == 6
     ratios = report["ratios"]
