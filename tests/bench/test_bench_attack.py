@@ -32,7 +32,7 @@ def test_bench_attack_smoke(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     bench, report = run_smoke("bench_attack", "--data-root", str(data_root))
-    assert (tmp_path / "attack_grid.png").stat().st_size > 0
+    assert (tmp_path / "bench_attack_grid.png").stat().st_size > 0
     assert report["floor_forward_backward_s"] > 0 and report["targets"] == 1
     assert 0 < report["accounting"]["sample_rate"] < 1
     ig = report["inverting_gradients"]

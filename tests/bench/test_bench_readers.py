@@ -32,7 +32,7 @@ def test_bench_readers_smoke(
     ratios = report["ratios"]
     assert set(ratios) == {"ours_vs_raw", "ours_vs_openslide", "ours_vs_tifffile_zarr", "unaligned_ours_vs_openslide"}
     assert all(v > 0 for v in ratios.values()), ratios
-    assert [p.name for p in tmp_path.iterdir()] == ["readers.json"]  # the scratch slide is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["bench_readers.json"]  # the scratch slide is gone
     printed = capsys.readouterr().out
     for k in ratios:
         assert f"{k:28s}" in printed

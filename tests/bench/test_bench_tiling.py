@@ -44,7 +44,7 @@ def test_bench_tiling_smoke(
     assert report["raw_decode_2procs"]["procs"] == 2 and report["raw_decode_2procs"]["tiles"] == one["tiles"]
     assert 0 < report["openslide_loop"]["tiles"] <= 16 and 0 < report["monai"]["tiles"] <= 16
     assert all(len(v) == 1 for v in report["repeats"].values())  # one repeat of each phase
-    assert [p.name for p in tmp_path.iterdir()] == ["tiling.json"]  # the scratch folder is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["bench_tiling.json"]  # the scratch folder is gone
     printed = capsys.readouterr().out
     for line in (
         "fedpath(1) / raw decode   =",
