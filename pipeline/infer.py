@@ -343,7 +343,7 @@ def stitch_slide(
     if not blocks:
         log.warning("%s: no window touches detected tissue; the mask is empty", reader.path)
     importance = importance_map(window, cfg.sigma_scale)
-    merger = ZarrMerger((1, *canvas.shape), workdir, importance=None, chunk=cfg.chunk_size)
+    merger = _canvas_merger(canvas.shape, workdir, cfg)
     t0 = time.perf_counter()
     n_windows = int(sum(len(b.origins) for b in blocks))
     if runner is not None:
@@ -368,7 +368,10 @@ def stitch_slide(
         if pending is not None:
             pending.result()
     t_model = time.perf_counter() - t0
-    merger.finalize(output)
+    if isinstance(merger, ArrayMerger):
+        output[...] = merger.finalize()  # zarr writes it chunk by chunk
+    else:
+        merger.finalize(output)
     return {
         "windows": n_windows,
         "windows_total": total,
@@ -377,6 +380,16 @@ def stitch_slide(
         "seconds_predict": round(t_model, 3),
         "seconds_stitch": round(time.perf_counter() - t0, 3),
     }
+
+
+def _canvas_merger(shape: tuple[int, int], workdir: Path, cfg: InferenceConfig) -> ArrayMerger | ZarrMerger:
+    """The slide's accumulator: in memory when its sums and weights fit ``inference.memory_accumulator_mb``
+    (no compressed read-add-write per block, no chunked finalisation), else on disk so that memory stays
+    flat whatever the slide's size. Both add the same blocks in the same order: the same map bit for bit."""
+    h, w = shape
+    if 2 * 4 * h * w <= cfg.memory_accumulator_mb * 2**20:
+        return ArrayMerger((1, h, w))
+    return ZarrMerger((1, h, w), workdir, importance=None, chunk=cfg.chunk_size)
 
 
 def _run_blocks(

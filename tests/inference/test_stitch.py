@@ -89,3 +89,26 @@ def test_importance_map_is_positive_gaussian() -> None:
     imp = importance_map(64, 0.125)
     assert imp.shape == (64, 64) and imp.min() > 0
     assert imp[32, 32] == pytest.approx(imp.max()) and imp[0, 0] < 0.01 * imp.max()
+
+
+def test_memory_and_disk_accumulators_give_the_same_map_bit_for_bit(tmp_path: Path) -> None:
+    """stitch_slide blends a canvas that fits ``inference.memory_accumulator_mb`` in memory, a larger one on
+    disk: the same blocks added in the same order must give the same float32 map either way."""
+    from pipeline.config import InferenceConfig
+    from pipeline.infer import _canvas_merger
+
+    rng = np.random.default_rng(3)
+    shape = (700, 900)
+    mem = _canvas_merger(shape, tmp_path / "m", InferenceConfig())
+    disk = _canvas_merger(shape, tmp_path / "d", InferenceConfig(memory_accumulator_mb=0, chunk_size=128))
+    assert isinstance(mem, ArrayMerger) and isinstance(disk, ZarrMerger)
+    for _ in range(40):  # overlapping blocks, some cut by the canvas border
+        h, w = (int(v) for v in rng.integers(50, 300, 2))
+        y, x = int(rng.integers(0, shape[0] - 20)), int(rng.integers(0, shape[1] - 20))
+        weights = rng.random((h, w), dtype=np.float32) + 0.1
+        sums = (rng.random((1, h, w), dtype=np.float32) * weights).astype(np.float32)
+        mem.add_weighted(sums, weights, (y, x))
+        disk.add_weighted(sums, weights, (y, x))
+    out = zarr.create_array(str(tmp_path / "out.zarr"), shape=(1, *shape), chunks=(1, 128, 128), dtype="float32")
+    disk.finalize(out)
+    assert np.array_equal(mem.finalize(), np.asarray(out[:]))
