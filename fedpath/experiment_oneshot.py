@@ -189,7 +189,8 @@ def run_oneshot(
     state_file = base / "oneshot.json"
     from fedcore.hashing import sha256_bytes
 
-    config_key = sha256_bytes(cfg.model_dump_json(exclude={"run_dir", "name"}).encode())[:16]
+    # settings left at their defaults are not in the key, so a release that adds a setting keeps the rows
+    config_key = sha256_bytes(cfg.model_dump_json(exclude={"run_dir", "name"}, exclude_defaults=True).encode())[:16]
     previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
     # rows of another configuration are never mixed into this table
     rows: dict[str, dict[str, Any]] = previous.get("rows", {}) if previous.get("config_key") == config_key else {}
