@@ -109,6 +109,11 @@ class ServerLayout:
         return self.root / "data" / "store.zarr"
 
     @property
+    def val_store(self) -> Path:
+        """The tiles and masks of the server's labelled validation slides (``federation.server_val_manifest``)."""
+        return self.root / "val" / "store.zarr"
+
+    @property
     def pretrained(self) -> Path:
         """θ_pre from ``fedpath pretrain`` (masked image modelling on the server's tiles)."""
         return self.root / "pretrained.safetensors"

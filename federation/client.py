@@ -39,6 +39,7 @@ from federation.ledger import UpdateLedger
 from federation.payloads import RoundStatus, UpdateMeta
 from federation.provision import provision_paths, read_site_token
 from federation.server import is_loopback
+from federation.site import uploaded_rounds
 from federation.strategies import ServerContext, Strategy, build_strategy
 from federation.wire import (
     WireError,
@@ -315,12 +316,10 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
             if not done.is_file():
                 atomic_write_json(done, {"site": site, "round": r, "outcome": "already_submitted"})
             return {"site": site, "round": r, "outcome": "already_submitted"}
-        if getattr(strategy.site_algorithm(), "one_shot", False):  # data vectors: a site contributes once
-            for q in range(r):
-                d = layout.done(q)
-                if d.is_file() and json.loads(d.read_text()).get("outcome") == "uploaded":
-                    log.info("site %s: contributed its one update in round %d; nothing to do", site, q)
-                    return {"site": site, "round": r, "outcome": "contributed", "contributed_round": q}
+        uploaded = uploaded_rounds(layout, r)
+        if strategy.site_algorithm().contributed_enough(cfg, site, uploaded):  # one-shot methods
+            log.info("site %s: sent its updates (rounds %s); nothing to do", site, uploaded)
+            return {"site": site, "round": r, "outcome": "contributed", "contributed_round": uploaded[0]}
         update_file = layout.update(r)
         refused = layout.refused(r)
         if refused.is_file():

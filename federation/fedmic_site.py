@@ -159,6 +159,9 @@ class MutualHooks:
 class FedMICSite:
     """FedMIC's site algorithm: compressed downloads onto the kept version, mutual distillation."""
 
+    def contributed_enough(self, cfg: ExperimentConfig, site: str, uploaded: list[int]) -> bool:
+        return False  # round-based: a site trains every round
+
     def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State:
         state = SiteState(RunLayout(cfg.run_dir).site(site).state)
         kept = state.load_global()

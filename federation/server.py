@@ -247,6 +247,7 @@ class Aggregator:
                 server_manifest=self.fed.server_manifest,
                 server_store=self.paths.data_store if self.paths.data_store.exists() else None,
                 update_path=self.paths.update,
+                server_val_store=self.paths.val_store if self.paths.val_store.exists() else None,
                 global_spec=dict(self.spec),
             )
         )

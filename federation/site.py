@@ -14,10 +14,12 @@ A strategy returns its site algorithm from :meth:`Strategy.site_algorithm` (defa
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from fedcore.layout import SiteLayout
 from federation.payloads import FitConfig
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
@@ -29,7 +31,19 @@ if TYPE_CHECKING:
 State = dict[str, torch.Tensor]
 
 
+def uploaded_rounds(layout: SiteLayout, before: int) -> list[int]:
+    """The rounds before ``before`` in which the site's update was accepted (its ``done.json``)."""
+    out = []
+    for q in range(before):
+        d = layout.done(q)
+        if d.is_file() and json.loads(d.read_text()).get("outcome") == "uploaded":
+            out.append(q)
+    return out
+
+
 class SiteAlgorithm(Protocol):
+    def contributed_enough(self, cfg: ExperimentConfig, site: str, uploaded: list[int]) -> bool: ...
+
     def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State: ...
 
     def train(
@@ -40,8 +54,10 @@ class SiteAlgorithm(Protocol):
 class PlainSite:
     """Download the full version; DP-SGD from it (FedProx: with the proximal term towards it)."""
 
-    #: a one-shot method (data vectors): the site uploads once, later round jobs do nothing
-    one_shot = False
+    def contributed_enough(self, cfg: ExperimentConfig, site: str, uploaded: list[int]) -> bool:
+        """Whether the site has sent every update its method asks of it (``uploaded``: the earlier rounds
+        it uploaded in); then its later round jobs do nothing. Round-based methods: never."""
+        return False
 
     def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State:
         global_state, gmeta = client.download_model(r)

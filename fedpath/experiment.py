@@ -341,7 +341,7 @@ def run_experiment(
     md = table + "\n" + extra_md
     (base_dir / "experiment.md").write_text(md)
     plot = _bar_plot(rows, base_dir / "experiment.png")
-    _html(base_dir / "experiment.html", md, plot)
+    write_html(base_dir / "experiment.html", md, plot)
     summary = {
         "rows": rows, "table_markdown": table, "comparisons_markdown": extra_md, "epsilons": [str(e) for e in eps_list],
         "seeds": seeds, "seconds_total": round(wall, 1), "cpu_seconds": round(cpu, 1), "seconds_tiling": round(t_tiled - t_start, 1),
@@ -527,8 +527,8 @@ def _bar_plot(rows: dict[str, dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def _html(path: Path, md: str, plot: Path | None) -> None:
-    """A small self-contained report: the tables and the bar plot."""
+def write_html(path: Path, md: str, plot: Path | None, title: str = "Experiment: held-out test images") -> None:
+    """A small self-contained report: the tables and the plot."""
     import base64
     import html
 
@@ -545,7 +545,7 @@ def _html(path: Path, md: str, plot: Path | None) -> None:
         else:
             body.append(f"</table><p>{html.escape(line)}</p><table border=1 cellspacing=0 cellpadding=3>")
     path.write_text(
-        "<!doctype html><meta charset=utf-8><title>fedpath experiment</title>"
-        "<h1>Experiment: held-out test images</h1><table border=1 cellspacing=0 cellpadding=3>"
+        f"<!doctype html><meta charset=utf-8><title>fedpath: {html.escape(title)}</title>"
+        f"<h1>{html.escape(title)}</h1><table border=1 cellspacing=0 cellpadding=3>"
         + "\n".join(body) + f"</table>{img}\n"
     )  # fmt: skip

@@ -13,12 +13,19 @@ test split:
   uploads τ once (one round on the wire: a quarter of 4-round FedAvg's uploads); the server's version is
   θ_pre + λ·Σ τ (``sum``: the real run through the aggregator; ``mean``: the same vectors merged with
   λ = 1/n); ``+ restore``: distilled from the local models onto the server's tiles; ``random control``:
-  random vectors with the real vectors' per-tensor norms (must do clearly worse);
+  random vectors with the real vectors' per-tensor norms (must do clearly worse); ``tuned λ``: the λ whose
+  merge scores best on the server's own labelled validation tiles (``federation.server_val_manifest``, or
+  else fedpath's synthetic slides with their masks: never a site's data); ``(sum) + DP fine-tune``: a
+  second federation in which the first in-fold site also fine-tunes the merge (``restore: finetune``, on
+  its ledger: its σ covers both jobs, so it too ends at ε = 8);
 * ``universal``: per stage, the sites fine-tune the current version and the server distils their
   ensemble onto its own tiles (no site data), stage-wise from θ_pre.
 
-Bytes per site are counted on the wire (update bodies posted, model bodies received). The table goes to
-``<run>/oneshot.md`` and ``summary.json`` key ``oneshot``. Resumable per row (``oneshot.json``).
+Bytes per site are counted on the wire (update bodies posted, model bodies received), summed over the run
+and averaged over the sites. Every row records the largest per-tile ε of its sites (their ledgers). The
+table goes to ``<run>/oneshot.md``, the curves to ``oneshot.png`` (left-out Dice per method, per fold and
+level; Dice against upload; the λ curve), both into ``oneshot.html``, and ``summary.json`` key
+``oneshot``. Resumable per row (``oneshot.json``).
 
 ``fedpath experiment-oneshot --config configs/experiment_real.yaml [--folds gbm40_emory] [--no-dp-only]``
 """
@@ -106,13 +113,38 @@ def _last_global(run_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
 
 
 def _bytes(run_dir: Path, sites: list[str], rounds: int) -> dict[str, float]:
-    """Total bytes per site over the run, as sent on the wire (mean over sites)."""
-    from fedpath.experiment_fedmic import wire_bytes
-
-    wb = wire_bytes(run_dir, sites, rounds)
-    up = [v["up_per_round"] * rounds for v in wb.values() if not math.isnan(v["up_per_round"])]
-    down = [v["down_per_round"] * rounds for v in wb.values() if not math.isnan(v["down_per_round"])]
+    """Total bytes per site over the run, as sent on the wire (update bodies posted, model bodies
+    received; summed over the rounds a site took part in, mean over sites)."""
+    lay = RunLayout(run_dir)
+    up, down = [], []
+    for s in sites:
+        u = d = 0
+        for r in range(rounds):
+            body = lay.site(s).update(r)
+            if body.is_file():
+                u += body.stat().st_size
+            tj = lay.site(s).train_json(r)
+            if tj.is_file():
+                got = json.loads(tj.read_text()).get("bytes_down")
+                d += got if got is not None else lay.server.global_model(r).stat().st_size
+        up.append(u)
+        down.append(d)
     return {"up": sum(up) / len(up) if up else float("nan"), "down": sum(down) / len(down) if down else float("nan")}
+
+
+def _max_eps(run_dir: Path) -> dict[str, Any] | None:
+    """The largest per-tile ε of the run's sites, with its δ (their ledgers); None without DP."""
+    from fedpath.experiment import _ledger_eps
+
+    try:
+        per_site = _ledger_eps(run_dir)
+    except FedpathError:
+        return None
+    found = [v for v in per_site.values() if v.get("epsilon") is not None]
+    if not found:
+        return None
+    top = max(found, key=lambda v: float(v["epsilon"]))
+    return {"epsilon": top["epsilon"], "delta": top["delta"], "unit": top["unit"]}
 
 
 def _vectors(run_dir: Path, sites: list[str]) -> list[dict[str, torch.Tensor]]:
@@ -127,6 +159,30 @@ def _vectors(run_dir: Path, sites: list[str]) -> list[dict[str, torch.Tensor]]:
             raise FedpathError(f"{run_dir}: site {s} uploaded no data vector")
         out.append(dict(iter_tensors(body)))
     return out
+
+
+RESTORED = "data vectors (sum) + fine-tune at a site"
+TUNED = "data vectors (tuned λ)"
+
+
+def server_validation(cfg: ExperimentConfig, data_root: Path) -> Path:
+    """The server's labelled validation tiles: ``federation.server_val_manifest`` when configured, else
+    fedpath's own synthetic slides with their exact masks (generated once; never a site's data)."""
+    from fedpath.pretrain import tile_server_val
+    from wsi.config import SynthConfig
+    from wsi.synth import run_synth
+
+    if cfg.federation.server_val_manifest is not None:
+        store = tile_server_val(cfg, data_root)
+        assert store is not None
+        return store
+    out = cfg.run_dir / "server_val_synth"
+    sc = SynthConfig(sites=["server_val"], slides_per_site=2, held_out_slides=0, width=1536, height=1536,
+                     mpp=cfg.tiling.target_mpp, seed=0)
+    run_synth(sc, out, run_dir=cfg.run_dir)
+    store = tile_server_val(cfg, out, manifest=out / "manifests" / "server_val.csv")
+    assert store is not None
+    return store
 
 
 #: rows derived from the uploaded vectors without new training or uploads: (method, λ, control, restore)
@@ -185,6 +241,7 @@ def run_oneshot(
 
     pre_state, _ = read_model_file(pre_path)
     server_tiles = UnlabelledTiles(RunLayout(base).server.data_store, seed=cfg.pretrain.seed)
+    val_store = server_validation(cfg, data_root)
 
     state_file = base / "oneshot.json"
     from fedcore.hashing import sha256_bytes
@@ -216,7 +273,8 @@ def run_oneshot(
                     t0 = time.perf_counter()
                     res = train_local(v, [s], vdir, max_steps=rounds * steps, job_id="oneshot", progress=False)
                     record(key, {"method": f"local:{s}", "rounds": 0, "bytes": {"up": 0.0, "down": 0.0},
-                                 "seconds": time.perf_counter() - t0, "score": _score(cfg, res.state, left_out, in_fold)})
+                                 "seconds": time.perf_counter() - t0, "score": _score(cfg, res.state, left_out, in_fold),
+                                 "epsilon": _max_eps(vdir)})
             key = f"{tag}|centralised"
             if key not in rows:
                 vdir = vroot / "centralised"
@@ -234,6 +292,11 @@ def run_oneshot(
                 ("data vectors (sum)", "dv", {"federation__strategy": {"name": "data_vectors", "lam": "sum"},
                                               "federation__initial_model": pre_path, "federation__rounds": 1,
                                               "federation__min_sites": len(in_fold), "train__max_steps": rounds * steps}),
+                # the same, and the first in-fold site fine-tunes the merge on its ledger (round 2)
+                (RESTORED, "dv_restore", {"federation__strategy": {
+                    "name": "data_vectors", "lam": "sum", "restore": "finetune", "restore_site": in_fold[0],
+                    "restore_steps": steps}, "federation__initial_model": pre_path, "federation__rounds": 2,
+                    "federation__min_sites": len(in_fold), "train__max_steps": rounds * steps}),
             ]
             for method, dirname, changes in fed_runs:
                 key = f"{tag}|{method}"
@@ -249,8 +312,12 @@ def run_oneshot(
                 t0 = time.perf_counter()
                 run_simulation(v)
                 state, n_versions = _last_global(vdir)
-                record(key, {"method": method, "rounds": v.federation.rounds, "bytes": _bytes(vdir, in_fold, v.federation.rounds),
-                             "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold)})
+                row = {"method": method, "rounds": v.federation.rounds, "bytes": _bytes(vdir, in_fold, v.federation.rounds),
+                       "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold),
+                       "epsilon": _max_eps(vdir)}
+                if dirname == "dv_restore":
+                    row["restore_site"] = in_fold[0]
+                record(key, row)
 
             # the same uploaded vectors, merged otherwise (no new training, no new uploads)
             dv_dir = vroot / "dv"
@@ -264,10 +331,29 @@ def run_oneshot(
                 t0 = time.perf_counter()
                 state = _merged(cfg, pre_state, taus, lam, control, restore, server_tiles, steps)
                 record(key, {"method": method, "rounds": 1, "bytes": dv_row["bytes"], "n_vectors": n,
-                             "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold)})
+                             "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold),
+                             "epsilon": dv_row.get("epsilon")})
+            key = f"{tag}|{TUNED}"
+            if key not in rows:
+                from pipeline.merging import merge, tune_lambda, validation_dice
+                from pipeline.models import build_model
+
+                t0 = time.perf_counter()
+                best, scores = tune_lambda(
+                    pre_state, taus, lambda st: validation_dice(lambda: build_model(cfg.model), st, val_store)
+                )
+                state = merge(pre_state, taus, best)
+                record(key, {"method": TUNED, "rounds": 1, "bytes": dv_row["bytes"], "n_vectors": n, "lam": best,
+                             "lam_curve": {f"{k:.4g}": v for k, v in sorted(scores.items())},
+                             "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold),
+                             "epsilon": dv_row.get("epsilon")})
 
     table = tabulate(rows)
     (base / "oneshot.md").write_text(table)
+    plot = plot_oneshot(rows, base / "oneshot.png")
+    from fedpath.experiment import write_html
+
+    write_html(base / "oneshot.html", table, plot, "Data vectors, FedAvg from θ_pre and the universal model: leave one site out")
     summary = {"rows": rows, "table_markdown": table, "goals": goals(rows)}
     update_summary(base, "oneshot", summary)
     print(table)
@@ -278,15 +364,104 @@ def _f(x: Any, nd: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def _eps_text(e: dict[str, Any] | None) -> str:
+    if not e or e.get("epsilon") is None:
+        return "-"
+    return f"{float(e['epsilon']):.2f} per {e.get('unit') or 'tile'} (δ={float(e['delta']):.1g})"
+
+
+def _method_label(r: dict[str, Any]) -> str:
+    m = str(r["method"])
+    if r.get("restore_site"):
+        m = m.replace("a site", str(r["restore_site"]))
+    if r.get("lam") is not None:
+        m += f" (λ={float(r['lam']):.3g})"
+    return m
+
+
 def tabulate(rows: dict[str, dict[str, Any]]) -> str:
-    head = ["left-out site", "privacy", "method", "Dice left-out", "Dice in-fold sites (test)", "rounds", "KiB up / site", "KiB down / site"]
+    head = ["left-out site", "privacy", "method", "Dice left-out", "Dice in-fold sites (test)", "rounds",
+            "KiB up / site", "KiB down / site", "ε (max over sites)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, r in rows.items():
         left_out, lvl, _ = key.split("|", 2)
         sites = ", ".join(f"{s}: {_f(d)}" for s, d in r["score"]["sites"].items())
-        lines.append("| " + " | ".join([left_out, lvl, r["method"], _f(r["score"]["left_out"]), sites, str(r["rounds"]),
-                                          _f(r["bytes"]["up"] / 1024, 0), _f(r["bytes"]["down"] / 1024, 0)]) + " |")
+        lines.append("| " + " | ".join([left_out, lvl, _method_label(r), _f(r["score"]["left_out"]), sites,
+                                          str(r["rounds"]), _f(r["bytes"]["up"] / 1024, 0),
+                                          _f(r["bytes"]["down"] / 1024, 0), _eps_text(r.get("epsilon"))]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_oneshot(rows: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """The curves that make the comparison obvious: left-out Dice per method (one point per left-out
+    site, the bar their mean) at each privacy level; left-out Dice against KiB uploaded per site; and
+    each fold's λ curve on the server's validation tiles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({k.split("|")[1] for k in rows}, key=lambda s: (s != "no DP", s))
+    methods: list[str] = []
+    for k in rows:
+        m = k.split("|", 2)[2]
+        if not m.startswith("local:") and m not in methods:
+            methods.append(m)
+    methods = ["local (best)", *methods]
+    if not levels:
+        return None
+    fig, axes = plt.subplots(1, len(levels) + 2, figsize=(6 * len(levels) + 9, 4.6))
+    folds = sorted({k.split("|")[0] for k in rows})
+    for ax, lvl in zip(axes, levels, strict=False):
+        for i, m in enumerate(methods):
+            ys = []
+            for f in folds:
+                g = {k.split("|", 2)[2]: r for k, r in rows.items() if k.startswith(f"{f}|{lvl}|")}
+                if m == "local (best)":
+                    vals = [r["score"]["left_out"] for mm, r in g.items() if mm.startswith("local:")]
+                    v = max((x for x in vals if x is not None), default=None)
+                else:
+                    v = g.get(m, {}).get("score", {}).get("left_out")
+                if v is not None:
+                    ys.append(float(v))
+            if ys:
+                ax.bar(i, sum(ys) / len(ys), color="C0" if "control" not in m else "C3", alpha=0.45)
+                ax.plot([i] * len(ys), ys, "k.", ms=5)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=40, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("Dice on the left-out site")
+        ax.set_title(f"{lvl}: bar = mean over {len(folds)} left-out sites, dots = each")
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes[len(levels)]
+    for j, lvl in enumerate(levels):
+        for m in methods[1:]:
+            pts = [(r["bytes"]["up"] / 1024, r["score"]["left_out"]) for k, r in rows.items()
+                   if k.split("|")[1] == lvl and k.split("|", 2)[2] == m and r["score"]["left_out"] is not None]
+            if pts:
+                mx = sum(p[0] for p in pts) / len(pts)
+                my = sum(p[1] for p in pts) / len(pts)
+                ax.scatter([mx], [my], marker="o" if j == 0 else "^", s=30)
+                ax.annotate(f"{m} ({lvl})", (mx, my), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("KiB uploaded per site (whole run, log)")
+    ax.set_ylabel("mean left-out Dice")
+    ax.set_title("quality against upload")
+    ax.grid(alpha=0.3)
+    ax = axes[len(levels) + 1]
+    for k, r in rows.items():
+        if r.get("lam_curve"):
+            lams = [float(x) for x in r["lam_curve"]]
+            ax.plot(lams, list(r["lam_curve"].values()), ".-", label=f"{k.split('|')[0]} {k.split('|')[1]}")
+    ax.set_xlabel("λ (merge θ_pre + λ·Σ τ)")
+    ax.set_ylabel("Dice on the server's validation tiles")
+    ax.set_title("λ tuned on server-held labelled tiles")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def goals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -301,7 +476,7 @@ def goals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             v = g.get(m, {}).get("score", {}).get("left_out")
             return float("nan") if v is None else float(v)
 
-        dv = max(lo("data vectors (sum)"), lo("data vectors (mean)"))
+        dv = max(lo("data vectors (sum)"), lo("data vectors (mean)"), lo(TUNED))
         fa = lo("fedavg")
         ctrl = max(lo("data vectors random control (sum)"), lo("data vectors random control (mean)"))
         locals_ = [lo(m) for m in g if m.startswith("local:")]
@@ -310,6 +485,8 @@ def goals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "data_vectors_within_0.02_of_fedavg": dv >= fa - 0.02,
             "data_vectors_minus_fedavg": dv - fa,
             "control_clearly_worse": ctrl < dv - 0.05,
+            "data_vectors_restored_minus_fedavg": max(
+                lo("data vectors (sum) + restore"), lo("data vectors (mean) + restore"), lo(RESTORED)) - fa,
             "universal_at_or_above_fedavg_left_out": lo("universal") >= fa,
             "every_method_above_every_local_on_left_out": all(lo(m) > max(locals_) for m in methods) if locals_ else None,
         }

@@ -53,6 +53,7 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
     )
     if res.get("failed"):
         raise FedpathError(f"pretrain: tiling the server's slides failed: {res['failed']}")
+    tile_server_val(cfg, data_root)
     if out.is_file():
         _, meta = read_model_file(out)
         if meta.extra.get("settings") == json.loads(json.dumps(settings)):
@@ -89,6 +90,24 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
     update_summary(cfg.run_dir, "pretrain", result)
     log.info("pretrain: θ_pre written to %s (%s)", out, result)
     return result
+
+
+def tile_server_val(cfg: ExperimentConfig, data_root: Path, manifest: Path | None = None) -> Path | None:
+    """Tile the server's labelled validation slides (``federation.server_val_manifest``, or ``manifest``)
+    into ``<run>/server/val/store.zarr`` through the normal tiling path; None when none is configured."""
+    from wsi.tiling import run_tile_site
+
+    manifest = manifest or cfg.federation.server_val_manifest
+    if manifest is None:
+        return None
+    store = RunLayout(cfg.run_dir).server.val_store
+    res = run_tile_site(
+        manifest=manifest, data_root=data_root.resolve(), store=store, tiling=cfg.tiling,
+        site=_site_of(manifest), run_dir=cfg.run_dir, workers=cfg.tiling.workers,
+    )
+    if res.get("failed"):
+        raise FedpathError(f"pretrain: tiling the server's validation slides failed: {res['failed']}")
+    return store
 
 
 def _site_of(manifest: Path) -> str:

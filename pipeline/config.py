@@ -226,6 +226,11 @@ class FederationConfig(_Strict):
     server_manifest: Path | None = Field(
         None, description="unlabelled or public tiles the server holds (for strategies that distil on it)"
     )
+    server_val_manifest: Path | None = Field(
+        None,
+        description="labelled slides the server holds for validation (masks or annotations; e.g. fedpath's "
+        "synthetic slides, never a site's): data vectors choose λ on them (lam: tuned)",
+    )
     initial_model: Path | None = Field(
         None,
         description="version 0 from this model file (e.g. θ_pre of `fedpath pretrain`, "

@@ -14,6 +14,7 @@ vector's per-tensor norms. If merging those does as well, the vectors carried no
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -63,10 +64,12 @@ def tune_lambda(
     vectors: Sequence[State],
     score: Callable[[dict[str, torch.Tensor]], float],
     grid: Sequence[float] | None = None,
+    n: int | None = None,
 ) -> tuple[float, dict[float, float]]:
     """The λ on ``grid`` (default: 1/n … 1.5 in 8 steps, plus 1/n and 1) maximising ``score`` of the merged
-    model on the server's own validation data. Returns (best λ, every λ's score)."""
-    n = max(len(vectors), 1)
+    model on the server's own validation data. Returns (best λ, every λ's score). ``n``: how many vectors
+    ``vectors`` holds when it is their sum (default ``len(vectors)``)."""
+    n = max(n or len(vectors), 1)
     lams = sorted(set(grid if grid is not None else [*torch.linspace(1 / n, 1.5, 8).tolist(), 1 / n, 1.0]))
     scores = {float(lam): float(score(merge(pre, vectors, float(lam)))) for lam in lams}
     best = max(scores, key=lambda k: scores[k])
@@ -85,3 +88,15 @@ def random_vectors_like(vectors: Sequence[State], seed: int) -> list[dict[str, t
             r[k] = d * (float(v.double().norm()) / n) if n > 0 else d
         out.append(r)
     return out
+
+
+def validation_dice(builder: Callable[[], torch.nn.Module], state: State, store: Path) -> float:
+    """Mean Dice of the model ``state`` on every labelled tile of ``store`` (the server's validation set)."""
+    from pipeline.evaluate import evaluate_store
+
+    net = builder()
+    net.load_state_dict(state)
+    dice = evaluate_store(net, store, {"train", "val", "test"}).get("dice")
+    if dice is None:
+        raise ValueError(f"{store}: no labelled tiles to validate on")
+    return float(dice)

@@ -208,6 +208,7 @@ def train_local(
     max_steps: int | None = None,
     progress: bool = True,
     hooks: Any = None,
+    plan_steps: int | None = None,
 ) -> TrainResult:
     """Train on ``sites``' training slides (several = pooled) with DP-SGD when enabled; resumable.
 
@@ -215,7 +216,8 @@ def train_local(
     the module actually trained (DP-SGD then clips and noises all its parameters together, one mechanism),
     ``criterion(base)`` the loss over its output, ``on_optimizer(opt)`` may restore optimiser state,
     ``shared_state(module)`` the weights returned as the job's result, ``shared_model(module)`` the model
-    validated.
+    validated. ``plan_steps``: the steps σ is calibrated over for ``target_epsilon`` (default: the planned
+    rounds × this job's steps); jobs of one site that share it share one σ and end at the target together.
     """
     t_start = time.perf_counter()
     if not sites:
@@ -303,7 +305,8 @@ def train_local(
             if delta >= 1.0 / n_units:
                 log.warning("delta=%g is not below 1/n=%g: the guarantee is weak", delta, 1.0 / n_units)
             if pc.target_epsilon is not None and pc.noise_multiplier is None:
-                sigma = ledger.noise_for(pc.target_epsilon, delta, sample_rate, rounds_planned * steps_per_job)
+                planned = plan_steps or rounds_planned * steps_per_job
+                sigma = ledger.noise_for(pc.target_epsilon, delta, sample_rate, planned)
             elif pc.noise_multiplier is not None:
                 sigma = float(pc.noise_multiplier)
             else:

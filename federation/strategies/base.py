@@ -120,6 +120,9 @@ class ServerContext:
     server_store: Path | None = None
     #: where the server stored ``(round, site)``'s accepted update (for methods that revisit old ones)
     update_path: Callable[[int, str], Path] | None = None
+    #: labelled validation tiles the server holds (``federation.server_val_manifest``, tiled by ``fedpath
+    #: pretrain``); None: the server holds no labels
+    server_val_store: Path | None = None
     global_spec: Mapping[str, TensorSpec] = field(default_factory=dict)
 
 

@@ -37,6 +37,7 @@ def test_oneshot_rows_small(tmp_path: Path, data_root: Path) -> None:
     methods = {k.split("|")[2] for k in s["rows"]}
     for m in ("fedavg", "fedavg θ_pre", "universal", "data vectors (sum)", "data vectors (mean)",
               "data vectors (sum) + restore", "data vectors random control (sum)", "centralised",
+              "data vectors (tuned λ)", "data vectors (sum) + fine-tune at a site",
               f"local:{SITES[1]}", f"local:{SITES[2]}"):
         assert m in methods, m
     for r in s["rows"].values():
@@ -48,4 +49,13 @@ def test_oneshot_rows_small(tmp_path: Path, data_root: Path) -> None:
     assert dv["rounds"] == 1 and fa["rounds"] == 2
     assert math.isclose(fa["bytes"]["up"], 2 * dv["bytes"]["up"], rel_tol=0.05)
     assert f"{SITES[0]}|no DP" in s["goals"]
+    # λ tuned on the server's labelled (synthetic) tiles: the chosen λ is the curve's best
+    tuned = s["rows"][f"{SITES[0]}|no DP|data vectors (tuned λ)"]
+    assert max(tuned["lam_curve"].values()) == tuned["lam_curve"][f"{tuned['lam']:.4g}"]
+    # restoration at a designated site: its one extra upload, through the aggregator
+    rest = s["rows"][f"{SITES[0]}|no DP|data vectors (sum) + fine-tune at a site"]
+    assert rest["restore_site"] == SITES[1] and rest["rounds"] == 2
+    assert math.isclose(rest["bytes"]["up"], dv["bytes"]["up"] * 3 / 2, rel_tol=0.05)  # 2 sites, one sends twice
+    run_dir = tmp_path / "run"
+    assert (run_dir / "oneshot.png").stat().st_size > 10_000 and "left-out" in (run_dir / "oneshot.html").read_text()
     assert run(argv) == 0  # resumes: every row kept

@@ -165,3 +165,122 @@ def test_data_vectors_restored_by_distillation_move_towards_the_local_models(tmp
         assert _kl_to_ensemble(g1, teachers, store) < 0.5 * _kl_to_ensemble(merged, teachers, store)
     finally:
         fed.close()
+
+
+# -- restoration by a DP fine-tune at a designated site, and λ tuned on the server's labelled tiles ---------
+def test_restoration_by_a_designated_sites_finetune_is_its_one_extra_update_and_survives_sigkill(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    strategy = {"name": "data_vectors", "restore": "finetune", "restore_site": "a", "restore_steps": 3}
+    fed = Fed(tmp_path, ["a", "b", "c"], rounds=4, min_sites=2, strategy=strategy)
+    try:
+        pre = fed.global0
+        taus = {s: random_delta(pre, 0.01, i) for i, s in enumerate("abc")}
+        fed.clients["a"].upload(update_body(taus["a"], "a", 0, 5))
+        fed.clients["b"].upload(update_body(taus["b"], "b", 0, 7))
+        fed.wait_round(1)
+        g1, _ = read_model_file(fed.paths.global_model(1))
+        # b may not send a second update; a may, once: its fine-tune of version 1
+        try:
+            fed.clients["b"].upload(update_body(random_delta(pre, 0.01, 9), "b", 1, 5))
+            raise AssertionError("b's second update was accepted")
+        except ServerRefused as exc:
+            assert exc.status == 409 and "already contributed" in str(exc)
+        restore = random_delta(pre, 0.003, 11)
+        fed.clients["a"].upload(update_body(restore, "a", 1, 5))
+        fed.wait_round(2)
+        g2, m2 = read_model_file(fed.paths.global_model(2))
+        assert _close(g2, {k: v + restore[k] if v.is_floating_point() else v for k, v in g1.items()})
+        assert [u["site"] for u in m2.extra["updates"]] == ["a"]
+        try:
+            fed.clients["a"].upload(update_body(random_delta(pre, 0.01, 10), "a", 2, 5))
+            raise AssertionError("a third update from the restoring site was accepted")
+        except ServerRefused as exc:
+            assert "already contributed" in str(exc)
+
+        # SIGKILL: the restarted aggregator keeps the restoration and adds it to the late vector's merge
+        fed.proc.proc.kill()  # type: ignore[union-attr]
+        fed.proc.proc.wait()  # type: ignore[union-attr]
+        fed.url = fed.proc.start()
+        for c in fed.clients.values():
+            c.close()
+        fed.clients = {s: fed.client(s) for s in "abc"}
+        fed.clients["c"].upload(update_body(taus["c"], "c", 2, 3))
+        fed.wait_round(3)
+        g3, _ = read_model_file(fed.paths.global_model(3))
+        want3 = {k: v + taus["a"][k] + taus["b"][k] + taus["c"][k] + restore[k] if v.is_floating_point() else v
+                 for k, v in pre.items()}
+        assert _close(g3, want3)
+    finally:
+        fed.close()
+
+
+def test_restoring_site_config_is_checked() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="restore_site"):
+        strategy_config(FederationConfig(strategy={"name": "data_vectors", "restore": "finetune"}))
+
+
+def test_restoring_sites_two_jobs_end_at_its_target_epsilon(tmp_path, data_root) -> None:  # type: ignore[no-untyped-def]
+    """The restoring site calibrates σ over its vector's steps plus the restoration's: both jobs, one σ,
+    and the ledger ends at the target ε (not past it, not far below)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
+    from ptrain_utils import SITE, small_config, tile_monuseg
+
+    from fedcore.io import atomic_write_json
+    from fedcore.layout import RunLayout
+    from federation.strategies.data_vectors import DataVectorSite
+    from pipeline.models import build_model
+    from pipeline.privacy import PrivacyLedger
+
+    run = tmp_path / "run"
+    tile_monuseg(data_root, run, tile_size=32)
+    cfg = small_config(run, max_steps=4, privacy={"enabled": True, "target_epsilon": 4.0})
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 3})})
+    site = DataVectorSite(DataVectorsConfig(restore="finetune", restore_site=SITE, restore_steps=2))
+    pre = build_model(cfg.model).state_dict()
+    first = site.train(cfg, SITE, 0, pre, None)
+    lay = RunLayout(run).site(SITE)
+    atomic_write_json(lay.done(0), {"outcome": "uploaded"})  # what the round job writes after the upload
+    assert site.contributed_enough(cfg, SITE, [0]) is False and site.contributed_enough(cfg, SITE, [0, 1])
+    second = site.train(cfg, SITE, 1, first.state, None)
+    assert first.steps == 4 and second.steps == 2 and first.noise_multiplier == second.noise_multiplier
+    ledger = PrivacyLedger.load(lay.privacy)
+    assert [e.job for e in ledger.entries] == ["data-vector", "restore"]
+    assert 3.9 <= ledger.epsilon <= 4.0 + 1e-6
+
+
+def test_lambda_tuned_on_the_servers_labelled_tiles(tmp_path, data_root) -> None:  # type: ignore[no-untyped-def]
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
+    from fedtest_utils import TINY_MODEL
+    from ptrain_utils import tile_monuseg
+
+    from federation.strategies import ServerContext
+    from pipeline.config import ModelConfig
+    from pipeline.merging import merge, validation_dice
+    from pipeline.models import build_model
+
+    store = tile_monuseg(data_root, tmp_path / "val", tile_size=32)
+    mcfg = ModelConfig.model_validate(TINY_MODEL)
+
+    def builder() -> torch.nn.Module:
+        return build_model(mcfg)
+
+    pre = builder().state_dict()
+    total = random_delta(pre, 0.2, 3)
+    dv = DataVectors(DataVectorsConfig(lam="tuned"))
+    with pytest.raises(ValueError, match="server_val_manifest"):
+        dv.tuned_lambda(pre, total, 2)
+    dv.bind(ServerContext(model_builder=builder, server_val_store=store))
+    lam = dv.tuned_lambda(pre, total, 2)
+    scores = dv.last_tuning["scores"]
+    assert len(scores) >= 8 and 0.5 in scores and 1.0 in scores  # the grid holds the mean and the sum
+    assert scores[lam] == max(scores.values())
+    assert scores[lam] == pytest.approx(validation_dice(builder, merge(pre, [total], lam), store))
