@@ -303,7 +303,8 @@ def run_oneshot(
                 if key in rows:
                     continue
                 vdir = vroot / dirname
-                v = _variant(cfg, dirname, vdir, in_fold, **priv, **changes)
+                # every in-fold site takes part (the config's min_sites may count the left-out one)
+                v = _variant(cfg, dirname, vdir, in_fold, **priv, **({"federation__min_sites": len(in_fold)} | changes))
                 if dirname == "universal":  # the server's own tiles, where its strategies look for them
                     dst = RunLayout(vdir).server.data_store
                     dst.parent.mkdir(parents=True, exist_ok=True)
