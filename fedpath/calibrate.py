@@ -50,6 +50,9 @@ class LiraSettings(BaseModel):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="dotted config keys for the LiRA models, e.g. model.channels"
     )
+    views: int = Field(
+        8, ge=1, le=8, description="dihedral views the attacker queries per tile (augmented queries; 1: none)"
+    )
 
 
 class CalibrateConfig(BaseModel):
@@ -232,7 +235,8 @@ def run_calibrate(cal: CalibrateConfig, cfg: ExperimentConfig, data_root: Path |
                 f"online LiRA, {cal.lira.n_models} models per ε trained by fedpath's trainer on random halves of "
                 f"{cal.lira.tiles_per_image} x {cal.lira.images} MoNuSeg tiles ({cal.lira.tile_size} px, members and "
                 f"non-members from the same images), each model the target once with the other "
-                f"{cal.lira.n_models - 1} as shadows, {cal.lira.steps} steps each"
+                f"{cal.lira.n_models - 1} as shadows, {cal.lira.steps} steps each, {cal.lira.views} dihedral "
+                "view(s) queried per tile"
             ),
             "rows": ordered,
             "recommendation": recommend(ordered, cal.utility_floor),
@@ -281,7 +285,8 @@ def run_calibrate(cal: CalibrateConfig, cfg: ExperimentConfig, data_root: Path |
         if cal.lira.enabled and "lira" not in row:
             assert pool is not None
             lr = run_lira(
-                cfg, pool, held, eps, cal.lira.n_models, cal.lira.steps, cal.lira.overrides, seed=cal.seed + 101 * k
+                cfg, pool, held, eps, cal.lira.n_models, cal.lira.steps, cal.lira.overrides, seed=cal.seed + 101 * k,
+                views=cal.lira.views,
             )
             row["lira"] = lr.as_dict()
             if cal.utility == "none":
