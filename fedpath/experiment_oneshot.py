@@ -257,97 +257,96 @@ def run_oneshot(
         atomic_write_json(state_file, {"config_key": config_key, "rows": rows})
         log.info("oneshot: %s: left-out Dice %s", key, row["score"]["left_out"])
 
-    for left_out in folds:
+    for eps, left_out in [(e, f) for e in dp_levels for f in folds]:  # every fold without DP first
         in_fold = [n for n in names if n != left_out]
-        for eps in dp_levels:
-            lvl = "no DP" if eps is None else f"ε={eps:g}"
-            tag = f"{left_out}|{lvl}"
-            vroot = base / "oneshot" / left_out / ("nodp" if eps is None else f"eps{eps:g}")
-            priv = _privacy(eps)
+        lvl = "no DP" if eps is None else f"ε={eps:g}"
+        tag = f"{left_out}|{lvl}"
+        vroot = base / "oneshot" / left_out / ("nodp" if eps is None else f"eps{eps:g}")
+        priv = _privacy(eps)
 
-            for s in in_fold:
-                key = f"{tag}|local:{s}"
-                if key not in rows:
-                    vdir = vroot / f"local_{s}"
-                    v = _variant(cfg, f"local_{s}", vdir, [s], **priv)
-                    t0 = time.perf_counter()
-                    res = train_local(v, [s], vdir, max_steps=rounds * steps, job_id="oneshot", progress=False)
-                    record(key, {"method": f"local:{s}", "rounds": 0, "bytes": {"up": 0.0, "down": 0.0},
-                                 "seconds": time.perf_counter() - t0, "score": _score(cfg, res.state, left_out, in_fold),
-                                 "epsilon": _max_eps(vdir)})
-            key = f"{tag}|centralised"
+        for s in in_fold:
+            key = f"{tag}|local:{s}"
             if key not in rows:
-                vdir = vroot / "centralised"
-                v = _variant(cfg, "centralised", vdir, in_fold, **priv)
+                vdir = vroot / f"local_{s}"
+                v = _variant(cfg, f"local_{s}", vdir, [s], **priv)
                 t0 = time.perf_counter()
-                res = train_local(v, in_fold, vdir, max_steps=rounds * steps * len(in_fold), job_id="oneshot", progress=False)
-                record(key, {"method": "centralised", "rounds": 0, "bytes": {"up": 0.0, "down": 0.0},
-                             "seconds": time.perf_counter() - t0, "score": _score(cfg, res.state, left_out, in_fold)})
+                res = train_local(v, [s], vdir, max_steps=rounds * steps, job_id="oneshot", progress=False)
+                record(key, {"method": f"local:{s}", "rounds": 0, "bytes": {"up": 0.0, "down": 0.0},
+                             "seconds": time.perf_counter() - t0, "score": _score(cfg, res.state, left_out, in_fold),
+                             "epsilon": _max_eps(vdir)})
+        key = f"{tag}|centralised"
+        if key not in rows:
+            vdir = vroot / "centralised"
+            v = _variant(cfg, "centralised", vdir, in_fold, **priv)
+            t0 = time.perf_counter()
+            res = train_local(v, in_fold, vdir, max_steps=rounds * steps * len(in_fold), job_id="oneshot", progress=False)
+            record(key, {"method": "centralised", "rounds": 0, "bytes": {"up": 0.0, "down": 0.0},
+                         "seconds": time.perf_counter() - t0, "score": _score(cfg, res.state, left_out, in_fold)})
 
-            fed_runs: list[tuple[str, str, dict[str, Any]]] = [
-                ("fedavg", "fedavg", {"federation__strategy": "fedavg"}),
-                ("fedavg θ_pre", "fedavg_pre", {"federation__strategy": "fedavg", "federation__initial_model": pre_path}),
-                ("universal", "universal", {"federation__strategy": {"name": "universal", "distil_steps": 2 * steps},
-                                            "federation__initial_model": pre_path, "federation__server_manifest": cfg.federation.server_manifest}),
-                ("data vectors (sum)", "dv", {"federation__strategy": {"name": "data_vectors", "lam": "sum"},
-                                              "federation__initial_model": pre_path, "federation__rounds": 1,
-                                              "federation__min_sites": len(in_fold), "train__max_steps": rounds * steps}),
-                # the same, and the first in-fold site fine-tunes the merge on its ledger (round 2)
-                (RESTORED, "dv_restore", {"federation__strategy": {
-                    "name": "data_vectors", "lam": "sum", "restore": "finetune", "restore_site": in_fold[0],
-                    "restore_steps": steps}, "federation__initial_model": pre_path, "federation__rounds": 2,
-                    "federation__min_sites": len(in_fold), "train__max_steps": rounds * steps}),
-            ]
-            for method, dirname, changes in fed_runs:
-                key = f"{tag}|{method}"
-                if key in rows:
-                    continue
-                vdir = vroot / dirname
-                # every in-fold site takes part (the config's min_sites may count the left-out one)
-                v = _variant(cfg, dirname, vdir, in_fold, **priv, **({"federation__min_sites": len(in_fold)} | changes))
-                if dirname == "universal":  # the server's own tiles, where its strategies look for them
-                    dst = RunLayout(vdir).server.data_store
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    if not dst.exists():
-                        os.symlink(RunLayout(base).server.data_store.resolve(), dst, target_is_directory=True)
-                t0 = time.perf_counter()
-                run_simulation(v)
-                state, n_versions = _last_global(vdir)
-                row = {"method": method, "rounds": v.federation.rounds, "bytes": _bytes(vdir, in_fold, v.federation.rounds),
-                       "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold),
-                       "epsilon": _max_eps(vdir)}
-                if dirname == "dv_restore":
-                    row["restore_site"] = in_fold[0]
-                record(key, row)
+        fed_runs: list[tuple[str, str, dict[str, Any]]] = [
+            ("fedavg", "fedavg", {"federation__strategy": "fedavg"}),
+            ("fedavg θ_pre", "fedavg_pre", {"federation__strategy": "fedavg", "federation__initial_model": pre_path}),
+            ("universal", "universal", {"federation__strategy": {"name": "universal", "distil_steps": 2 * steps},
+                                        "federation__initial_model": pre_path, "federation__server_manifest": cfg.federation.server_manifest}),
+            ("data vectors (sum)", "dv", {"federation__strategy": {"name": "data_vectors", "lam": "sum"},
+                                          "federation__initial_model": pre_path, "federation__rounds": 1,
+                                          "federation__min_sites": len(in_fold), "train__max_steps": rounds * steps}),
+            # the same, and the first in-fold site fine-tunes the merge on its ledger (round 2)
+            (RESTORED, "dv_restore", {"federation__strategy": {
+                "name": "data_vectors", "lam": "sum", "restore": "finetune", "restore_site": in_fold[0],
+                "restore_steps": steps}, "federation__initial_model": pre_path, "federation__rounds": 2,
+                "federation__min_sites": len(in_fold), "train__max_steps": rounds * steps}),
+        ]
+        for method, dirname, changes in fed_runs:
+            key = f"{tag}|{method}"
+            if key in rows:
+                continue
+            vdir = vroot / dirname
+            # every in-fold site takes part (the config's min_sites may count the left-out one)
+            v = _variant(cfg, dirname, vdir, in_fold, **priv, **({"federation__min_sites": len(in_fold)} | changes))
+            if dirname == "universal":  # the server's own tiles, where its strategies look for them
+                dst = RunLayout(vdir).server.data_store
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.exists():
+                    os.symlink(RunLayout(base).server.data_store.resolve(), dst, target_is_directory=True)
+            t0 = time.perf_counter()
+            run_simulation(v)
+            state, n_versions = _last_global(vdir)
+            row = {"method": method, "rounds": v.federation.rounds, "bytes": _bytes(vdir, in_fold, v.federation.rounds),
+                   "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold),
+                   "epsilon": _max_eps(vdir)}
+            if dirname == "dv_restore":
+                row["restore_site"] = in_fold[0]
+            record(key, row)
 
-            # the same uploaded vectors, merged otherwise (no new training, no new uploads)
-            dv_dir = vroot / "dv"
-            taus = _vectors(dv_dir, in_fold)
-            dv_row = rows[f"{tag}|data vectors (sum)"]
-            n = len(taus)
-            for method, lam, control, restore in DERIVED:
-                key = f"{tag}|{method}"
-                if key in rows:
-                    continue
-                t0 = time.perf_counter()
-                state = _merged(cfg, pre_state, taus, lam, control, restore, server_tiles, steps)
-                record(key, {"method": method, "rounds": 1, "bytes": dv_row["bytes"], "n_vectors": n,
-                             "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold),
-                             "epsilon": dv_row.get("epsilon")})
-            key = f"{tag}|{TUNED}"
-            if key not in rows:
-                from pipeline.merging import merge, tune_lambda, validation_dice
-                from pipeline.models import build_model
+        # the same uploaded vectors, merged otherwise (no new training, no new uploads)
+        dv_dir = vroot / "dv"
+        taus = _vectors(dv_dir, in_fold)
+        dv_row = rows[f"{tag}|data vectors (sum)"]
+        n = len(taus)
+        for method, lam, control, restore in DERIVED:
+            key = f"{tag}|{method}"
+            if key in rows:
+                continue
+            t0 = time.perf_counter()
+            state = _merged(cfg, pre_state, taus, lam, control, restore, server_tiles, steps)
+            record(key, {"method": method, "rounds": 1, "bytes": dv_row["bytes"], "n_vectors": n,
+                         "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold),
+                         "epsilon": dv_row.get("epsilon")})
+        key = f"{tag}|{TUNED}"
+        if key not in rows:
+            from pipeline.merging import merge, tune_lambda, validation_dice
+            from pipeline.models import build_model
 
-                t0 = time.perf_counter()
-                best, scores = tune_lambda(
-                    pre_state, taus, lambda st: validation_dice(lambda: build_model(cfg.model), st, val_store)
-                )
-                state = merge(pre_state, taus, best)
-                record(key, {"method": TUNED, "rounds": 1, "bytes": dv_row["bytes"], "n_vectors": n, "lam": best,
-                             "lam_curve": {f"{k:.4g}": v for k, v in sorted(scores.items())},
-                             "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold),
-                             "epsilon": dv_row.get("epsilon")})
+            t0 = time.perf_counter()
+            best, scores = tune_lambda(
+                pre_state, taus, lambda st: validation_dice(lambda: build_model(cfg.model), st, val_store)
+            )
+            state = merge(pre_state, taus, best)
+            record(key, {"method": TUNED, "rounds": 1, "bytes": dv_row["bytes"], "n_vectors": n, "lam": best,
+                         "lam_curve": {f"{k:.4g}": v for k, v in sorted(scores.items())},
+                         "seconds": time.perf_counter() - t0, "score": _score(cfg, state, left_out, in_fold),
+                         "epsilon": dv_row.get("epsilon")})
 
     table = tabulate(rows)
     (base / "oneshot.md").write_text(table)
