@@ -184,6 +184,22 @@ class SiteClient:
         state, header = decode_state(resp.content, f"global model round {round_index}")
         return state, ModelMeta.from_header(header, f"global model round {round_index}")
 
+    def download_task_model(
+        self, classes: int, round_index: int = 0
+    ) -> tuple[dict[str, torch.Tensor], ModelMeta]:
+        """Version ``round_index`` (default 0, the base model) with a fresh head for ``classes`` classes."""
+        resp = self._request("GET", "/v1/model/task", params={"classes": classes, "round": round_index})
+        self.bytes_down += len(resp.content)
+        what = f"task model ({classes} classes, version {round_index})"
+        state, header = decode_state(resp.content, what)
+        meta = ModelMeta.from_header(header, what)
+        if meta.round != round_index or meta.model.out_channels != classes:
+            raise FedpathError(
+                f"{self.url}/v1/model/task: asked for {what}, got {meta.model.out_channels} classes of "
+                f"version {meta.round}"
+            )
+        return state, meta
+
     def download_delta(self, round_index: int) -> dict[str, torch.Tensor] | None:
         """Version ``round_index`` as its compressed delta from the previous one; None if not offered."""
         try:
@@ -331,7 +347,7 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
             algo = strategy.site_algorithm()
             global_state = algo.fetch_global(client, cfg, site, r)
             spec = spec_of(global_state)
-            strategy.bind(ServerContext(global_spec=spec))
+            strategy.bind(ServerContext(global_spec=spec, model=cfg.model))
             fit = st.fit
             result = algo.train(cfg, site, r, global_state, fit)
             delta = compute_delta(result.state, global_state)

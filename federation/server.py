@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -51,7 +52,7 @@ import h11
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from safetensors import safe_open
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -113,6 +114,24 @@ UNAUTHORIZED = "missing or invalid credentials (X-Fedpath-Site and Authorization
 #: bytes of safetensors header allowed on top of the tensors' data (JSON entries and update metadata)
 HEADER_ALLOWANCE = 64 * 1024
 HEADER_PER_TENSOR = 512
+
+
+#: answers of /v1/model/task kept in memory (each one model's size)
+_TASK_CACHE = 4
+_CLASSES_RE = re.compile("[0-9]{1,9}")
+
+
+def parse_classes(raw: str | None, max_classes: int) -> int:
+    """A site's class count from the query string: a whole number in ``[1, max_classes]``, else a 422."""
+    if raw is None:
+        raise Rejection(422, "bad_classes", f"classes: missing; ask with ?classes=N (1 to {max_classes})")
+    if _CLASSES_RE.fullmatch(raw) is None or not 1 <= int(raw) <= max_classes:
+        raise Rejection(
+            422,
+            "bad_classes",
+            f"classes: must be a whole number from 1 to {max_classes} (federation.max_classes), got {raw[:20]!r}",
+        )
+    return int(raw)
 
 
 #: the aggregator's folder; every path is named by :class:`fedcore.layout.ServerLayout`
@@ -237,6 +256,9 @@ class Aggregator:
         #: rebuilt from the update files after a restart
         self._acc: Accumulator | None = None
         self._acc_lock = threading.Lock()
+        #: the last few answers of /v1/model/task, keyed by (version, classes); built one at a time
+        self._task_cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._task_lock = threading.Lock()
         self._recover(rebuild_state)
 
     def _bind_strategy(self, strategy: Strategy) -> Strategy:
@@ -249,6 +271,7 @@ class Aggregator:
                 update_path=self.paths.update,
                 server_val_store=self.paths.val_store if self.paths.val_store.exists() else None,
                 global_spec=dict(self.spec),
+                model=self.cfg.model,
             )
         )
         self.payload_spec: PayloadSpec = strategy.upload_spec(self.spec, self.max_norm)
@@ -562,6 +585,48 @@ class Aggregator:
                     raise Rejection(404, "no_delta", f"no compressed delta for version {r}; ask for the full model")
                 return r, path
             return r, self.paths.global_model(r)
+
+    def task_model(self, classes: int, r: int) -> tuple[int, bytes]:
+        """Version ``r`` (the base model: 0) with a fresh head for ``classes`` classes, as safetensors bytes.
+
+        The head is :func:`pipeline.transfer.fresh_head`: a function of the architecture and ``classes``
+        alone, so every site asking for N classes gets the same one. ``classes`` is bounded by
+        ``federation.max_classes`` (checked by the caller); one answer is built at a time and the last
+        few are kept, so no sequence of requests makes the server hold more than a few models.
+        """
+        from pipeline.transfer import fresh_head
+
+        r, path = self.model_path(r)
+        with self._task_lock:
+            key = (r, classes)
+            hit = self._task_cache.get(key)
+            if hit is not None:
+                self._task_cache.move_to_end(key)
+                return r, hit
+            state, meta = read_model_file(path)
+            head = fresh_head(self.cfg.model, classes)
+            missing = [k for k in head if k not in state]
+            if missing:
+                raise Rejection(500, "no_head", f"version {r} has no tensor {missing[0]!r} of the head")
+            out = {k: head.get(k, v) for k, v in state.items()}
+            task_meta = ModelMeta(
+                model=meta.model.model_copy(update={"out_channels": classes}),
+                tile_size=meta.tile_size,
+                target_mpp=meta.target_mpp,
+                source="task",
+                round=r,
+                extra={
+                    "version": r,
+                    "classes": classes,
+                    "head": sorted(head),
+                    "head_init": "fresh: PyTorch's default per layer, seeded by the architecture and class count",
+                },
+            )
+            body = encode_state(out, task_meta.to_header())
+            self._task_cache[key] = body
+            while len(self._task_cache) > _TASK_CACHE:
+                self._task_cache.popitem(last=False)
+            return r, body
 
     @staticmethod
     def _ack(u: UpdateInfo) -> dict[str, Any]:
@@ -980,7 +1045,8 @@ def timed_h11(header_timeout_s: float) -> type[H11Protocol]:
 
 
 def create_app(agg: Aggregator, *, tick_s: float = 0.25) -> FastAPI:
-    """The FastAPI app over an :class:`Aggregator` (status, model download, update upload, health)."""
+    """The FastAPI app over an :class:`Aggregator` (status, model download, the base model with a fresh head
+    for a site's class count, update upload, health)."""
     fed = agg.fed
     guard = UnauthGuard(fed.unauth_burst, fed.unauth_per_s, fed.audit_unauth_window_s)
     uploads = {"active": 0}
@@ -1099,6 +1165,23 @@ def create_app(agg: Aggregator, *, tick_s: float = 0.25) -> FastAPI:
         r, path = await asyncio.to_thread(agg.model_path, round, form)
         await audit(action="model", site=site, round=r, outcome="ok", status=200)
         return FileResponse(path, media_type="application/octet-stream", headers={"X-Fedpath-Round": str(r)})
+
+    @app.get("/v1/model/task")
+    async def task_model(
+        request: Request,
+        classes: str | None = Query(None),
+        round: int = Query(0, ge=0, lt=2**31),  # noqa: A002
+    ) -> Response:
+        """The base model (version ``round``, default 0) with a fresh head for the site's class count."""
+        site = await auth(request)
+        n = parse_classes(classes, fed.max_classes)
+        r, body = await asyncio.to_thread(agg.task_model, n, round)
+        await audit(action="task_model", site=site, round=r, outcome="ok", status=200, reason=f"classes={n}")
+        return Response(
+            body,
+            media_type="application/octet-stream",
+            headers={"X-Fedpath-Round": str(r), "X-Fedpath-Classes": str(n)},
+        )
 
     async def receive(request: Request, tmp: Path, h: Any) -> int:
         """Stream the body to ``tmp`` with size, idle and total-time bounds; returns its size."""

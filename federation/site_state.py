@@ -1,4 +1,5 @@
-"""A site's private state between batch jobs: personal model, optimiser state, the last global version.
+"""A site's private state between batch jobs: personal model, optimiser state, the last global version,
+and the site's own output head (per-site heads).
 
 It lives in ``sites/<site>/state/`` and never leaves the site (nothing here is ever uploaded). Every
 file is written atomically (:func:`fedcore.io.atomic_write_bytes`: tmp, fsync, rename, fsync dir), so a
@@ -10,6 +11,7 @@ is used only when the rounds agree.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,25 @@ from federation.wire import encode_state
 
 State = dict[str, torch.Tensor]
 _META = "fedpath_site_state"
+
+
+@dataclass(frozen=True)
+class HeadState:
+    """The site's own output head (``heads: per_site``): what round ``round`` trains from, and its result.
+
+    ``start`` stays fixed for the round, so a job killed and re-run trains from the same initial model
+    (its checkpoint fingerprint matches and it resumes); ``trained`` is written when the round's training
+    ended, and becomes the next round's ``start``.
+    """
+
+    round: int
+    classes: int
+    start: State
+    trained: State | None = None
+
+    @property
+    def latest(self) -> State:
+        return self.trained if self.trained is not None else self.start
 
 
 class SiteState:
@@ -78,6 +99,32 @@ class SiteState:
         if opt is None or personal is None or opt[1].get("round") != personal[1].get("round"):
             return None
         return opt[0], opt[1]["info"]
+
+    # -- the site's own head (per-site heads) -------------------------------------------------------------
+    @property
+    def head_path(self) -> Path:
+        return self.root / "head.safetensors"
+
+    def save_head(self, head: HeadState) -> None:
+        tensors = {f"start.{k}": v for k, v in head.start.items()}
+        if head.trained is not None:
+            tensors |= {f"trained.{k}": v for k, v in head.trained.items()}
+        meta = {"round": head.round, "classes": head.classes, "trained": head.trained is not None}
+        self._save(self.head_path, tensors, meta)
+
+    def load_head(self) -> HeadState | None:
+        got = self._load(self.head_path)
+        if got is None:
+            return None
+        tensors, meta = got
+        try:
+            start = {k[6:]: v for k, v in tensors.items() if k.startswith("start.")}
+            trained = {k[8:]: v for k, v in tensors.items() if k.startswith("trained.")}
+            return HeadState(
+                int(meta["round"]), int(meta["classes"]), start, trained if meta["trained"] else None
+            )
+        except (KeyError, TypeError, ValueError):
+            raise FedpathError(f"{self.head_path}: unreadable head state (bad metadata)") from None
 
     # -- the last global version (what a compressed download is applied to) ------------------------------
     def save_global(self, version: int, state: State) -> None:

@@ -194,6 +194,10 @@ class FederationConfig(_Strict):
     max_n_tiles: int = Field(
         1_000_000, ge=1, description="largest n_tiles (the FedAvg weight) a site may report; larger is refused"
     )
+    max_classes: int = Field(
+        256, ge=1, le=65536,
+        description="largest class count a site may ask /v1/model/task for (a head's size grows with it)",
+    )
     max_body_mb: float | None = Field(
         None, gt=0, description="upload size limit (default: the model's size plus a small header allowance)"
     )

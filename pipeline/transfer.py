@@ -14,6 +14,8 @@ The site models it distils are already DP outputs (post-processing).
 * :func:`with_fresh_head`: the pretrained body with a new, randomly initialised output head for a task's
   number of classes. Head tensors are found by building the architecture twice with different class
   counts (whatever changes shape is the head), so it works for every network ``build_model`` makes.
+  :func:`fresh_head` is a head alone, deterministic from the architecture and the class count: what the
+  aggregator's ``/v1/model/task`` serves to a site with its own label set.
 * :func:`distil_ensemble`: the student minimises the per-pixel KL divergence to the ensemble's averaged
   softened logits (FedDF, Lin et al. 2020), on unlabelled tiles; teachers may be weighted (e.g. by their
   sites' tile counts).
@@ -21,6 +23,7 @@ The site models it distils are already DP outputs (post-processing).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -155,10 +158,56 @@ def mim_pretrain(
 
 
 def head_keys(model_cfg: ModelConfig) -> set[str]:
-    """The state-dict keys of the output head: those whose shape depends on ``out_channels``."""
-    a = build_model(model_cfg.model_copy(update={"out_channels": 2})).state_dict()
-    b = build_model(model_cfg.model_copy(update={"out_channels": 5})).state_dict()
+    """The state-dict keys of the output head: those whose shape depends on ``out_channels``.
+
+    Both networks are built on the ``meta`` device: shapes only, no memory and no draw from torch's RNG.
+    """
+    with torch.device("meta"):
+        a = build_model(model_cfg.model_copy(update={"out_channels": 2})).state_dict()
+        b = build_model(model_cfg.model_copy(update={"out_channels": 5})).state_dict()
     return {k for k in a if a[k].shape != b[k].shape}
+
+
+def head_seed(model_cfg: ModelConfig) -> int:
+    """The seed of a fresh head: a hash of the architecture and its class count, public values only."""
+    digest = hashlib.sha256(b"fedpath-head\0" + model_cfg.model_dump_json().encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def fresh_head(model_cfg: ModelConfig, classes: int | None = None) -> dict[str, torch.Tensor]:
+    """A newly initialised output head for ``classes`` (default: ``model_cfg.out_channels``) classes.
+
+    Deterministic from public values: every caller asking for the same architecture and class count
+    gets the same tensors, bit for bit (the draws come from a private generator seeded by
+    :func:`head_seed`, so torch's global RNG is neither used nor disturbed). Cheap: the network is built
+    on the ``meta`` device and only the head's tensors are allocated. The initialisation is PyTorch's
+    default for each layer: convolutions and linear layers U(±1/sqrt(fan_in)) for weight and bias, norm
+    layers weight 1 and bias 0, PReLU 0.25.
+    """
+    cfg = model_cfg if classes is None else model_cfg.model_copy(update={"out_channels": int(classes)})
+    keys = sorted(head_keys(cfg))
+    with torch.device("meta"):
+        net = build_model(cfg)
+    modules = dict(net.named_modules())
+    gen = torch.Generator().manual_seed(head_seed(cfg))
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        owner, _, pname = key.rpartition(".")
+        mod = modules[owner]
+        like = getattr(mod, pname)
+        if isinstance(mod, nn.modules.conv._ConvNd | nn.Linear):
+            w = mod.weight
+            fan_in = int(w.shape[1]) * math.prod(int(d) for d in w.shape[2:])
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            t = (torch.rand(tuple(like.shape), generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        elif isinstance(mod, nn.GroupNorm | nn.LayerNorm | nn.modules.batchnorm._NormBase):
+            t = torch.ones(tuple(like.shape)) if pname == "weight" else torch.zeros(tuple(like.shape))
+        elif isinstance(mod, nn.PReLU):
+            t = torch.full(tuple(like.shape), 0.25)
+        else:
+            raise FedpathError(f"fresh_head: no initialisation for head tensor {key!r} ({type(mod).__name__})")
+        out[key] = t.to(like.dtype)
+    return out
 
 
 def with_fresh_head(pretrained: dict[str, torch.Tensor], model_cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:

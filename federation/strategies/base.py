@@ -26,10 +26,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from federation.payloads import FitConfig, PayloadSpec, full_delta_spec
 from federation.wire import TensorSpec, iter_tensors
@@ -37,6 +37,7 @@ from pipeline.dprandom import NoiseSource
 
 if TYPE_CHECKING:
     from federation.site import SiteAlgorithm
+    from pipeline.config import ModelConfig
 
 State = dict[str, torch.Tensor]
 
@@ -46,6 +47,16 @@ class StrategyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
+
+
+class FullDeltaConfig(StrategyConfig):
+    """Config of a strategy whose sites upload a full delta of the model: its head may stay per site."""
+
+    heads: Literal["shared", "per_site"] = Field(
+        "shared",
+        description="per_site: the output head never leaves a site (kept in sites/<s>/state/), only the "
+        "body is uploaded and averaged, so sites with different class counts federate together",
+    )
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,8 @@ class ServerContext:
     #: pretrain``); None: the server holds no labels
     server_val_store: Path | None = None
     global_spec: Mapping[str, TensorSpec] = field(default_factory=dict)
+    #: the network of the federation (the server's config; a site's own, whose class count may differ)
+    model: ModelConfig | None = None
 
 
 def float_names(state: State) -> list[str]:

@@ -16,10 +16,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from federation.strategies.base import State, Strategy, StrategyConfig
+from federation.strategies.base import FullDeltaConfig, State, Strategy, StrategyConfig
 
 
-class FedAdamConfig(StrategyConfig):
+class FedAdamConfig(FullDeltaConfig):
     name: Literal["fedadam"] = "fedadam"
     server_lr: float = Field(0.01, gt=0)
     server_beta1: float = Field(0.9, ge=0, lt=1)

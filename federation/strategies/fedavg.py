@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from federation.strategies.base import State, Strategy, StrategyConfig
+from federation.strategies.base import FullDeltaConfig, State, Strategy, StrategyConfig
 
 
-class FedAvgConfig(StrategyConfig):
+class FedAvgConfig(FullDeltaConfig):
     name: Literal["fedavg"] = "fedavg"
 
 

@@ -11,11 +11,11 @@ from typing import Literal
 from pydantic import Field
 
 from federation.payloads import FitConfig
-from federation.strategies.base import Strategy, StrategyConfig
+from federation.strategies.base import FullDeltaConfig, Strategy, StrategyConfig
 from federation.strategies.fedavg import FedAvg
 
 
-class FedProxConfig(StrategyConfig):
+class FedProxConfig(FullDeltaConfig):
     name: Literal["fedprox"] = "fedprox"
     proximal_mu: float = Field(0.01, ge=0, description="weight of (mu/2)||w - w_global||^2")
 

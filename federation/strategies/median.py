@@ -12,13 +12,20 @@ from typing import Literal
 
 import torch
 
-from federation.strategies.base import State, Strategy, StrategyConfig, UpdateInfo, float_names
+from federation.strategies.base import (
+    FullDeltaConfig,
+    State,
+    Strategy,
+    StrategyConfig,
+    UpdateInfo,
+    float_names,
+)
 from federation.strategies.coordinatewise import reduce_coordinatewise
 from federation.strategies.fedavg import FedAvg
 from pipeline.dprandom import NoiseSource
 
 
-class FedMedianConfig(StrategyConfig):
+class FedMedianConfig(FullDeltaConfig):
     name: Literal["fedmedian"] = "fedmedian"
 
 

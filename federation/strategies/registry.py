@@ -3,7 +3,9 @@
 ``federation.strategy`` in a config is either a name (``strategy: fedprox``, the older form: its options
 come from the flat ``federation.*`` keys such as ``proximal_mu``) or a mapping validated against the
 discriminated union of the strategies' configs (``strategy: {name: fedmic, energy_start: 0.9}``). A bad
-name or key is a one-line :class:`~pipeline.config.ConfigError`.
+name or key is a one-line :class:`~pipeline.config.ConfigError`. ``heads: per_site`` (an option of the
+strategies whose config is a :class:`~federation.strategies.base.FullDeltaConfig`) wraps the strategy in
+:class:`~federation.strategies.heads.PerSiteHeads`.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from federation.strategies.base import Strategy, StrategyConfig
+from federation.strategies.base import FullDeltaConfig, Strategy, StrategyConfig
 from federation.strategies.data_vectors import DataVectors
 from federation.strategies.fedadam import FedAdam
 from federation.strategies.fedavg import FedAvg
 from federation.strategies.fedmic import FedMIC
 from federation.strategies.fedprox import FedProx
+from federation.strategies.heads import PerSiteHeads
 from federation.strategies.median import FedMedian
 from federation.strategies.trimmed_mean import FedTrimmedAvg
 from federation.strategies.universal import Universal
@@ -67,6 +70,12 @@ def strategy_config(fed: FederationConfig, what: str = "federation.strategy") ->
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"][1:]) or "<strategy>"
         if first["type"] == "extra_forbidden":
+            if loc == "heads":
+                full = ", ".join(k for k, v in REGISTRY.items() if issubclass(v.Config, FullDeltaConfig))
+                raise ConfigError(
+                    f"{what}: 'heads' is an option of the strategies that upload a full delta of the model "
+                    f"({full}), not of {data['name']}"
+                ) from None
             raise ConfigError(f"{what}: unknown key '{loc}' for strategy {data['name']}") from None
         raise ConfigError(f"{what}.{loc}: {first['msg']} (got {first.get('input')!r})") from None
     assert isinstance(cfg, StrategyConfig)
@@ -74,6 +83,9 @@ def strategy_config(fed: FederationConfig, what: str = "federation.strategy") ->
 
 
 def build_base_strategy(fed: FederationConfig) -> Strategy:
-    """The configured algorithm, without the update-level DP wrappers."""
+    """The configured algorithm (with per-site heads if asked), without the update-level DP wrappers."""
     c = strategy_config(fed)
-    return REGISTRY[c.name].from_config(c)
+    strategy = REGISTRY[c.name].from_config(c)
+    if isinstance(c, FullDeltaConfig) and c.heads == "per_site":
+        return PerSiteHeads(strategy)
+    return strategy

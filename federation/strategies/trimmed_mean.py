@@ -13,13 +13,20 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from federation.strategies.base import State, Strategy, StrategyConfig, UpdateInfo, float_names
+from federation.strategies.base import (
+    FullDeltaConfig,
+    State,
+    Strategy,
+    StrategyConfig,
+    UpdateInfo,
+    float_names,
+)
 from federation.strategies.coordinatewise import reduce_coordinatewise
 from federation.strategies.fedavg import FedAvg
 from pipeline.dprandom import NoiseSource
 
 
-class FedTrimmedAvgConfig(StrategyConfig):
+class FedTrimmedAvgConfig(FullDeltaConfig):
     name: Literal["fedtrimmedavg"] = "fedtrimmedavg"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="share cut at each end, per coordinate")
 
