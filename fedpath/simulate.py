@@ -111,25 +111,37 @@ class AggregatorProcess:
                 if ep.get("pid") == self.proc.pid:
                     self.url = ep["url"]
                     try:
-                        self.health()
+                        self.health(retries=0)
                         return self.url
                     except httpx.HTTPError:
                         pass
             time.sleep(0.05)
         raise FedpathError(f"aggregator did not come up within {timeout_s:.0f} s; see {self.log_path}")
 
-    def health(self) -> dict[str, Any]:
-        """``/v1/health`` over one kept-alive connection (not a TLS handshake per poll)."""
-        if self._http is None or self._http_url != self.url:
-            if self._http is not None:
+    def health(self, retries: int = 5) -> dict[str, Any]:
+        """``/v1/health`` over one kept-alive connection (not a TLS handshake per poll). A connection the
+        server dropped or a poll it answered late (it may be busy closing a round, e.g. distilling) is
+        retried on a fresh connection, ``retries`` times with a growing pause, while the process lives."""
+        for attempt in range(retries + 1):
+            if self._http is None or self._http_url != self.url:
+                if self._http is not None:
+                    self._http.close()
+                verify: ssl.SSLContext | bool = True
+                if self.url.startswith("https"):
+                    verify = ssl.create_default_context(cafile=str(provision_paths(self.cfg).ca_cert))
+                self._http, self._http_url = httpx.Client(verify=verify, timeout=10), self.url
+            try:
+                r = self._http.get(f"{self.url}/v1/health")
+            except httpx.TransportError:
                 self._http.close()
-            verify: ssl.SSLContext | bool = True
-            if self.url.startswith("https"):
-                verify = ssl.create_default_context(cafile=str(provision_paths(self.cfg).ca_cert))
-            self._http, self._http_url = httpx.Client(verify=verify, timeout=10), self.url
-        r = self._http.get(f"{self.url}/v1/health")
-        r.raise_for_status()
-        return r.json()
+                self._http = None
+                if attempt == retries or (self.proc is not None and self.proc.poll() is not None):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            r.raise_for_status()
+            return r.json()
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         if self._http is not None:
