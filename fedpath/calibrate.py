@@ -274,7 +274,7 @@ def run_calibrate(cal: CalibrateConfig, cfg: ExperimentConfig, data_root: Path |
     pool = held = None
     if cal.lira.enabled:
         pool, held = _lira_pools(cfg, data_root, cal.lira, cal.seed)
-    for k, eps in enumerate(cal.epsilons):
+    for eps in cal.epsilons:
         tag = _eps_tag(eps)
         row = rows.setdefault(tag, {"tag": tag, "epsilon": eps})
         if cal.utility == "federated" and "dice" not in row:
@@ -287,7 +287,8 @@ def run_calibrate(cal: CalibrateConfig, cfg: ExperimentConfig, data_root: Path |
         if cal.lira.enabled and "lira" not in row:
             assert pool is not None
             lr = run_lira(
-                cfg, pool, held, eps, cal.lira.n_models, cal.lira.steps, cal.lira.overrides, seed=cal.seed + 101 * k,
+                # one seed for every ε: the same member/non-member splits, so the ε are compared paired
+                cfg, pool, held, eps, cal.lira.n_models, cal.lira.steps, cal.lira.overrides, seed=cal.seed,
                 views=cal.lira.views,
             )
             row["lira"] = lr.as_dict()
