@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -319,4 +320,51 @@ def test_warm_worker_rerun_and_death_mid_job(stores: tuple[Path, Path], data_roo
             time.sleep(0.1)
     finally:
         workers.close()
+        agg.stop()
+
+
+def test_health_poll_reconnects_when_the_server_drops_its_kept_alive_connection(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The simulation polls /v1/health over one kept-alive connection while a round closes; a server busy
+    closing it (e.g. distilling) may drop that connection. The poll reconnects instead of ending the run."""
+    import http.server
+    import json as _json
+    import socket
+    import threading
+
+    from fedpath.simulate import AggregatorProcess
+
+    served: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            served.append(self.path)
+            if len(served) == 2:  # the second poll: the connection dies without an answer
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            body = _json.dumps({"phase": "open", "round": len(served)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        agg = AggregatorProcess(ExperimentConfig.model_validate({"run_dir": str(tmp_path)}), tmp_path / "c.yaml", tmp_path / "l")
+        agg.url = f"http://127.0.0.1:{srv.server_address[1]}"
+        assert agg.health()["round"] == 1
+        assert agg.health()["round"] == 3  # the dropped poll was retried on a fresh connection
+        assert served == ["/v1/health"] * 3
+        with pytest.raises(httpx.TransportError):  # without retries the drop is an error, as before
+            agg.url = "http://127.0.0.1:9"  # nothing listens there
+            agg.health(retries=0)
+    finally:
+        srv.shutdown()
         agg.stop()
