@@ -34,7 +34,6 @@ def pretrained_path(cfg: ExperimentConfig) -> Path:
 
 def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
     from pipeline.transfer import UnlabelledTiles, mim_pretrain, with_fresh_head
-    from wsi.tiling import run_tile_site
 
     pc = cfg.pretrain
     manifest = cfg.federation.server_manifest
@@ -46,13 +45,7 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
         raise FedpathError("pretrain: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
     out = pretrained_path(cfg)
     settings = {"pretrain": pc.model_dump(mode="json"), "manifest": str(manifest), "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json")}
-    store = RunLayout(cfg.run_dir).server.data_store
-    res = run_tile_site(
-        manifest=manifest, data_root=data_root.resolve(), store=store, tiling=cfg.tiling,
-        site=_site_of(manifest), run_dir=cfg.run_dir, workers=cfg.tiling.workers,
-    )
-    if res.get("failed"):
-        raise FedpathError(f"pretrain: tiling the server's slides failed: {res['failed']}")
+    store = _tile_server_slides(cfg, manifest, data_root, RunLayout(cfg.run_dir).server.data_store, "slides")
     tile_server_val(cfg, data_root)
     if out.is_file():
         _, meta = read_model_file(out)
@@ -95,18 +88,22 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
 def tile_server_val(cfg: ExperimentConfig, data_root: Path, manifest: Path | None = None) -> Path | None:
     """Tile the server's labelled validation slides (``federation.server_val_manifest``, or ``manifest``)
     into ``<run>/server/val/store.zarr`` through the normal tiling path; None when none is configured."""
-    from wsi.tiling import run_tile_site
-
     manifest = manifest or cfg.federation.server_val_manifest
     if manifest is None:
         return None
-    store = RunLayout(cfg.run_dir).server.val_store
+    return _tile_server_slides(cfg, manifest, data_root, RunLayout(cfg.run_dir).server.val_store, "validation slides")
+
+
+def _tile_server_slides(cfg: ExperimentConfig, manifest: Path, data_root: Path, store: Path, what: str) -> Path:
+    """One of the server's own manifests through the normal tiling path into ``store``."""
+    from wsi.tiling import run_tile_site
+
     res = run_tile_site(
         manifest=manifest, data_root=data_root.resolve(), store=store, tiling=cfg.tiling,
         site=_site_of(manifest), run_dir=cfg.run_dir, workers=cfg.tiling.workers,
     )
     if res.get("failed"):
-        raise FedpathError(f"pretrain: tiling the server's validation slides failed: {res['failed']}")
+        raise FedpathError(f"pretrain: tiling the server's {what} failed: {res['failed']}")
     return store
 
 
