@@ -326,6 +326,11 @@ class AttackConfig(_Strict):
     iterations: int = Field(600, ge=1, description="iterations of the single-step (upper bound) attacks")
     update_iterations: int = Field(200, ge=1, description="iterations of the FedAvg-round inversion")
     update_restarts: int = Field(1, ge=1)
+    update_method: Literal["auto", "simulate", "direction"] = Field(
+        "auto",
+        description="round inversion: simulate the local steps (exact; SGD), match the update's direction "
+        "(Adam: its steps are sign-like and a simulation gives the pixels no gradient), auto: by optimiser",
+    )
     lr: float = Field(0.1, gt=0, description="Adam step on signed gradients, pixels in [0, 1]")
     tv_weight: float = Field(1.0, ge=0, description="total-variation prior weight (cosine cost is in [0, 2])")
     scales: list[int] = Field(

@@ -29,7 +29,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from federation.attack.inverting import InversionSettings, Reconstruction
-from federation.attack.multistep import LocalTraining, invert_update
+from federation.attack.multistep import LocalTraining, invert_update, invert_update_direction
 from federation.attack.tiles import TileSet
 from pipeline.config import ExperimentConfig
 
@@ -162,6 +162,15 @@ def victim_round(
     )
 
 
+def update_method(settings: InversionSettings, optimizer: str) -> str:
+    """The round inversion in use: ``settings.update_method``, "auto" resolved by the round's optimiser."""
+    if settings.update_method == "auto":
+        return "direction" if optimizer == "adam" else "simulate"
+    if settings.update_method not in ("simulate", "direction"):
+        raise ValueError(f"update_method {settings.update_method!r}: expected auto, simulate or direction")
+    return settings.update_method
+
+
 def invert_round(
     model: nn.Module,
     victim: VictimRound,
@@ -169,7 +178,9 @@ def invert_round(
     loss_fn: Any,
     prior: Tensor | None,
 ) -> Reconstruction:
-    """The attacker: simulate the round's local steps on dummy tiles and match the whole update."""
+    """The attacker: simulate the round's local steps on dummy tiles and match the whole update (SGD), or
+    match the update's direction with the tiles' gradient at the global model (Adam; see
+    :func:`federation.attack.multistep.invert_update_direction`)."""
     sched = LocalTraining(
         steps=victim.steps,
         batch_size=victim.batch_size,
@@ -181,6 +192,10 @@ def invert_round(
     update = {k: victim.update[k] for k in names}
     shape = tuple(victim.images.shape[1:])
     known = victim.masks if settings.labels_known else None
+    if update_method(settings, victim.optimizer) == "direction":
+        return invert_update_direction(
+            model, update, victim.batch_size, shape, loss_fn, settings, masks=known, prior=prior
+        )
     return invert_update(
         model, update, victim.batch_size, shape, loss_fn, sched, settings, masks=known, prior=prior
     )

@@ -55,6 +55,9 @@ class InversionSettings:
     scales: tuple[int, ...] = (2, 1)
     chroma_tv_weight: float = 0.0
     matching: str = "cosine"  # "cosine" (Geiping), "layerwise" (per tensor), "kernel" (per conv kernel)
+    # how a multi-step round is inverted: "simulate" its steps (exact; the only choice for SGD), match the
+    # "direction" of the update (Adam), or "auto": direction for Adam rounds, simulate otherwise
+    update_method: str = "auto"
 
     @classmethod
     def from_config(cls, a: Any, **overrides: Any) -> InversionSettings:
@@ -62,6 +65,7 @@ class InversionSettings:
         base: dict[str, Any] = dict(
             iterations=a.iterations, restarts=a.restarts, lr=a.lr, tv_weight=a.tv_weight,
             scales=tuple(a.scales), matching=a.matching, chroma_tv_weight=a.chroma_tv_weight,
+            update_method=a.update_method,
         )  # fmt: skip
         return cls(**{**base, **overrides})
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from federation.attack.common import DPSGD, LossFn, gradient_cost, observed_gradient
+from federation.attack.common import DPSGD, LossFn, gradient_cost, observed_gradient, trainable
 from federation.attack.inverting import InversionSettings, Reconstruction, optimise_images
 
 
@@ -137,6 +137,52 @@ def invert_update(
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
             params = fopt.step(params, dict(zip(names, grads, strict=True)))
         return gradient_cost([params[k] - start[k] for k in names], target, settings.match_kind)
+
+    known = masks if settings.labels_known else None
+    return optimise_images(match, (n_images, *image_shape), settings, known, prior)
+
+
+def invert_update_direction(
+    model: nn.Module,
+    update: dict[str, Tensor],
+    n_images: int,
+    image_shape: Sequence[int],
+    loss_fn: LossFn,
+    settings: InversionSettings,
+    masks: Tensor | None = None,
+    prior: Tensor | None = None,
+) -> Reconstruction:
+    """Reconstruct ``n_images`` tiles from a round of *Adam* steps by matching its direction.
+
+    Adam normalises every coordinate: its first step is ``-lr * g / (|g| + eps)``, the sign of the
+    gradient, and each later one ``-lr * m_hat / sqrt(v_hat)`` is invariant to the gradient's scale. A
+    round of E steps on the same tiles (a small lr moves the weights little) therefore uploads about
+    ``-sum(lr_t) * sign(g)`` where ``g`` is the tiles' gradient at the global model, softened where the
+    sign changed during the round. Simulating those Adam steps differentiably (:func:`invert_update`) is
+    exact, but ``g / |g|`` has zero derivative almost everywhere: the pixels get signal only through how
+    the gradient changes over the round, and each iteration costs E double backwards. Here the attacker
+    matches the gradient of its dummy tiles at the global model to ``-update`` by the settings' matching
+    cost (per-kernel cosine by default), which rewards the right signs, is smooth in the pixels, and
+    costs one double backward per iteration.
+
+    Measured on 4 real MoNuSeg 64 px tiles of the tuning images (10 Adam steps at lr 0.002, the
+    experiment's UNet [16, 32, 64, 128], 2 threads), undefended, prior 0.131: this matching reaches mean
+    SSIM 0.178 in 50 s (1000 iterations) and 0.184 in 149 s (3000); the exact simulation 0.082 in 71 s
+    (100) and 0.131 in 171 s (300). On a much smaller UNet at 32 px the simulation wins per iteration
+    (0.33 against 0.22 at 200), at 12 times the cost. The true batch gradient, which no aggregator sees,
+    gives 0.232 at 1000 iterations: the sign pattern loses little of what gradient matching recovers.
+    """
+    model.eval()
+    params = trainable(model)
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    missing = sorted(set(names) - set(update))
+    if missing:
+        raise ValueError(f"update lacks parameters of the model, e.g. {missing[0]!r}")
+    target = [-update[k].detach().float() for k in names]
+
+    def match(x: Tensor, tgt: Tensor) -> Tensor:
+        grads = torch.autograd.grad(loss_fn(model(x), tgt), params, create_graph=True)
+        return gradient_cost(grads, target, settings.match_kind)
 
     known = masks if settings.labels_known else None
     return optimise_images(match, (n_images, *image_shape), settings, known, prior)

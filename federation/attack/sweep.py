@@ -40,7 +40,7 @@ from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from federation.attack.common import segmentation_loss
 from federation.attack.dlg import DLGSettings, dlg_attack
-from federation.attack.fedavg import VictimRound, invert_round, victim_round
+from federation.attack.fedavg import VictimRound, invert_round, update_method, victim_round
 from federation.attack.inverting import InversionSettings, Reconstruction
 from federation.attack.metrics import compare_to_prior, leakage, mse, prior_ssims, psnr, ssim
 from federation.attack.multistep import LocalTraining, invert_update
@@ -271,6 +271,13 @@ def attack_once(
         known = victim.masks if a.labels_known else None
         return dlg_attack(model, grad, tuple(victim.images.shape), loss_fn, s, masks=known), victim
     raise ValueError(f"unknown attack {name!r}")
+
+
+ROUND_INVERSIONS = {
+    "simulate": "simulate the round's local steps on dummy tiles and match the whole update (Geiping et al.)",
+    "direction": "match the update's direction with the dummy tiles' gradient at the global model (Adam's "
+    "steps are sign-like: a simulated round gives the pixels no gradient)",
+}
 
 
 def attack_key(name: str, cfg: ExperimentConfig) -> str:
@@ -550,6 +557,9 @@ def run_attack(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
                     "lr": cfg.train.lr,
                     "trainer": "pipeline.train.train_local (fedpath's DP-SGD: pipeline.dpsgd.make_private)",
                     "augmentation": "off (the attacker cannot know the random draws)",
+                    "inversion": ROUND_INVERSIONS[
+                        update_method(_settings(cfg, True, a.seed, **overrides), cfg.train.optimizer)
+                    ],
                 },
                 "upper_bound": UPPER_BOUND,
                 "labels_known": a.labels_known,
