@@ -94,14 +94,18 @@ class ServerLayout:
                 found.append((int(tail), p))
         return sorted(found)
 
-    def latest_global(self, hint: str = "") -> Path:
-        """The newest published global model; FedpathError naming the folder when there is none."""
+    def published_globals(self, hint: str = "") -> list[tuple[int, Path]]:
+        """:meth:`global_models`, but a FedpathError naming the folder when there is none."""
         found = self.global_models()
         if not found:
             raise FedpathError(
                 f"{self.global_dir}: the federation published no global model (round_<r>.safetensors){hint}"
             )
-        return found[-1][1]
+        return found
+
+    def latest_global(self, hint: str = "") -> Path:
+        """The newest published global model; FedpathError naming the folder when there is none."""
+        return self.published_globals(hint)[-1][1]
 
     @property
     def data_store(self) -> Path:

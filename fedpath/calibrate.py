@@ -131,8 +131,7 @@ def federated_utility(cfg: ExperimentConfig, eps: float | None) -> dict[str, Any
     v = _variant(cfg, eps)
     t0 = time.perf_counter()
     run_simulation(v)
-    RunLayout(v.run_dir).server.latest_global()  # none published: one-line error naming the folder
-    models = [p for _, p in RunLayout(v.run_dir).server.global_models()]
+    models = [p for _, p in RunLayout(v.run_dir).server.published_globals()]
     state, _ = read_model_file(models[-1])
     net = build_model(v.model)
     net.load_state_dict(state)

@@ -87,8 +87,7 @@ def _evaluate(cfg: ExperimentConfig, state: dict[str, torch.Tensor], data_root: 
 
 
 def _global_models(run_dir: Path) -> list[Path]:
-    RunLayout(run_dir).server.latest_global()  # none published: one-line error naming the folder
-    return [p for _, p in RunLayout(run_dir).server.global_models()]
+    return [p for _, p in RunLayout(run_dir).server.published_globals()]
 
 def _final_global(run_dir: Path) -> dict[str, torch.Tensor]:
     from pipeline.checkpoint import read_model_file

@@ -276,7 +276,7 @@ def attack_once(
 ROUND_INVERSIONS = {
     "simulate": "simulate the round's local steps on dummy tiles and match the whole update (Geiping et al.)",
     "direction": "match the update's direction with the dummy tiles' gradient at the global model (Adam's "
-    "steps are sign-like: a simulated round gives the pixels no gradient)",
+    "steps are sign-like: a simulated Adam round gives the pixels almost no gradient)",
 }
 
 
