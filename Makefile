@@ -13,7 +13,7 @@ export FEDPATH_DATA_ROOT := $(abspath $(DATA_ROOT))
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test test-slow demo synth tile train provision serve site-round simulate \
+.PHONY: install lint test test-slow demo synth tile train provision serve site-round site-model simulate \
         infer attack report experiment calibrate bench clean pretrain experiment-oneshot
 
 install: $(STAMP)
@@ -60,6 +60,10 @@ serve: install
 site-round: install
 	@test -n "$(SITE)" || { echo "make site-round needs SITE=<name>"; exit 2; }
 	$(BIN)/fedpath site-round --config $(CONFIG) --site $(SITE)
+
+site-model: install
+	@test -n "$(SITE)" || { echo "make site-model needs SITE=<name>"; exit 2; }
+	$(BIN)/fedpath site-model --config $(CONFIG) --site $(SITE)
 
 simulate: install
 	$(BIN)/fedpath simulate --config $(CONFIG)

@@ -161,6 +161,12 @@ class SiteLayout:
         return self.root / "model.safetensors"
 
     @property
+    def personal_model(self) -> Path:
+        """The site's own inference model (``fedpath site-model``): its head on the federation's body, or
+        FedMIC's teacher; never sent."""
+        return self.root / "model_personal.safetensors"
+
+    @property
     def state(self) -> Path:
         """Private site state kept between batch jobs (personal model, optimiser, teacher); never sent."""
         return self.root / "state"

@@ -159,6 +159,21 @@ class MutualHooks:
 class FedMICSite:
     """FedMIC's site algorithm: compressed downloads onto the kept version, mutual distillation."""
 
+    def personal_model(
+        self, cfg: ExperimentConfig, site: str, global_state: State
+    ) -> tuple[State, ModelConfig] | None:
+        """The site's personal teacher (its private state after its last round; ``global_state``, the
+        shared student, is not part of it)."""
+        from federation.strategies import strategy_config
+
+        state = SiteState(RunLayout(cfg.run_dir).site(site).state)
+        personal = state.load_personal()
+        if personal is None:
+            raise FedpathError(f"site {site}: no personal teacher yet ({state.personal_path}); run a round first")
+        width = float(getattr(strategy_config(cfg.federation), "teacher_width", 2.0))
+        teacher = {k[len("teacher.") :]: v for k, v in personal.items() if k.startswith("teacher.")}
+        return teacher, teacher_config(cfg.model, width)
+
     def contributed_enough(self, cfg: ExperimentConfig, site: str, uploaded: list[int]) -> bool:
         return False  # round-based: a site trains every round
 

@@ -75,6 +75,12 @@ def site_model(cfg: ExperimentConfig, site: str, global_state: State) -> State:
 class PerSiteHeadSite(PlainSite):
     """Fetch the version's body, keep the site's head between jobs, train both, return the body only."""
 
+    def personal_model(
+        self, cfg: ExperimentConfig, site: str, global_state: State
+    ) -> tuple[State, ModelConfig] | None:
+        """The version's body with the site's own head: its class count, the site's network."""
+        return site_model(cfg, site, global_state), cfg.model
+
     def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State:
         global_state, gmeta = client.download_model(r)
         mine = cfg.model

@@ -197,6 +197,28 @@ def site_round(
     _print_privacy(statement_lines({"sites": {site: site_statement(cfg.run_dir, site)}}))
 
 
+@app.command("site-model")
+def site_model(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    site: SiteOpt = "",
+    global_model: Annotated[
+        Path | None, typer.Option("--global", help="a published global model file (default: the run's latest)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output file (default: sites/<site>/model_personal.safetensors)")
+    ] = None,
+) -> None:
+    """The site's own model for `fedpath infer --model`: its head on the federation's body (heads:
+    per_site), or FedMIC's personal teacher. Built from the site's private state, at the site."""
+    from federation.site import write_site_model
+
+    if not site:
+        _fail("--site is required")
+    path = write_site_model(_cfg(config, set_), site, global_model, out)
+    typer.echo(f"site {site}: its own model {path} (run it with: fedpath infer --model {path})")
+
+
 @app.command()
 def simulate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """A whole federation on one machine: the real aggregator on loopback with TLS; every site's round job

@@ -62,19 +62,19 @@ def _privacy(eps: float | None) -> dict[str, Any]:
 
 def personalised_dice(vcfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """Each site's teacher (its private state) on that site's own test split."""
-    from federation.fedmic_site import teacher_config
+    from federation.fedmic_site import FedMICSite
     from federation.site_state import SiteState
-    from federation.strategies import strategy_config
     from pipeline.models import build_model
 
-    width = float(getattr(strategy_config(vcfg.federation), "teacher_width", 2.0))
     out: dict[str, dict[str, Any]] = {}
     for s in vcfg.sites:
-        personal = SiteState(RunLayout(vcfg.run_dir).site(s.name).state).load_personal()
-        if personal is None:
+        if SiteState(RunLayout(vcfg.run_dir).site(s.name).state).load_personal() is None:
             continue
-        net = build_model(teacher_config(vcfg.model, width))
-        net.load_state_dict({k[len("teacher.") :]: v for k, v in personal.items() if k.startswith("teacher.")})
+        own = FedMICSite().personal_model(vcfg, s.name, {})
+        assert own is not None
+        state, net_cfg = own
+        net = build_model(net_cfg)
+        net.load_state_dict(state)
         out[s.name] = evaluate_store(net, vcfg.store_path(s.name), {"test"})
     return out
 

@@ -29,7 +29,7 @@ class ModelMeta:
     model: ModelConfig
     tile_size: int
     target_mpp: float
-    source: str = "local"  # local | global | pretrained
+    source: str = "local"  # local | global | pretrained | personal
     round: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

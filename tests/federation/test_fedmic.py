@@ -176,3 +176,12 @@ def test_fedmic_federation_two_sites_low_rank_both_ways(
         for r in (0, 1):
             stored = RunLayout(cfg.run_dir).server.update(r, site)
             assert not any("teacher" in k for k in read_header(stored).specs)
+        # `fedpath site-model`: the personal teacher as a model file `fedpath infer --model` runs
+        from federation.site import write_site_model
+        from pipeline.infer import load_inference_model
+
+        mine = load_inference_model(write_site_model(cfg, site))
+        personal = SiteState(lay.state).load_personal()
+        assert personal is not None and mine.meta.source == "personal"
+        assert mine.meta.model.channels != cfg.model.channels  # the teacher's wider network
+        assert all(torch.equal(v, personal[f"teacher.{k}"]) for k, v in mine.state.items())

@@ -30,6 +30,7 @@ from federation.strategies.heads import PerSiteHeads
 from federation.wire import decode_state, read_header
 from pipeline.checkpoint import ModelMeta, read_model_file
 from pipeline.config import ConfigError, ExperimentConfig, FederationConfig
+from pipeline.errors import FedpathError
 from pipeline.transfer import fresh_head, head_keys
 from wsi.config import SynthConfig, TilingConfig
 from wsi.synth import run_synth
@@ -273,5 +274,22 @@ def test_two_sites_with_two_and_three_classes_federate_the_body_and_keep_their_h
             net.load_state_dict(site_model(cfgs[s], s, g2))
             with torch.no_grad():
                 assert net(torch.rand(1, 3, 32, 32)).shape[1] == CLASSES[s]
+
+        # -- `fedpath site-model`: b's own model as a file `fedpath infer --model` runs
+        from federation.site import write_site_model
+        from pipeline.infer import load_inference_model
+
+        path = write_site_model(cfgs["b"], "b")
+        assert path == run.site("b").personal_model
+        mine = load_inference_model(path)
+        held = state["b"].load_head()
+        assert held is not None and mine.meta.source == "personal" and mine.meta.model.out_channels == 3
+        assert _same({k: mine.state[k] for k in head}, held.latest)  # its own head ...
+        assert _same(_body(mine.state, head), _body(g2, head))  # ... on the latest version's body
+        with torch.no_grad():
+            assert mine.net(torch.rand(1, 3, 32, 32)).shape[1] == 3
+        plain = cfgs["b"].model_copy(update={"federation": cfgs["b"].federation.model_copy(update={"strategy": "fedavg"})})
+        with pytest.raises(FedpathError, match="keeps no model of the site's own"):
+            write_site_model(plain, "b")
     finally:
         fed.close()
