@@ -94,7 +94,10 @@ def instances_from_probabilities(
     orphan, n_orphan = ndi.label(fg & (labels == 0))
     if n_orphan:
         labels = np.where(orphan > 0, orphan + labels.max(), labels)
-    labels = remove_small_objects(labels, max_size=min_area - 1)
+    if labels.max() == 1:  # one object: skimage warns that a single label looks like a boolean mask
+        labels = labels if int((labels > 0).sum()) >= min_area else np.zeros_like(labels)
+    else:
+        labels = remove_small_objects(labels, max_size=min_area - 1)
     from skimage.segmentation import relabel_sequential
 
     return relabel_sequential(labels.astype(np.int32))[0].astype(np.int32)
