@@ -46,8 +46,24 @@ def _headline(run_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
         "held_out_slides": len(dices),
         "epsilon": eps,
         "attack_ssim": attack.get("headline", attack.get("ssim_by_epsilon")),
+        "attack_verdict": _attack_verdict(attack),
         "stage_seconds": timings,
     }
+
+
+def _attack_verdict(attack: dict[str, Any]) -> str | None:
+    """The headline's reading of the attack: the prior it must beat, and what the control's result means."""
+    rows = attack.get("per_epsilon") or []
+    primary = attack.get("primary_attack")
+    control = next((r for r in rows if r.get("epsilon") is None), None)
+    if not control or not primary or control["prior_ssim"].get(primary) is None:
+        return None
+    prior = float(control["prior_ssim"][primary])
+    if control["status"].get(primary) == "beats prior":
+        where = (attack.get("indistinguishable_from") or {}).get("epsilon")
+        tail = f"; within the prior from ε = {where:g} down" if isinstance(where, (int, float)) else ""
+        return f"prior {prior:.2f}: the undefended attack beats it{tail}"
+    return f"prior {prior:.2f}: the undefended attack does not beat it, so this shows nothing either way"
 
 
 def run_demo(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -114,6 +130,8 @@ def run_demo(cfg: ExperimentConfig) -> dict[str, Any]:
         ssim_text = ", ".join(f"{k}: {v:.2f}" if isinstance(v, (int, float)) else f"{k}: {v}" for k, v in ssim.items())
     else:
         ssim_text = str(ssim)
+    if head.get("attack_verdict"):
+        ssim_text += f" ({head['attack_verdict']})"
     table.add_row("gradient-inversion SSIM by ε", ssim_text)
     table.add_row("wall time", f"{sum(timings.values()):.0f} s")
     console.print(table)

@@ -79,6 +79,8 @@ def _check(summary: dict, rounds: int, min_dice: float) -> None:
         out = Path(s["output"])
         assert (out / "mask.ome.tif").is_file() and (out / "mask.geojson").is_file()
     assert summary["attack"]["headline"]
+    # the headline reads the attack against its prior, whichever way the control went
+    assert head["attack_verdict"].startswith("prior ") and "undefended attack" in head["attack_verdict"]
 
 
 def test_demo_small(repo_root: Path, tmp_path: Path) -> None:
