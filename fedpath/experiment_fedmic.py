@@ -68,8 +68,8 @@ def personalised_dice(vcfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     for s in vcfg.sites:
-        if SiteState(RunLayout(vcfg.run_dir).site(s.name).state).load_personal() is None:
-            continue
+        if not SiteState(RunLayout(vcfg.run_dir).site(s.name).state).personal_path.is_file():
+            continue  # the site never finished a round: no teacher
         own = FedMICSite().personal_model(vcfg, s.name, {})
         assert own is not None
         state, net_cfg = own

@@ -107,6 +107,14 @@ def local_update(
     return {k: (w[k] - before[k]).detach() for k in names}
 
 
+def _update_in_model_order(update: dict[str, Tensor], names: list[str]) -> list[Tensor]:
+    """The update's tensors (float, detached) in the order of the model's trainable ``names``."""
+    missing = sorted(set(names) - set(update))
+    if missing:
+        raise ValueError(f"update lacks parameters of the model, e.g. {missing[0]!r}")
+    return [update[k].detach().float() for k in names]
+
+
 def invert_update(
     model: nn.Module,
     update: dict[str, Tensor],
@@ -121,11 +129,8 @@ def invert_update(
     """Reconstruct ``n_images`` tiles of ``image_shape`` (3, H, W) from one observed model update."""
     model.eval()
     start = _named_trainable(model)
-    missing = sorted(set(start) - set(update))
-    if missing:
-        raise ValueError(f"update lacks parameters of the model, e.g. {missing[0]!r}")
     names = list(start)
-    target = [update[k].detach().float() for k in names]
+    target = _update_in_model_order(update, names)
     b = n_images
 
     def match(x: Tensor, tgt_all: Tensor) -> Tensor:
@@ -174,8 +179,5 @@ def invert_update_direction(
     gives 0.232 at 1000 iterations: the sign pattern loses little of what gradient matching recovers.
     """
     names = [k for k, p in model.named_parameters() if p.requires_grad]
-    missing = sorted(set(names) - set(update))
-    if missing:
-        raise ValueError(f"update lacks parameters of the model, e.g. {missing[0]!r}")
-    target = [-update[k].detach().float() for k in names]
+    target = [-u for u in _update_in_model_order(update, names)]
     return invert_gradients(model, target, (n_images, *image_shape), loss_fn, settings, masks, prior)
