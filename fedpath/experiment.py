@@ -307,6 +307,10 @@ def run_experiment(
             }
             if ex.dp_batch_size:
                 privacy["train__batch_size"] = ex.dp_batch_size
+            if ex.dp_max_steps:
+                privacy["train__max_steps"] = ex.dp_max_steps
+            if ex.dp_lr:
+                privacy["train__lr"] = ex.dp_lr
             vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy="fedavg", **privacy, **seeded)
             federated(f"feddp eps={tag}", vdir, vcfg, {"target_epsilon": eps})
 

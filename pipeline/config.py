@@ -402,6 +402,12 @@ class ExperimentOptions(_Strict):
     dp_batch_size: int | None = Field(
         None, ge=1, description="FedDP rows: logical batch (larger batches need less noise per sample at a fixed ε)"
     )
+    dp_max_steps: int | None = Field(
+        None, ge=1,
+        description="FedDP rows: local steps per round (default train.max_steps); with dp_batch_size, "
+        "max_steps * batch_size / dp_batch_size keeps the tiles seen, and the compute, equal",
+    )
+    dp_lr: float | None = Field(None, gt=0, description="FedDP rows: learning rate (default train.lr)")
     select_round: bool = Field(
         False, description="federated rows: the round whose global model has the best validation Dice"
     )

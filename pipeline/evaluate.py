@@ -115,16 +115,18 @@ def evaluate_image(
     threshold: float = 0.5,
 ) -> dict[str, Any]:
     """One whole image: the model runs at ``target_mpp`` (sliding windows, Gaussian blending), its
-    foreground and its instances (:mod:`pipeline.instances`) are brought back to the image's own pixels
-    (nearest neighbour), and scored there against the annotation rasterised at full resolution: Dice
+    class probabilities are brought back to the image's own pixels (bilinear), where its foreground and
+    its instances (:mod:`pipeline.instances`) are made and scored there against the annotation rasterised at full resolution: Dice
     (MONAI's), Jaccard; AJI and PQ (DQ = detection F1, SQ) against the annotation's own instances (one
     polygon per nucleus). A mask-image annotation has no instances: its AJI/PQ are None, never computed
     from merged blobs."""
     from pipeline.instances import (
+        MIN_AREA,
+        MIN_MARKER,
         foreground,
         instances_from_probabilities,
         predict_probabilities,
-        upsample_labels,
+        upsample_probabilities,
     )
     from pipeline.metrics import aggregated_jaccard_index, dice, panoptic_quality
     from wsi.readers import open_slide
@@ -139,8 +141,13 @@ def evaluate_image(
         if close is not None:
             close()
     probs = predict_probabilities(net, pixels, window)
-    labels = instances_from_probabilities(probs, threshold)
-    fg_full = upsample_labels((foreground(probs) > threshold).astype(np.uint8), (H0, W0))
+    if (h, w) != (H0, W0):  # bilinear probabilities, then threshold and instances at the image's own pixels
+        probs = upsample_probabilities(probs, (H0, W0))
+    scale = (H0 * W0) / (h * w)
+    labels = instances_from_probabilities(
+        probs, threshold, min_area=max(1, round(MIN_AREA * scale)), min_marker=max(1, round(MIN_MARKER * scale))
+    )
+    fg_full = foreground(probs) > threshold
     out: dict[str, Any] = {"model_shape": [h, w], "shape": [H0, W0], "n_pred": int(labels.max())}
     if annotation is None:
         return out
@@ -150,9 +157,8 @@ def evaluate_image(
     out.update(c.metrics())
     out["dice"] = dice(fg_full, gt)  # MONAI's Dice (the same value as from the counts)
     if gt_inst is not None:
-        pred_inst = upsample_labels(labels, (H0, W0))
-        out["aji"] = aggregated_jaccard_index(gt_inst, pred_inst)
-        out.update(panoptic_quality(gt_inst, pred_inst))
+        out["aji"] = aggregated_jaccard_index(gt_inst, labels)
+        out.update(panoptic_quality(gt_inst, labels))
         out["n_gt"] = int(len(np.unique(gt_inst)) - 1)
     else:
         out["aji"] = None
