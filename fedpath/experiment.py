@@ -305,12 +305,8 @@ def run_experiment(
                 # ε = inf clips without noise: no guarantee, so no budget, and the statement says so
                 "train__privacy__budget_epsilon": "unlimited" if math.isinf(eps) else None,
             }
-            if ex.dp_batch_size:
-                privacy["train__batch_size"] = ex.dp_batch_size
-            if ex.dp_max_steps:
-                privacy["train__max_steps"] = ex.dp_max_steps
-            if ex.dp_lr:
-                privacy["train__lr"] = ex.dp_lr
+            own = {"train__batch_size": ex.dp_batch_size, "train__max_steps": ex.dp_max_steps, "train__lr": ex.dp_lr}
+            privacy.update({k: v for k, v in own.items() if v})  # the FedDP rows' own batch, steps and lr
             vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy="fedavg", **privacy, **seeded)
             federated(f"feddp eps={tag}", vdir, vcfg, {"target_epsilon": eps})
 

@@ -115,14 +115,12 @@ def evaluate_image(
     threshold: float = 0.5,
 ) -> dict[str, Any]:
     """One whole image: the model runs at ``target_mpp`` (sliding windows, Gaussian blending), its
-    class probabilities are brought back to the image's own pixels (bilinear), where its foreground and
-    its instances (:mod:`pipeline.instances`) are made and scored there against the annotation rasterised at full resolution: Dice
+    class probabilities are resampled to the image's own pixels (bilinear); its foreground and its instances
+    (:mod:`pipeline.instances`) are made there and scored against the annotation rasterised at full resolution: Dice
     (MONAI's), Jaccard; AJI and PQ (DQ = detection F1, SQ) against the annotation's own instances (one
     polygon per nucleus). A mask-image annotation has no instances: its AJI/PQ are None, never computed
     from merged blobs."""
     from pipeline.instances import (
-        MIN_AREA,
-        MIN_MARKER,
         foreground,
         instances_from_probabilities,
         predict_probabilities,
@@ -143,10 +141,7 @@ def evaluate_image(
     probs = predict_probabilities(net, pixels, window)
     if (h, w) != (H0, W0):  # bilinear probabilities, then threshold and instances at the image's own pixels
         probs = upsample_probabilities(probs, (H0, W0))
-    scale = (H0 * W0) / (h * w)
-    labels = instances_from_probabilities(
-        probs, threshold, min_area=max(1, round(MIN_AREA * scale)), min_marker=max(1, round(MIN_MARKER * scale))
-    )
+    labels = instances_from_probabilities(probs, threshold, area_scale=(H0 * W0) / (h * w))
     fg_full = foreground(probs) > threshold
     out: dict[str, Any] = {"model_shape": [h, w], "shape": [H0, W0], "n_pred": int(labels.max())}
     if annotation is None:

@@ -64,14 +64,17 @@ def foreground(probs: np.ndarray) -> np.ndarray:
 
 
 def instances_from_probabilities(
-    probs: np.ndarray, threshold: float = 0.5, min_area: int = MIN_AREA, min_marker: int = MIN_MARKER
+    probs: np.ndarray, threshold: float = 0.5, area_scale: float = 1.0
 ) -> np.ndarray:
-    """int32 (H, W) instance labels (0 = background, 1..n) from (C, H, W) class probabilities; the two
-    sizes are in this map's pixels (scale them for a map resampled from the model's resolution)."""
+    """int32 (H, W) instance labels (0 = background, 1..n) from (C, H, W) class probabilities.
+    ``area_scale``: this map's pixels per model pixel (a map resampled to a finer grid), by which the
+    smallest nucleus and marker sizes grow."""
     from scipy import ndimage as ndi
     from skimage.morphology import remove_small_objects
     from skimage.segmentation import watershed
 
+    min_area = max(1, round(MIN_AREA * area_scale))
+    min_marker = max(1, round(MIN_MARKER * area_scale))
     fg = foreground(probs) > threshold
     if not fg.any():
         return np.zeros(fg.shape, dtype=np.int32)
