@@ -132,7 +132,7 @@ def evaluate_image(
     reader = open_slide(slide, mpp, default_mpp)
     try:
         W0, H0 = reader.dimensions
-        w, h = max(1, round(W0 * reader.mpp / target_mpp)), max(1, round(H0 * reader.mpp / target_mpp))
+        w, h = reader.size_at_mpp(target_mpp, mpp_tolerance)
         pixels = reader.read_at_mpp(0, 0, w, h, target_mpp, mpp_tolerance)
     finally:
         close = getattr(reader, "close", None)

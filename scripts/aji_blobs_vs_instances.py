@@ -41,7 +41,7 @@ def main() -> None:
                 continue
             r = open_slide(row.slide_path(root), row.mpp)
             W0, H0 = r.dimensions
-            w, h = round(W0 * r.mpp / meta.target_mpp), round(H0 * r.mpp / meta.target_mpp)
+            w, h = r.size_at_mpp(meta.target_mpp)
             probs = predict_probabilities(net, r.read_at_mpp(0, 0, w, h, meta.target_mpp), meta.tile_size)
             ann = load_annotation(row.annotation_file(root))  # type: ignore[arg-type]
             gt_half = ann.rasterize(0, 0, W0, H0, w, h) > 0

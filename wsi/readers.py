@@ -185,6 +185,13 @@ class SlideReader(ABC):
         scale = mpp / self.mpp
         return w * scale, h * scale
 
+    def size_at_mpp(self, mpp: float, tolerance: float = DEFAULT_MPP_TOLERANCE) -> tuple[int, int]:
+        """(width, height) of the whole slide read at ``mpp``. A level within ``tolerance`` is read as
+        is, so the size follows the µm/px it really has (a 0.2527 µm/px image "at" 0.25 stays 1000 px)."""
+        eff = self.plan_mpp(mpp, tolerance).effective_mpp
+        W0, H0 = self.dimensions
+        return max(1, round(W0 * self.mpp / eff)), max(1, round(H0 * self.mpp / eff))
+
     def read_at_mpp(
         self,
         x0: float,

@@ -156,3 +156,23 @@ def test_evaluate_image_full_resolution(data_root: Path) -> None:
     )  # fmt: skip
     assert res2["aji"] is None and res2["pq"] is None
     assert res2["dice"] == pytest.approx(res["dice"], abs=1e-3)
+
+
+def test_evaluate_image_near_target_mpp_is_not_stretched(data_root: Path, tmp_path: Path) -> None:
+    """A 0.2527 µm/px MoNuSeg image scored "at" 0.25 µm/px: the level is read as is (within the tolerance),
+    so the model map must be the image's own 1000 px, not 1011 px read past its edge and squeezed back
+    (which displaced the nuclei by up to 11 px). An oracle 1x1 model on an image that draws the annotated
+    nuclei dark scores Dice ~1."""
+    import tifffile
+
+    mask = np.asarray(Image.open(data_root / PNG))[..., 0] > 0
+    img = np.where(mask[..., None], 40, 230).astype(np.uint8).repeat(3, axis=2)
+    tif = tmp_path / "drawn.tif"
+    tifffile.imwrite(tif, img)
+    oracle = torch.nn.Conv2d(3, 2, kernel_size=1)
+    with torch.no_grad():  # background logit rises with brightness, nucleus logit falls
+        oracle.weight.copy_(torch.tensor([[20.0, 20.0, 20.0], [-20.0, -20.0, -20.0]])[..., None, None])
+        oracle.bias.copy_(torch.tensor([-26.0, 26.0]))
+    res = evaluate_image(oracle, tif, data_root / XML, target_mpp=0.25, window=128, mpp=0.2527)
+    assert res["model_shape"] == [1000, 1000] and res["shape"] == [1000, 1000]
+    assert res["dice"] > 0.99, res["dice"]
