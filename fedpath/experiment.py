@@ -67,17 +67,21 @@ def _link_stores(base: ExperimentConfig, variant: ExperimentConfig) -> None:
             os.symlink(src, dst, target_is_directory=True)
 
 
-def _evaluate(cfg: ExperimentConfig, state: dict[str, torch.Tensor], data_root: Path) -> dict[str, Any]:
-    """Every site's test images: whole images at full resolution with instances, or the stored tiles."""
+def _evaluate(
+    cfg: ExperimentConfig, state: dict[str, torch.Tensor], data_root: Path, sites: list[str] | None = None
+) -> dict[str, Any]:
+    """Every site's (or ``sites``') test images: whole images at full resolution with instances, or the
+    stored tiles. The network is ``cfg.model`` (a site's personal model passes its own)."""
     net = build_model(cfg.model)
     net.load_state_dict(state)
+    chosen = [s for s in cfg.sites if sites is None or s.name in sites]
     if not cfg.experiment.full_resolution:
-        return {s.name: evaluate_store(net, cfg.store_path(s.name), {"test"}) for s in cfg.sites}
+        return {s.name: evaluate_store(net, cfg.store_path(s.name), {"test"}) for s in chosen}
     from pipeline.evaluate import evaluate_images
     from wsi.manifest import read_manifest
 
     out: dict[str, Any] = {}
-    for s in cfg.sites:
+    for s in chosen:
         rows = [r for r in read_manifest(s.manifest, site=s.name) if r.split == "test"]
         out[s.name] = evaluate_images(
             net, rows, data_root, target_mpp=cfg.tiling.target_mpp, window=cfg.tiling.tile_size,
@@ -253,7 +257,6 @@ def run_experiment(
         save()
 
     no_dp = {"train__privacy__enabled": False}
-    fedmic_view: dict[str, dict[str, Any]] = {}
     for seed in ex.seeds:
         seeded = {"train__seed": seed, "federation__seed": seed}
         root = base_dir / "variants" / f"seed_{seed}"
@@ -310,7 +313,7 @@ def run_experiment(
             vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy="fedavg", **privacy, **seeded)
             federated(f"feddp eps={tag}", vdir, vcfg, {"target_epsilon": eps})
 
-        if "fedmic" in ex.variants and seed == ex.seeds[0]:  # issue 15: FedMIC beside FedAvg, first seed
+        if "fedmic" in ex.variants:  # issue 15: FedMIC beside FedAvg of the same privacy level, every seed
             from fedpath.experiment_fedmic import run_fedmic_variants
 
             view = {r["name"]: r for r in runs.values() if int(r["seed"]) == seed}
@@ -323,17 +326,19 @@ def run_experiment(
             def seeded_cfg(base: ExperimentConfig, name: str, vdir: Path, seeded: dict[str, Any] = seeded, **changes: Any) -> ExperimentConfig:
                 return _variant_cfg(base, name, vdir, **changes, **seeded)
 
-            run_fedmic_variants(cfg, root, view, rec, seeded_cfg, _link_stores, _final_global)
-            fedmic_view = view
+            def evaluate_own(vcfg: ExperimentConfig, state: dict[str, torch.Tensor], site: str) -> dict[str, Any]:
+                return _evaluate(vcfg, state, data_root, [site])[site]  # scored as every other row is
+
+            run_fedmic_variants(cfg, root, view, rec, seeded_cfg, _link_stores, _final_global, evaluate_own)
 
     save()  # picks up the other invocations' seeds
     seeds = sorted({int(r["seed"]) for r in runs.values()})
     rows = aggregate(runs, names, seeds)
     table = tabulate(rows, names)
-    if fedmic_view:
+    if any(r.get("fedmic") for r in runs.values()):
         from fedpath.experiment_fedmic import fedmic_table
 
-        table += fedmic_table(fedmic_view, names)
+        table += fedmic_table(runs, names)
     extra_md = compare(runs, names, seeds)
     wall = time.perf_counter() - t_start
     cpu = _cpu_seconds(resource) - cpu0

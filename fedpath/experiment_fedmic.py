@@ -30,7 +30,6 @@ import torch
 
 from fedcore.layout import RunLayout
 from pipeline.config import ExperimentConfig
-from pipeline.evaluate import evaluate_store
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,8 @@ FEDMIC_STRATEGY: dict[str, Any] = {
 FEDMIC_EPSILON = 8.0
 
 Record = Callable[[str, str, dict[str, torch.Tensor], float, Path, dict[str, Any]], None]
+#: (config whose ``model`` is the network, its state, site) -> that site's test metrics
+EvaluateOwn = Callable[[ExperimentConfig, dict[str, torch.Tensor], str], dict[str, Any]]
 
 
 def _privacy(eps: float | None) -> dict[str, Any]:
@@ -60,11 +61,11 @@ def _privacy(eps: float | None) -> dict[str, Any]:
     }
 
 
-def personalised_dice(vcfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    """Each site's teacher (its private state) on that site's own test split."""
+def personalised_dice(vcfg: ExperimentConfig, evaluate: EvaluateOwn) -> dict[str, dict[str, Any]]:
+    """Each site's personal model (from its private state) on that site's own test split, scored by
+    ``evaluate`` exactly as the experiment scores every other row (whole images at full resolution)."""
     from federation.fedmic_site import FedMICSite
     from federation.site_state import SiteState
-    from pipeline.models import build_model
 
     out: dict[str, dict[str, Any]] = {}
     for s in vcfg.sites:
@@ -73,9 +74,7 @@ def personalised_dice(vcfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
         own = FedMICSite().personal_model(vcfg, s.name, {})
         assert own is not None
         state, net_cfg = own
-        net = build_model(net_cfg)
-        net.load_state_dict(state)
-        out[s.name] = evaluate_store(net, vcfg.store_path(s.name), {"test"})
+        out[s.name] = evaluate(vcfg.model_copy(update={"model": net_cfg}), state, s.name)
     return out
 
 
@@ -108,6 +107,7 @@ def run_fedmic_variants(
     variant_cfg: Callable[..., ExperimentConfig],
     link_stores: Callable[[ExperimentConfig, ExperimentConfig], None],
     final_global: Callable[[Path], dict[str, torch.Tensor]],
+    evaluate_own: EvaluateOwn,
 ) -> None:
     """Add the ``fedmic`` and ``fedmic eps=8`` rows (and their FedAvg baselines if missing) to ``rows``."""
     from fedpath.simulate import run_simulation
@@ -142,7 +142,7 @@ def run_fedmic_variants(
             "fedmic": {
                 "baseline": baseline,
                 "strategy": strategy,
-                "personalised": personalised_dice(vcfg),
+                "personalised": personalised_dice(vcfg, evaluate_own),
                 "bytes": mic_bytes,
                 "baseline_bytes": avg_bytes,
                 "up_ratio": {s: avg_bytes[s]["up_per_round"] / mic_bytes[s]["up_per_round"] for s in names},
@@ -152,13 +152,17 @@ def run_fedmic_variants(
         record(name, "federated", final_global(vdir), seconds, vdir, extra)
 
 
-def fedmic_table(rows: dict[str, dict[str, Any]], sites: list[str]) -> str:
-    """Per FedMIC row and site: personalised Dice vs the FedAvg global model, student Dice, bytes and ratios."""
+def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
+    """Per FedMIC row and site, over seeds (mean ± sd): the personalised model and FedAvg's global model of
+    the same privacy level on the site's own test images, their paired difference (same seed, same
+    images), the student as a global model, and bytes per round on the wire with the ratio to FedAvg."""
     head = [
         "variant",
         "site",
-        "Dice personalised (teacher)",
+        "seeds",
+        "Dice personalised",
         "Dice FedAvg global",
+        "Δ personalised − FedAvg",
         "Dice student (global)",
         "KiB up / round",
         "KiB down / round",
@@ -166,28 +170,43 @@ def fedmic_table(rows: dict[str, dict[str, Any]], sites: list[str]) -> str:
         "down: FedAvg ÷ FedMIC",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in rows.items():
-        mic = row.get("fedmic")
-        if not mic:
-            continue
-        base = rows.get(mic["baseline"], {}).get("eval", {})
+    names = sorted({r["name"] for r in runs.values() if r.get("fedmic")})
+    for name in names:
+        per_seed = sorted((r for r in runs.values() if r["name"] == name and r.get("fedmic")), key=lambda r: r["seed"])
         for s in sites:
-            pers = mic["personalised"].get(s, {}).get("dice")
-            cells = [
-                name,
-                s,
-                _f(pers),
-                _f(base.get(s, {}).get("dice")),
-                _f(row["eval"].get(s, {}).get("dice")),
-                _f(mic["bytes"][s]["up_per_round"] / 1024, 1),
-                _f(mic["bytes"][s]["down_per_round"] / 1024, 1),
-                _f(mic["up_ratio"][s], 2),
-                _f(mic["down_ratio"][s], 2),
-            ]
+            pers, base, delta, student, up, down, r_up, r_down = ([] for _ in range(8))
+            for r in per_seed:
+                mic = r["fedmic"]
+                b = runs.get(f"{mic['baseline']}@{r['seed']}", {}).get("eval", {}).get(s, {}).get("dice")
+                p = mic["personalised"].get(s, {}).get("dice")
+                pers.append(p)
+                base.append(b)
+                delta.append(p - b if p is not None and b is not None else None)
+                student.append(r["eval"].get(s, {}).get("dice"))
+                up.append(mic["bytes"][s]["up_per_round"] / 1024)
+                down.append(mic["bytes"][s]["down_per_round"] / 1024)
+                r_up.append(mic["up_ratio"][s])
+                r_down.append(mic["down_ratio"][s])
+            cells = [name, s, str(len(per_seed)), _ms(pers), _ms(base), _ms(delta), _ms(student),
+                     _ms(up, 1), _ms(down, 1), _ms(r_up, 2), _ms(r_down, 2)]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     if len(lines) == 2:
         return ""
-    return "\nFedMIC (personalised teacher vs FedAvg, bytes on the wire per site per round):\n\n" + "\n".join(lines) + "\n"
+    return (
+        "\nFedMIC (personalised model vs FedAvg's global model of the same privacy level, on each site's own "
+        "test images; bytes on the wire per site per round; mean ± sd over seeds):\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def _ms(values: list[Any], nd: int = 3) -> str:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return "-"
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return _f(m, nd)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{m:.{nd}f} ± {sd:.{nd}f}"
 
 
 def _f(x: Any, nd: int = 3) -> str:
