@@ -88,3 +88,26 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
     assert all(0 < led["epsilon"] <= 8.05 for led in rows["fedmic eps=8"]["ledger"].values())
     table = (run_dir / "experiment.md").read_text()
     assert "| fedmic eps=8 | a |" in table and "| fedmic | b |" in table
+
+
+def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:
+    """The FedMIC table pairs each seed's personalised model with FedAvg's global model of the same seed
+    and privacy level on the same site, and gives mean ± sd over seeds."""
+    from fedpath.experiment_fedmic import fedmic_table
+
+    def mic(seed: int, pers: float) -> dict:
+        b = {"a": {"up_per_round": 100 * 1024.0, "down_per_round": 200 * 1024.0}}
+        return {"name": "fedmic", "seed": seed, "eval": {"a": {"dice": 0.5}}, "fedmic": {
+            "baseline": "fedavg", "personalised": {"a": {"dice": pers}}, "bytes": b,
+            "up_ratio": {"a": 8.0}, "down_ratio": {"a": 4.0}}}  # fmt: skip
+
+    runs = {
+        "fedmic@0": mic(0, 0.80), "fedmic@1": mic(1, 0.70),
+        "fedavg@0": {"name": "fedavg", "seed": 0, "eval": {"a": {"dice": 0.78}}},
+        "fedavg@1": {"name": "fedavg", "seed": 1, "eval": {"a": {"dice": 0.70}}},
+    }  # fmt: skip
+    row = next(line for line in fedmic_table(runs, ["a"]).splitlines() if line.startswith("| fedmic | a |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # personalised 0.75 ± 0.071, FedAvg 0.74 ± 0.057, paired Δ (0.02, 0.00): 0.010 ± 0.014
+    assert cells[2:6] == ["2", "0.750 ± 0.071", "0.740 ± 0.057", "0.010 ± 0.014"], cells
+    assert cells[7] == "100.0 ± 0.0" and cells[9] == "8.00 ± 0.00"
