@@ -162,17 +162,25 @@ class FedMICSite:
     def personal_model(
         self, cfg: ExperimentConfig, site: str, global_state: State
     ) -> tuple[State, ModelConfig] | None:
-        """The site's personal teacher (its private state after its last round; ``global_state``, the
-        shared student, is not part of it)."""
+        """The site's personal model: its teacher (its private state after its last round), or with
+        ``personal: teacher+student`` an ensemble of the teacher and ``global_state`` (the shared student
+        as published) whose logits are averaged."""
         from federation.strategies import strategy_config
 
         state = SiteState(RunLayout(cfg.run_dir).site(site).state)
         personal = state.load_personal()
         if personal is None:
             raise FedpathError(f"site {site}: no personal teacher yet ({state.personal_path}); run a round first")
-        width = float(getattr(strategy_config(cfg.federation), "teacher_width", 2.0))
+        scfg = strategy_config(cfg.federation)
+        tcfg = teacher_config(cfg.model, float(getattr(scfg, "teacher_width", 2.0)))
         teacher = {k[len("teacher.") :]: v for k, v in personal.items() if k.startswith("teacher.")}
-        return teacher, teacher_config(cfg.model, width)
+        if getattr(scfg, "personal", "teacher") == "teacher":
+            return teacher, tcfg
+        if not global_state:
+            raise FedpathError(f"site {site}: personal: teacher+student needs the global student (a published version)")
+        both = {f"members.0.{k}": v for k, v in teacher.items()}
+        both.update({f"members.1.{k}": v for k, v in global_state.items()})
+        return both, ModelConfig(name="ensemble", out_channels=cfg.model.out_channels, members=[tcfg, cfg.model])
 
     def contributed_enough(self, cfg: ExperimentConfig, site: str, uploaded: list[int]) -> bool:
         return False  # round-based: a site trains every round

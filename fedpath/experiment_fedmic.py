@@ -41,6 +41,7 @@ FEDMIC_STRATEGY: dict[str, Any] = {
     "energy_rounds": 4,
     "teacher_width": 1.5,
     "max_rank_fraction": 0.35,  # under DP (full-rank noise) 5.5x fewer upload bytes than FedAvg for this model
+    "personal": "teacher",  # the configured personal model; both kinds are scored (PERSONAL_KINDS)
 }
 #: the ε of the DP row (and the FedDP row it is compared with)
 FEDMIC_EPSILON = 8.0
@@ -61,20 +62,30 @@ def _privacy(eps: float | None) -> dict[str, Any]:
     }
 
 
-def personalised_dice(vcfg: ExperimentConfig, evaluate: EvaluateOwn) -> dict[str, dict[str, Any]]:
-    """Each site's personal model (from its private state) on that site's own test split, scored by
-    ``evaluate`` exactly as the experiment scores every other row (whole images at full resolution)."""
+#: the personal models a FedMIC site can infer with (``federation.strategy.personal``)
+PERSONAL_KINDS = ("teacher", "teacher+student")
+
+
+def personalised_dice(
+    vcfg: ExperimentConfig, evaluate: EvaluateOwn, student: dict[str, torch.Tensor]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per personal-model kind, each site's personal model (from its private state; ``student`` is the
+    last published global version) on that site's own test split, scored by ``evaluate`` exactly as the
+    experiment scores every other row (whole images at full resolution)."""
     from federation.fedmic_site import FedMICSite
     from federation.site_state import SiteState
 
-    out: dict[str, dict[str, Any]] = {}
-    for s in vcfg.sites:
-        if not SiteState(RunLayout(vcfg.run_dir).site(s.name).state).personal_path.is_file():
-            continue  # the site never finished a round: no teacher
-        own = FedMICSite().personal_model(vcfg, s.name, {})
-        assert own is not None
-        state, net_cfg = own
-        out[s.name] = evaluate(vcfg.model_copy(update={"model": net_cfg}), state, s.name)
+    out: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in PERSONAL_KINDS}
+    for kind in PERSONAL_KINDS:
+        strat = dict(vcfg.federation.strategy, personal=kind)  # type: ignore[arg-type]
+        kcfg = vcfg.model_copy(update={"federation": vcfg.federation.model_copy(update={"strategy": strat})})
+        for s in kcfg.sites:
+            if not SiteState(RunLayout(kcfg.run_dir).site(s.name).state).personal_path.is_file():
+                continue  # the site never finished a round: no teacher
+            own = FedMICSite().personal_model(kcfg, s.name, student)
+            assert own is not None
+            state, net_cfg = own
+            out[kind][s.name] = evaluate(kcfg.model_copy(update={"model": net_cfg}), state, s.name)
     return out
 
 
@@ -135,6 +146,8 @@ def run_fedmic_variants(
         t0 = time.perf_counter()
         run_simulation(vcfg)
         seconds = time.perf_counter() - t0
+        student = final_global(vdir)
+        personal = personalised_dice(vcfg, evaluate_own, student)
         base_vdir = variants_dir / base_dirname
         mic_bytes = wire_bytes(vdir, names, rounds)
         avg_bytes = wire_bytes(base_vdir, names, rounds)
@@ -142,14 +155,16 @@ def run_fedmic_variants(
             "fedmic": {
                 "baseline": baseline,
                 "strategy": strategy,
-                "personalised": personalised_dice(vcfg, evaluate_own),
+                "personal_kind": strategy["personal"],
+                "personalised": personal[strategy["personal"]],  # the configured personal model
+                "personal_models": personal,  # both kinds, so each is measured
                 "bytes": mic_bytes,
                 "baseline_bytes": avg_bytes,
                 "up_ratio": {s: avg_bytes[s]["up_per_round"] / mic_bytes[s]["up_per_round"] for s in names},
                 "down_ratio": {s: avg_bytes[s]["down_per_round"] / mic_bytes[s]["down_per_round"] for s in names},
             }
         }
-        record(name, "federated", final_global(vdir), seconds, vdir, extra)
+        record(name, "federated", student, seconds, vdir, extra)
 
 
 def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
@@ -160,9 +175,11 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
         "variant",
         "site",
         "seeds",
-        "Dice personalised",
+        "Dice teacher",
+        "Dice teacher+student",
         "Dice FedAvg global",
-        "Δ personalised − FedAvg",
+        "Δ teacher − FedAvg",
+        "Δ teacher+student − FedAvg",
         "Dice student (global)",
         "KiB up / round",
         "KiB down / round",
@@ -174,27 +191,33 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
     for name in names:
         per_seed = sorted((r for r in runs.values() if r["name"] == name and r.get("fedmic")), key=lambda r: r["seed"])
         for s in sites:
-            pers, base, delta, student, up, down, r_up, r_down = ([] for _ in range(8))
+            pers: dict[str, list[Any]] = {k: [] for k in PERSONAL_KINDS}
+            delta: dict[str, list[Any]] = {k: [] for k in PERSONAL_KINDS}
+            base, student, up, down, r_up, r_down = ([] for _ in range(6))
             for r in per_seed:
                 mic = r["fedmic"]
                 b = runs.get(f"{mic['baseline']}@{r['seed']}", {}).get("eval", {}).get(s, {}).get("dice")
-                p = mic["personalised"].get(s, {}).get("dice")
-                pers.append(p)
+                models = mic.get("personal_models") or {mic.get("personal_kind", "teacher"): mic["personalised"]}
+                for k in PERSONAL_KINDS:
+                    p = models.get(k, {}).get(s, {}).get("dice")
+                    pers[k].append(p)
+                    delta[k].append(p - b if p is not None and b is not None else None)
                 base.append(b)
-                delta.append(p - b if p is not None and b is not None else None)
                 student.append(r["eval"].get(s, {}).get("dice"))
                 up.append(mic["bytes"][s]["up_per_round"] / 1024)
                 down.append(mic["bytes"][s]["down_per_round"] / 1024)
                 r_up.append(mic["up_ratio"][s])
                 r_down.append(mic["down_ratio"][s])
-            cells = [name, s, str(len(per_seed)), _ms(pers), _ms(base), _ms(delta), _ms(student),
+            t, ts = PERSONAL_KINDS
+            cells = [name, s, str(len(per_seed)), _ms(pers[t]), _ms(pers[ts]), _ms(base), _ms(delta[t]), _ms(delta[ts]), _ms(student),
                      _ms(up, 1), _ms(down, 1), _ms(r_up, 2), _ms(r_down, 2)]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     if len(lines) == 2:
         return ""
     return (
-        "\nFedMIC (personalised model vs FedAvg's global model of the same privacy level, on each site's own "
-        "test images; bytes on the wire per site per round; mean ± sd over seeds):\n\n" + "\n".join(lines) + "\n"
+        "\nFedMIC (each site's personal model -- its teacher, or teacher and global student averaged -- vs "
+        "FedAvg's global model of the same privacy level, on the site's own test images; bytes on the wire per "
+        "site per round; mean ± sd over seeds, Δ paired by seed):\n\n" + "\n".join(lines) + "\n"
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedcore.layout import RunLayout
 from wsi.config import SynthConfig, TilingConfig, TissueConfig, _Strict
@@ -60,7 +60,7 @@ class SiteConfig(_Strict):
 class ModelConfig(_Strict):
     """A MONAI segmentation network built DP-ready (GroupNorm, no in-place activations)."""
 
-    name: Literal["unet", "basicunet", "segresnet", "attentionunet"] = "unet"
+    name: Literal["unet", "basicunet", "segresnet", "attentionunet", "ensemble"] = "unet"
     in_channels: int = 3
     out_channels: int = 2
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
@@ -73,6 +73,22 @@ class ModelConfig(_Strict):
         description="decoder upsampling: MONAI's transposed conv (fastest, per-sample code registered by "
         "pipeline.models) or nearest resize + conv",
     )
+    members: list[ModelConfig] = Field(
+        default_factory=list,
+        description="ensemble only: the networks whose logits are averaged (e.g. a FedMIC site's teacher and "
+        "the global student); an inference model, never trained as one",
+    )
+
+    @model_validator(mode="after")
+    def _ensemble_members(self) -> ModelConfig:
+        if self.name == "ensemble":
+            if len(self.members) < 2 or any(m.name == "ensemble" for m in self.members):
+                raise ValueError("an ensemble needs two or more member networks, none itself an ensemble")
+            if any(m.out_channels != self.out_channels for m in self.members):
+                raise ValueError("every ensemble member must have the ensemble's out_channels")
+        elif self.members:
+            raise ValueError(f"model {self.name!r}: members are for name: ensemble")
+        return self
 
 
 class StainConfig(_Strict):

@@ -278,7 +278,20 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             cfg.dropout,
             cfg.upsample,
         )
-    raise FedpathError(f"model {cfg.name!r}: not supported (unet, basicunet, segresnet, attentionunet)")
+    if cfg.name == "ensemble":
+        return LogitMean([build_model(m) for m in cfg.members])
+    raise FedpathError(f"model {cfg.name!r}: not supported (unet, basicunet, segresnet, attentionunet, ensemble)")
+
+
+class LogitMean(nn.Module):
+    """An inference ensemble: the mean of its members' logits (state keys ``members.<i>.*``)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
 
 
 # -- the pre-training check ----------------------------------------------------------------------------

@@ -48,6 +48,11 @@ class FedMICConfig(StrategyConfig):
     kd_weight: float = Field(1.0, ge=0, description="weight of the decision-level (output) distillation")
     feature_weight: float = Field(1.0, ge=0, description="weight of the representation-level distillation")
     teacher_width: float = Field(2.0, ge=1, description="teacher channels = student channels x this")
+    personal: Literal["teacher", "teacher+student"] = Field(
+        "teacher",
+        description="the model a site infers with: its teacher, or its teacher and the global student with "
+        "their logits averaged (one ensemble network, `fedpath site-model`)",
+    )
     factor_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of the SVD factors on the wire (both directions)"
     )

@@ -83,7 +83,9 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
     for name, baseline in (("fedmic", "fedavg"), ("fedmic eps=8", "feddp eps=8")):
         mic = runs[f"{name}@0"]["fedmic"]
         assert mic["baseline"] == baseline and set(mic["personalised"]) == {"a", "b"}
-        assert all(0.0 <= v["dice"] <= 1.0 for v in mic["personalised"].values())
+        assert set(mic["personal_models"]) == {"teacher", "teacher+student"}
+        for own in mic["personal_models"].values():
+            assert set(own) == {"a", "b"} and all(0.0 <= v["dice"] <= 1.0 for v in own.values())
         assert all(r > 1 for r in mic["up_ratio"].values()), mic["up_ratio"]
     assert all(0 < led["epsilon"] <= 8.05 for led in rows["fedmic eps=8"]["ledger"].values())
     table = (run_dir / "experiment.md").read_text()
@@ -97,8 +99,9 @@ def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:
 
     def mic(seed: int, pers: float) -> dict:
         b = {"a": {"up_per_round": 100 * 1024.0, "down_per_round": 200 * 1024.0}}
+        both = {"teacher": {"a": {"dice": pers}}, "teacher+student": {"a": {"dice": pers + 0.01}}}
         return {"name": "fedmic", "seed": seed, "eval": {"a": {"dice": 0.5}}, "fedmic": {
-            "baseline": "fedavg", "personalised": {"a": {"dice": pers}}, "bytes": b,
+            "baseline": "fedavg", "personalised": both["teacher"], "personal_models": both, "bytes": b,
             "up_ratio": {"a": 8.0}, "down_ratio": {"a": 4.0}}}  # fmt: skip
 
     runs = {
@@ -108,6 +111,8 @@ def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:
     }  # fmt: skip
     row = next(line for line in fedmic_table(runs, ["a"]).splitlines() if line.startswith("| fedmic | a |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    # personalised 0.75 ± 0.071, FedAvg 0.74 ± 0.057, paired Δ (0.02, 0.00): 0.010 ± 0.014
-    assert cells[2:6] == ["2", "0.750 ± 0.071", "0.740 ± 0.057", "0.010 ± 0.014"], cells
-    assert cells[7] == "100.0 ± 0.0" and cells[9] == "8.00 ± 0.00"
+    # teacher 0.75 ± 0.071, teacher+student 0.76, FedAvg 0.74 ± 0.057, paired Δ (0.02, 0.00): 0.010 ± 0.014
+    assert cells[2:8] == [
+        "2", "0.750 ± 0.071", "0.760 ± 0.071", "0.740 ± 0.057", "0.010 ± 0.014", "0.020 ± 0.014"
+    ], cells  # fmt: skip
+    assert cells[9] == "100.0 ± 0.0" and cells[11] == "8.00 ± 0.00"

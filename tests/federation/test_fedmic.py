@@ -185,3 +185,20 @@ def test_fedmic_federation_two_sites_low_rank_both_ways(
         assert personal is not None and mine.meta.source == "personal"
         assert mine.meta.model.channels != cfg.model.channels  # the teacher's wider network
         assert all(torch.equal(v, personal[f"teacher.{k}"]) for k, v in mine.state.items())
+        # personal: teacher+student -- one ensemble network: the teacher's and the global student's logits averaged
+        from pipeline.models import build_model
+
+        strat = dict(cfg.federation.strategy, personal="teacher+student")  # type: ignore[arg-type]
+        both_cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"strategy": strat})})
+        both = load_inference_model(write_site_model(both_cfg, site, out=cfg.run_dir / f"{site}_both.safetensors"))
+        assert both.meta.model.name == "ensemble" and len(both.meta.model.members) == 2
+        ens = build_model(both.meta.model)
+        ens.load_state_dict(both.state)
+        teacher = build_model(mine.meta.model)
+        teacher.load_state_dict(mine.state)
+        student = build_model(cfg.model)
+        student.load_state_dict(g2)
+        x = torch.rand(1, 3, 32, 32)
+        with torch.no_grad():
+            want = (teacher.eval()(x) + student.eval()(x)) / 2
+            assert torch.allclose(ens.eval()(x), want, atol=1e-5)
