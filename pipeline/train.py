@@ -447,6 +447,8 @@ def _run(
     tc, pc = cfg.train, cfg.train.privacy
     dp = sigma is not None
     torch.manual_seed(tc.seed + (round_index or 0))
+    if cfg.model.name == "ensemble":
+        raise FedpathError("model.name: ensemble is an inference model (a site's personal model); train one network")
     net = build_model(cfg.model)
     if init_state is not None:
         net.load_state_dict(strip_wrappers(init_state))

@@ -66,3 +66,25 @@ def test_model_file_round_trip(tmp_path: Path) -> None:
     net.eval()
     net2.eval()
     assert torch.equal(net(x), net2(x)) and meta.model == cfg
+
+
+def test_ensemble_model_file_averages_its_members_logits(tmp_path: Path) -> None:
+    """An ensemble (a FedMIC site's teacher + student) is one model file whose output is the mean of its
+    members' logits; a malformed ensemble is a one-line config error."""
+    small = ModelConfig(out_channels=3, channels=[8, 16], strides=[2], groups=4)
+    wide = ModelConfig(out_channels=3, channels=[12, 24], strides=[2], groups=4)
+    cfg = ModelConfig(name="ensemble", out_channels=3, members=[small, wide])
+    a, b = build_model(small).eval(), build_model(wide).eval()
+    state = {f"members.0.{k}": v for k, v in a.state_dict().items()}
+    state.update({f"members.1.{k}": v for k, v in b.state_dict().items()})
+    path = save_model(tmp_path / "e.safetensors", state, ModelMeta(model=cfg, tile_size=32, target_mpp=0.5))
+    net, meta = load_model(path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(x), (a(x) + b(x)) / 2, atol=1e-6)
+    assert meta.model.members == [small, wide]
+    for bad in ({"members": [small]}, {"members": [small, cfg]}, {"members": [small, small.model_copy(update={"out_channels": 2})]}):
+        with pytest.raises(ValueError, match="ensemble"):
+            ModelConfig.model_validate({"name": "ensemble", "out_channels": 3, **bad})
+    with pytest.raises(ValueError, match="members are for name: ensemble"):
+        ModelConfig(members=[small, wide])
