@@ -321,7 +321,7 @@ def real_model(path: Path, data_root: Path, steps: int) -> Path:
     for img, mask in _monuseg(data_root)[:-HELD_OUT]:
         with open_slide(img, MONUSEG_MPP) as r:
             W0, H0 = r.dimensions
-            w, h = round(W0 * MONUSEG_MPP / REAL_MPP), round(H0 * MONUSEG_MPP / REAL_MPP)
+            w, h = r.size_at_mpp(REAL_MPP, 0.1)
             xs.append(r.read_at_mpp(0, 0, w, h, REAL_MPP, 0.1))
         ys.append(load_annotation(mask, slide_dimensions=(W0, H0)).rasterize(0, 0, W0, H0, w, h) > 0)
     cfg = ModelConfig()

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch
 
 from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
+from fedpath.seedstats import mean_sd, pm
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 from pipeline.evaluate import evaluate_store
@@ -375,17 +375,6 @@ def _r3(x: Any) -> Any:
 METRICS = ("dice", "jaccard", "pixel_accuracy", "aji", "pq", "dq", "sq")
 
 
-def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample sd (None with fewer than two values) of the values that exist."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not vals:
-        return None, None
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-
-
 def _site_mean(ev: dict[str, Any], sites: list[str], k: str) -> float | None:
     return _mean([ev[s].get(k) for s in sites if s in ev])
 
@@ -404,11 +393,11 @@ def aggregate(runs: dict[str, dict[str, Any]], sites: list[str], seeds: list[int
         for s in sites:
             ev[s] = {}
             for k in METRICS:
-                m, sd = _stats([r["eval"].get(s, {}).get(k) for r in per_seed])
+                m, sd = mean_sd([r["eval"].get(s, {}).get(k) for r in per_seed])
                 ev[s][k], ev[s][f"{k}_sd"] = m, sd
         overall: dict[str, Any] = {}
         for k in METRICS:
-            m, sd = _stats([_site_mean(r["eval"], sites, k) for r in per_seed])
+            m, sd = mean_sd([_site_mean(r["eval"], sites, k) for r in per_seed])
             overall[k], overall[f"{k}_sd"] = m, sd
         rows[name] = {
             "kind": first["kind"], "site": first.get("site"), "n_seeds": len(per_seed), "seeds": [r["seed"] for r in per_seed],
@@ -416,12 +405,6 @@ def aggregate(runs: dict[str, dict[str, Any]], sites: list[str], seeds: list[int
             "ledger": first["ledger"],
         }  # fmt: skip
     return rows
-
-
-def _pm(m: Any, sd: Any) -> str:
-    if m is None:
-        return "-"
-    return f"{m:.3f}" if sd is None else f"{m:.3f} ± {sd:.3f}"
 
 
 def tabulate(rows: dict[str, dict[str, Any]], sites: list[str]) -> str:
@@ -437,11 +420,11 @@ def tabulate(rows: dict[str, dict[str, Any]], sites: list[str]) -> str:
         eps = [(v["epsilon"], v.get("delta")) for v in row["ledger"].values() if isinstance(v.get("epsilon"), (int, float))]
         eps_slide = [(v["epsilon_slide"], v.get("delta_slide")) for v in row["ledger"].values() if isinstance(v.get("epsilon_slide"), (int, float))]
         dp_row = any(v.get("unit") for v in row["ledger"].values())
-        cells = [name, str(row["n_seeds"])] + [_pm(ev[s].get("dice"), ev[s].get("dice_sd")) for s in sites] + [
-            _pm(ov.get("dice"), ov.get("dice_sd")),
-            _pm(ov.get("aji"), ov.get("aji_sd")),
-            _pm(ov.get("pq"), ov.get("pq_sd")),
-            _pm(ov.get("jaccard"), ov.get("jaccard_sd")),
+        cells = [name, str(row["n_seeds"])] + [pm(ev[s].get("dice"), ev[s].get("dice_sd")) for s in sites] + [
+            pm(ov.get("dice"), ov.get("dice_sd")),
+            pm(ov.get("aji"), ov.get("aji_sd")),
+            pm(ov.get("pq"), ov.get("pq_sd")),
+            pm(ov.get("jaccard"), ov.get("jaccard_sd")),
             _fmt(_mean(others)) if others is not None else _fmt(ov.get("dice")),
             _eps_cell(max(eps)) if eps else "-",
             _eps_cell(max(eps_slide)) if eps_slide else ("no guarantee" if dp_row else "-"),
@@ -476,7 +459,7 @@ def compare(runs: dict[str, dict[str, Any]], sites: list[str], seeds: list[int])
             for s in sites:
                 sa, sb = ea.get(s, {}).get("slides", {}), eb.get(s, {}).get("slides", {})
                 di += [sa[i]["dice"] - sb[i]["dice"] for i in sa if i in sb and sa[i].get("dice") is not None and sb[i].get("dice") is not None]
-        out.append(f"| {a} | {b} | {_pm(*_stats(dd))} | {_pm(*_stats(di))} | {_pm(*_stats(da))} | {len(common)} |")
+        out.append(f"| {a} | {b} | {pm(*mean_sd(dd))} | {pm(*mean_sd(di))} | {pm(*mean_sd(da))} | {len(common)} |")
     fed = [n for n in ("fedavg", "feddp eps=8") if n in names]
     if fed and any(f"local:{s}" in names for s in sites):
         out += ["", "Per site, on that site's own test images (Dice, mean ± sd over seeds; Δ paired by seed):", ""]
@@ -490,11 +473,11 @@ def compare(runs: dict[str, dict[str, Any]], sites: list[str], seeds: list[int])
             def site_vals(n: str, k: str = "dice", s: str = s) -> list[float | None]:
                 return [runs[f"{n}@{sd}"]["eval"].get(s, {}).get(k) if f"{n}@{sd}" in runs else None for sd in seeds]
 
-            cells = [s, _pm(*_stats(site_vals(loc)))] + [_pm(*_stats(site_vals(n))) for n in fed]
+            cells = [s, pm(*mean_sd(site_vals(loc)))] + [pm(*mean_sd(site_vals(n))) for n in fed]
             for n in fed:
                 d = [x - y for x, y in zip(site_vals(n), site_vals(loc), strict=True) if x is not None and y is not None]
-                cells.append(_pm(*_stats(d)))  # type: ignore[arg-type]
-            cells += [_pm(*_stats(site_vals(loc, "aji")))] + [_pm(*_stats(site_vals(n, "aji"))) for n in fed]
+                cells.append(pm(*mean_sd(d)))  # type: ignore[arg-type]
+            cells += [pm(*mean_sd(site_vals(loc, "aji")))] + [pm(*mean_sd(site_vals(n, "aji"))) for n in fed]
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

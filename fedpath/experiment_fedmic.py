@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from fedcore.layout import RunLayout
+from fedpath.seedstats import mean_sd, pm
 from pipeline.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,6 @@ def run_fedmic_variants(
             "fedmic": {
                 "baseline": baseline,
                 "strategy": strategy,
-                "personal_kind": strategy["personal"],
                 "personalised": personal[strategy["personal"]],  # the configured personal model
                 "personal_models": personal,  # both kinds, so each is measured
                 "bytes": mic_bytes,
@@ -197,7 +196,7 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
             for r in per_seed:
                 mic = r["fedmic"]
                 b = runs.get(f"{mic['baseline']}@{r['seed']}", {}).get("eval", {}).get(s, {}).get("dice")
-                models = mic.get("personal_models") or {mic.get("personal_kind", "teacher"): mic["personalised"]}
+                models = mic.get("personal_models", {})  # older records scored the teacher on tiles: not shown
                 for k in PERSONAL_KINDS:
                     p = models.get(k, {}).get(s, {}).get("dice")
                     pers[k].append(p)
@@ -209,8 +208,8 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
                 r_up.append(mic["up_ratio"][s])
                 r_down.append(mic["down_ratio"][s])
             t, ts = PERSONAL_KINDS
-            cells = [name, s, str(len(per_seed)), _ms(pers[t]), _ms(pers[ts]), _ms(base), _ms(delta[t]), _ms(delta[ts]), _ms(student),
-                     _ms(up, 1), _ms(down, 1), _ms(r_up, 2), _ms(r_down, 2)]  # fmt: skip
+            cells = [name, s, str(len(per_seed)), pm(*mean_sd(pers[t])), pm(*mean_sd(pers[ts])), pm(*mean_sd(base)), pm(*mean_sd(delta[t])), pm(*mean_sd(delta[ts])), pm(*mean_sd(student)),
+                     pm(*mean_sd(up), 1), pm(*mean_sd(down), 1), pm(*mean_sd(r_up), 2), pm(*mean_sd(r_down), 2)]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     if len(lines) == 2:
         return ""
@@ -219,20 +218,3 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
         "FedAvg's global model of the same privacy level, on the site's own test images; bytes on the wire per "
         "site per round; mean ± sd over seeds, Δ paired by seed):\n\n" + "\n".join(lines) + "\n"
     )
-
-
-def _ms(values: list[Any], nd: int = 3) -> str:
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not vals:
-        return "-"
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return _f(m, nd)
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{m:.{nd}f} ± {sd:.{nd}f}"
-
-
-def _f(x: Any, nd: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{nd}f}"
