@@ -84,7 +84,8 @@ def _evaluate(
     for s in chosen:
         rows = [r for r in read_manifest(s.manifest, site=s.name) if r.split == "test"]
         out[s.name] = evaluate_images(
-            net, rows, data_root, target_mpp=cfg.tiling.target_mpp, window=cfg.tiling.tile_size,
+            net, rows, data_root, target_mpp=cfg.tiling.target_mpp,
+            window=cfg.inference.tile_size or cfg.tiling.tile_size, overlap=cfg.inference.overlap,
             default_mpp=cfg.tiling.default_mpp, mpp_tolerance=cfg.tiling.mpp_tolerance,
         )  # fmt: skip
     return out

@@ -176,3 +176,6 @@ def test_evaluate_image_near_target_mpp_is_not_stretched(data_root: Path, tmp_pa
     res = evaluate_image(oracle, tif, data_root / XML, target_mpp=0.25, window=128, mpp=0.2527)
     assert res["model_shape"] == [1000, 1000] and res["shape"] == [1000, 1000]
     assert res["dice"] > 0.99, res["dice"]
+    # the whole image in one window larger than it (the experiment's `inference.tile_size`), padded by reflection
+    whole = evaluate_image(oracle, tif, data_root / XML, target_mpp=0.25, window=1024, mpp=0.2527, overlap=0.5)
+    assert whole["dice"] == pytest.approx(res["dice"], abs=1e-3)
