@@ -33,7 +33,7 @@ import torch
 
 from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
-from fedpath.seedstats import mean_sd, pm
+from fedpath.seedstats import mean_sd, pm, spread
 from pipeline.config import ExperimentConfig
 from pipeline.errors import FedpathError
 from pipeline.evaluate import evaluate_store
@@ -460,7 +460,7 @@ def compare(runs: dict[str, dict[str, Any]], sites: list[str], seeds: list[int])
             for s in sites:
                 sa, sb = ea.get(s, {}).get("slides", {}), eb.get(s, {}).get("slides", {})
                 di += [sa[i]["dice"] - sb[i]["dice"] for i in sa if i in sb and sa[i].get("dice") is not None and sb[i].get("dice") is not None]
-        out.append(f"| {a} | {b} | {pm(*mean_sd(dd))} | {pm(*mean_sd(di))} | {pm(*mean_sd(da))} | {len(common)} |")
+        out.append(f"| {a} | {b} | {spread(dd)} | {spread(di)} | {spread(da)} | {len(common)} |")
     fed = [n for n in ("fedavg", "feddp eps=8") if n in names]
     if fed and any(f"local:{s}" in names for s in sites):
         out += ["", "Per site, on that site's own test images (Dice, mean ± sd over seeds; Δ paired by seed):", ""]
@@ -474,11 +474,11 @@ def compare(runs: dict[str, dict[str, Any]], sites: list[str], seeds: list[int])
             def site_vals(n: str, k: str = "dice", s: str = s) -> list[float | None]:
                 return [runs[f"{n}@{sd}"]["eval"].get(s, {}).get(k) if f"{n}@{sd}" in runs else None for sd in seeds]
 
-            cells = [s, pm(*mean_sd(site_vals(loc)))] + [pm(*mean_sd(site_vals(n))) for n in fed]
+            cells = [s, spread(site_vals(loc))] + [spread(site_vals(n)) for n in fed]
             for n in fed:
                 d = [x - y for x, y in zip(site_vals(n), site_vals(loc), strict=True) if x is not None and y is not None]
-                cells.append(pm(*mean_sd(d)))  # type: ignore[arg-type]
-            cells += [pm(*mean_sd(site_vals(loc, "aji")))] + [pm(*mean_sd(site_vals(n, "aji"))) for n in fed]
+                cells.append(spread(d))  # type: ignore[arg-type]
+            cells += [spread(site_vals(loc, "aji"))] + [spread(site_vals(n, "aji")) for n in fed]
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

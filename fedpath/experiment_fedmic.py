@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fedcore.layout import RunLayout
-from fedpath.seedstats import mean_sd, pm
+from fedpath.seedstats import spread
 from pipeline.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,8 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
                 r_up.append(mic["up_ratio"][s])
                 r_down.append(mic["down_ratio"][s])
             t, ts = PERSONAL_KINDS
-            cells = [name, s, str(len(per_seed)), pm(*mean_sd(pers[t])), pm(*mean_sd(pers[ts])), pm(*mean_sd(base)), pm(*mean_sd(delta[t])), pm(*mean_sd(delta[ts])), pm(*mean_sd(student)),
-                     pm(*mean_sd(up), 1), pm(*mean_sd(down), 1), pm(*mean_sd(r_up), 2), pm(*mean_sd(r_down), 2)]  # fmt: skip
+            cells = [name, s, str(len(per_seed)), spread(pers[t]), spread(pers[ts]), spread(base), spread(delta[t]), spread(delta[ts]), spread(student),
+                     spread(up, 1), spread(down, 1), spread(r_up, 2), spread(r_down, 2)]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     if len(lines) == 2:
         return ""

@@ -23,3 +23,8 @@ def pm(m: Any, sd: Any, nd: int = 3) -> str:
     if m is None:
         return "-"
     return f"{m:.{nd}f}" if sd is None else f"{m:.{nd}f} ± {sd:.{nd}f}"
+
+
+def spread(values: Sequence[float | None], nd: int = 3) -> str:
+    """:func:`pm` of :func:`mean_sd`: the values' mean ± sd as a table cell."""
+    return pm(*mean_sd(values), nd)

@@ -165,7 +165,7 @@ def evaluate_image(
 
 def evaluate_images(
     net: nn.Module, rows: list[Any], data_root: Path, *, target_mpp: float, window: int,
-    default_mpp: float | None = None, mpp_tolerance: float = 0.05, overlap: float = 0.25,
+    overlap: float, default_mpp: float | None = None, mpp_tolerance: float = 0.05,
 ) -> dict[str, Any]:  # fmt: skip
     """:func:`evaluate_image` over manifest rows (``wsi.manifest.ManifestRow``); per image and the mean
     over images (Dice, Jaccard, AJI, PQ/DQ/SQ over the images that have instance ground truth)."""
