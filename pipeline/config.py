@@ -144,6 +144,11 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, ge=1, description="caps optimizer steps per job or per round")
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
+    site_optimizer: Literal["fresh", "kept"] = Field(
+        "fresh",
+        description="federated site jobs: fresh, a new optimiser every round; kept, the site's optimiser "
+        "state (Adam's moments) carried from its previous round (private site state, never uploaded)",
+    )
     weight_decay: float = Field(0.0, ge=0)
     val_fraction: float = Field(
         0.2, ge=0, lt=1, description="share of slides (not tiles) held out for validation"
@@ -426,6 +431,11 @@ class ExperimentOptions(_Strict):
     dp_lr: float | None = Field(None, gt=0, description="FedDP rows: learning rate (default train.lr)")
     select_round: bool = Field(
         False, description="federated rows: the round whose global model has the best validation Dice"
+    )
+    start: Literal["scratch", "pretrained"] = Field(
+        "scratch",
+        description="pretrained: every row (local, centralised, federated, FedDP) starts from the server's "
+        "θ_pre (fedpath pretrain on federation.server_manifest; no site pixel, no site budget)",
     )
 
 

@@ -71,6 +71,36 @@ def test_fedprox_asks_sites_for_mu_and_aggregates_like_fedavg(tmp_path: Path) ->
     assert s.aggregate(GLOBAL, ups, 0)["w"].tolist() == pytest.approx([0.5, 3.5])
 
 
+def test_fedavgm_server_momentum_by_hand_across_a_restart_and_a_retried_round(tmp_path: Path) -> None:
+    """FedAvgM: m = beta m + D, x = x + lr m; the momentum survives a restart, a retried round does not
+    advance it twice, and lr 1 with beta 0 is FedAvg exactly."""
+    lr, beta = 0.5, 0.9
+    s = FedAvg(lr, beta)
+    ups = [_store(tmp_path, "a", D1, 1), _store(tmp_path, "b", D2, 3)]  # mean delta w [-0.5, 1.5]
+    g1 = s.aggregate(GLOBAL, ups, 0)
+    assert g1["w"].tolist() == pytest.approx([1.0 - 0.25, 2.0 + 0.75])
+    assert g1["steps"].tolist() == [7]
+    tensors, meta = s.state_dict()
+    s2 = FedAvg(lr, beta)
+    s2.load_state_dict(tensors, meta)
+    (tmp_path / "r2").mkdir()
+    d3 = {"w": torch.tensor([0.3, -0.1]), "b": torch.tensor([0.0]), "steps": torch.tensor([0], dtype=torch.int64)}
+    up3 = [_store(tmp_path / "r2", "a", d3, 5)]
+    m2 = [beta * -0.5 + 0.3, beta * 1.5 - 0.1]
+    want = [g1["w"][0].item() + lr * m2[0], g1["w"][1].item() + lr * m2[1]]
+    assert s2.aggregate(g1, up3, 1)["w"].tolist() == pytest.approx(want, rel=1e-6)
+    assert s2.aggregate(g1, up3, 1)["w"].tolist() == pytest.approx(want, rel=1e-6)  # retried round 1
+    plain = FedAvg(1.0, 0.0)
+    assert plain.state_dict() == ({}, {})
+    assert plain.aggregate(GLOBAL, ups, 0)["w"].tolist() == pytest.approx([0.5, 3.5])
+    cfg = FederationConfig(strategy={"name": "fedavg", "server_step": lr, "server_momentum": beta})
+    assert build_strategy(cfg, 2).describe() == "fedavgm(step=0.5, momentum=0.9)"
+    # the name form takes same-named flat federation.* keys: FedAdam's server_lr (0.01) is not FedAvg's step
+    plain_by_name = build_strategy(FederationConfig(strategy="fedavg", server_lr=0.01), 2)
+    assert plain_by_name.describe() == "fedavg"
+    assert plain_by_name.aggregate(GLOBAL, ups, 0)["w"].tolist() == pytest.approx([0.5, 3.5])
+
+
 def _adam_by_hand(
     x: list[float], ds: list[list[float]], lr: float, b1: float, b2: float, tau: float
 ) -> list[float]:
