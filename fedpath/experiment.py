@@ -203,15 +203,6 @@ def run_experiment(
     data_root = data_root.resolve()
     tile_sites(cfg, data_root, "experiment")
     t_tiled = time.perf_counter()
-    init_state: dict[str, torch.Tensor] | None = None
-    start: dict[str, Any] = {}  # the federations' version 0
-    if cfg.experiment.start == "pretrained":  # θ_pre, from slides only the server holds; once for every seed
-        from fedpath.pretrain import run_pretrain
-        from pipeline.checkpoint import read_model_file
-
-        pre_path = Path(run_pretrain(cfg, data_root)["path"])
-        init_state, _ = read_model_file(pre_path)
-        start = {"federation__initial_model": pre_path}
 
     ex = cfg.experiment
     rounds = cfg.federation.rounds
@@ -284,7 +275,7 @@ def run_experiment(
             vcfg = _variant_cfg(cfg, f"local_{site}", vdir, **no_dp, **seeded)
             _link_stores(cfg, vcfg)
             t0 = time.perf_counter()
-            local = train_local(vcfg, [site], vdir, max_steps=rounds * steps, job_id="experiment", init_state=init_state)
+            local = train_local(vcfg, [site], vdir, max_steps=rounds * steps, job_id="experiment")
             record(f"local:{site}", seed, "local", local.state, time.perf_counter() - t0, vdir,
                    {"site": site, "steps": local.steps, "early_stopping": local.metrics.get("early_stopping")})  # fmt: skip
 
@@ -293,9 +284,7 @@ def run_experiment(
             vcfg = _variant_cfg(cfg, "centralised", vdir, **no_dp, **seeded)
             _link_stores(cfg, vcfg)
             t0 = time.perf_counter()
-            pooled = train_local(
-                vcfg, names, vdir, max_steps=rounds * steps * len(names), job_id="experiment", init_state=init_state
-            )
+            pooled = train_local(vcfg, names, vdir, max_steps=rounds * steps * len(names), job_id="experiment")
             record("centralised", seed, "centralised", pooled.state, time.perf_counter() - t0, vdir,
                    {"steps": pooled.steps, "early_stopping": pooled.metrics.get("early_stopping")})  # fmt: skip
 
@@ -313,7 +302,7 @@ def run_experiment(
             if f"{strat}@{seed}" in runs:
                 continue
             vdir = root / strat
-            federated(strat, vdir, _variant_cfg(cfg, strat, vdir, federation__strategy=_strategy(cfg, strat), **start, **no_dp, **seeded), {})
+            federated(strat, vdir, _variant_cfg(cfg, strat, vdir, federation__strategy=_strategy(cfg, strat), **no_dp, **seeded), {})
 
         for eps in eps_list if "feddp" in ex.variants else []:
             tag = "inf" if math.isinf(eps) else f"{eps:g}"
@@ -329,7 +318,7 @@ def run_experiment(
             }
             own = {"train__batch_size": ex.dp_batch_size, "train__max_steps": ex.dp_max_steps, "train__lr": ex.dp_lr}
             privacy.update({k: v for k, v in own.items() if v})  # the FedDP rows' own batch, steps and lr
-            vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy=_strategy(cfg, "fedavg"), **start, **privacy, **seeded)
+            vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy=_strategy(cfg, "fedavg"), **privacy, **seeded)
             federated(f"feddp eps={tag}", vdir, vcfg, {"target_epsilon": eps})
 
         if "fedmic" in ex.variants:  # issue 15: FedMIC beside FedAvg of the same privacy level, every seed

@@ -432,11 +432,6 @@ class ExperimentOptions(_Strict):
     select_round: bool = Field(
         False, description="federated rows: the round whose global model has the best validation Dice"
     )
-    start: Literal["scratch", "pretrained"] = Field(
-        "scratch",
-        description="pretrained: every row (local, centralised, federated, FedDP) starts from the server's "
-        "θ_pre (fedpath pretrain on federation.server_manifest; no site pixel, no site budget)",
-    )
 
 
 class ExperimentConfig(_Strict):

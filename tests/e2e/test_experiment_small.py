@@ -116,33 +116,3 @@ def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:
         "2", "0.750 ± 0.071", "0.760 ± 0.071", "0.740 ± 0.057", "0.010 ± 0.014", "0.020 ± 0.014"
     ], cells  # fmt: skip
     assert cells[9] == "100.0 ± 0.0" and cells[11] == "8.00 ± 0.00"
-
-
-def test_experiment_pretrained_start_is_every_rows_start(repo_root: Path, tmp_path: Path) -> None:
-    """``experiment.start: pretrained``: the server pretrains θ_pre once on slides of its own (here the
-    synthetic site c, which is no federation site), and the local, centralised and FedAvg rows all start
-    from it. At a learning rate of 1e-12 each scored model is θ_pre to within rounding."""
-    from pipeline.checkpoint import read_model_file
-
-    cfg_d = yaml.safe_load((repo_root / "configs" / "demo.yaml").read_text())
-    run_dir = tmp_path / "exp"
-    data = tmp_path / "synthetic"
-    cfg_d.update(run_dir=str(run_dir), data_root=str(data), name="exp-pre")
-    cfg_d["sites"] = [{"name": s, "manifest": str(data / "manifests" / f"{s}.csv")} for s in ("a", "b")]
-    cfg_d["synth"].update(sites=["a", "b", "c"], width=512, height=512)
-    cfg_d["train"].update(max_steps=1, batch_size=4, physical_batch_size=4, lr=1e-12)
-    cfg_d["federation"].update(rounds=1, min_sites=2, parallel_sites=2, server_manifest=str(data / "manifests" / "c.csv"))
-    cfg_d["pretrain"] = {"steps": 3, "batch_size": 4}
-    cfg_d["experiment"] = {"seeds": [0], "variants": ["local", "centralised", "federated"], "federated": ["fedavg"],
-                           "start": "pretrained"}  # fmt: skip
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg_d))
-    cfg = load_config(tmp_path / "exp.yaml")
-    run_synth(cfg.synth, data, run_dir=run_dir)
-    run_experiment(cfg, data)
-    pre, _ = read_model_file(run_dir / "server" / "pretrained.safetensors")
-    seed_dir = run_dir / "variants" / "seed_0"
-    for row in ("local_a", "local_b", "centralised", "fedavg"):
-        got, _ = read_model_file(seed_dir / row / "model.safetensors")
-        assert set(got) == set(pre), row
-        worst = max(float((got[k].float() - pre[k].float()).abs().max()) for k in pre)
-        assert worst < 1e-6, (row, worst)
