@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from safetensors.torch import load_file
 from torch import nn
 
 from fedcore.layout import RunLayout
 from federation.lowrank import decompress_one
 from federation.payloads import FitConfig
-from federation.site import final_optimizer
 from federation.site_state import SiteState
 from federation.strategies.fedmic import apply_delta
 from federation.wire import state_digest
@@ -225,7 +225,22 @@ class FedMICSite:
         )
         assert hooks.pair is not None
         personal = {k: v.detach().cpu().clone() for k, v in hooks.pair.state_dict().items() if not k.startswith("student.")}
-        state.save_personal(r, personal, final_optimizer(layout.round(r)))
+        ck = _final_checkpoint(layout.round(r))
+        opt = None
+        if ck is not None:
+            import json
+
+            opt = (load_file(str(ck / "optimizer.safetensors")), json.loads((ck / "optimizer.json").read_text()))
+        state.save_personal(r, personal, opt)
         result.extra["personal_state"] = str(state.personal_path)
         return result
 
+
+def _final_checkpoint(job_dir: Any) -> Any:
+    import json
+
+    prog = job_dir / "progress.json"
+    if not prog.is_file():
+        return None
+    name = json.loads(prog.read_text()).get("checkpoint")
+    return job_dir / name if name else None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -29,7 +29,6 @@ from pipeline.errors import FedpathError
 
 if TYPE_CHECKING:
     from federation.client import SiteClient
-    from federation.site_state import SiteState
     from pipeline.train import TrainResult
 
 State = dict[str, torch.Tensor]
@@ -81,14 +80,10 @@ class PlainSite:
         return global_state
 
     def train(self, cfg: ExperimentConfig, site: str, r: int, global_state: State, fit: FitConfig) -> TrainResult:
-        from fedcore.layout import RunLayout
-        from federation.site_state import SiteState
         from pipeline.train import train_local
 
         mu = fit.proximal_mu
-        layout = RunLayout(cfg.run_dir).site(site)
-        kept = SiteState(layout.state) if cfg.train.site_optimizer == "kept" else None
-        result = train_local(
+        return train_local(
             cfg,
             [site],
             cfg.run_dir,
@@ -98,61 +93,7 @@ class PlainSite:
             proximal_mu=mu,
             job_id=f"round-{r}",
             progress=False,
-            hooks=KeptOptimizer(kept, r) if kept is not None else None,
         )
-        if kept is not None:
-            opt = final_optimizer(layout.round(r))
-            if opt is not None:
-                kept.save_optimizer(r, opt)
-        return result
-
-
-class KeptOptimizer:
-    """Train hooks that start a round's optimiser from the moments the site ended its previous round with
-    (``train.site_optimizer: kept``): the network and loss are unchanged. The state is computed from the
-    site's own (DP-noised) gradients and stays in ``sites/<s>/state/``; nothing of it is uploaded."""
-
-    def __init__(self, state: SiteState, round_index: int) -> None:
-        self.state, self.round_index = state, round_index
-
-    @staticmethod
-    def wrap(net: torch.nn.Module) -> torch.nn.Module:
-        return net
-
-    def on_optimizer(self, opt: torch.optim.Optimizer) -> None:
-        from pipeline.train import load_optimizer_tensors
-
-        saved = self.state.load_optimizer_before(self.round_index)
-        if saved is not None:
-            load_optimizer_tensors(opt, *saved)
-
-    @staticmethod
-    def criterion(base: Any) -> Any:
-        return base
-
-    @staticmethod
-    def shared_model(net: torch.nn.Module) -> torch.nn.Module:
-        return net
-
-    @staticmethod
-    def shared_state(net: torch.nn.Module) -> State:
-        from pipeline.checkpoint import strip_wrappers
-
-        return dict(strip_wrappers(net.state_dict()))
-
-
-def final_optimizer(job_dir: Path) -> tuple[State, dict[str, Any]] | None:
-    """The optimiser state of a finished train job's last checkpoint (tensors, JSON info), or None."""
-    from safetensors.torch import load_file
-
-    prog = job_dir / "progress.json"
-    if not prog.is_file():
-        return None
-    name = json.loads(prog.read_text()).get("checkpoint")
-    if not name:
-        return None
-    ck = job_dir / name
-    return load_file(str(ck / "optimizer.safetensors")), json.loads((ck / "optimizer.json").read_text())
 
 
 def personal_model(cfg: ExperimentConfig, site: str, global_state: State) -> tuple[State, ModelConfig]:

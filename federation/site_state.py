@@ -86,18 +86,6 @@ class SiteState:
             self._save(self.optimizer_path, optimizer[0], {"round": round_index, "info": optimizer[1]})
         self._save(self.personal_path, personal, {"round": round_index})
 
-    def save_optimizer(self, round_index: int, optimizer: tuple[State, dict[str, Any]]) -> None:
-        """The optimiser state a site job ended round ``round_index`` with (a plain site's kept moments)."""
-        self._save(self.optimizer_path, optimizer[0], {"round": round_index, "info": optimizer[1]})
-
-    def load_optimizer_before(self, round_index: int) -> tuple[State, dict[str, Any]] | None:
-        """The optimiser state saved by an earlier round than ``round_index`` (a re-run round never starts
-        from its own end state), or None."""
-        got = self._load(self.optimizer_path)
-        if got is None or int(got[1].get("round", round_index)) >= round_index:
-            return None
-        return got[0], got[1]["info"]
-
     def personal_round(self) -> int | None:
         got = self._load(self.personal_path)
         return None if got is None else int(got[1]["round"])

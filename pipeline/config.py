@@ -144,11 +144,6 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, ge=1, description="caps optimizer steps per job or per round")
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
-    site_optimizer: Literal["fresh", "kept"] = Field(
-        "fresh",
-        description="federated site jobs: fresh, a new optimiser every round; kept, the site's optimiser "
-        "state (Adam's moments) carried from its previous round (private site state, never uploaded)",
-    )
     weight_decay: float = Field(0.0, ge=0)
     val_fraction: float = Field(
         0.2, ge=0, lt=1, description="share of slides (not tiles) held out for validation"
