@@ -401,12 +401,11 @@ def child_real(data_root: Path, model: Path, out: Path, smoke: bool) -> dict[str
     from pipeline.infer import (
         SlideJob,
         _tissue_config,
-        bf16_native,
         infer_slide,
         load_inference_model,
         plan_canvas,
     )
-    from pipeline.models import build_model
+    from pipeline.models import bf16_native, build_model
     from wsi.readers import open_slide
     from wsi.tissue import detect_tissue
 

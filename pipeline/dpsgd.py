@@ -48,6 +48,12 @@ class SecureDPOptimizer(DPOptimizer):
 
     def clip_and_accumulate(self) -> None:
         if not self.fused:
+            for p in self.params:  # bf16 autocast: Opacus would clip in bf16, up to 0.3% above C
+                gs = p.grad_sample
+                if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
+                    p.grad_sample = gs.to(p.dtype)
+                elif isinstance(gs, list):
+                    p.grad_sample = [g.to(p.dtype) for g in gs]
             super().clip_and_accumulate()
             return
         flat = []
@@ -99,7 +105,7 @@ class SlideDPOptimizer(SecureDPOptimizer):
             raise FedpathError("slide-level DP-SGD: the physical batch's slide ids were not set")
         _, inverse, counts = torch.unique(self._groups, return_inverse=True, return_counts=True)
         for p in self.params:
-            gs = self._get_flat_grad_sample(p)
+            gs = self._get_flat_grad_sample(p).to(p.dtype)  # a slide's mean in float32 under bf16 autocast
             if gs.shape[0] != inverse.shape[0]:
                 raise FedpathError(
                     f"slide-level DP-SGD: {gs.shape[0]} per-sample gradients for {inverse.shape[0]} slide ids"

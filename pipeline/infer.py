@@ -46,6 +46,7 @@ from pipeline.checkpoint import ModelMeta, load_model, read_model_file
 from pipeline.config import ExperimentConfig, InferenceConfig
 from pipeline.errors import FedpathError
 from pipeline.metrics import dice_from_counts
+from pipeline.models import autocast, resolve_precision
 from wsi.errors import WSIError
 from wsi.readers import SlideReader, open_slide
 from wsi.stitch import ArrayMerger, ZarrMerger, window_positions
@@ -159,21 +160,6 @@ def importance_map(window: int, sigma_scale: float) -> np.ndarray:
     return imp.numpy().astype(np.float32)
 
 
-def bf16_native() -> bool:
-    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX, through oneDNN)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str) -> str:
-    """``inference.precision`` as run: ``auto`` is bfloat16 where the CPU has native bf16, else float32."""
-    if precision == "auto":
-        return "bfloat16" if bf16_native() else "float32"
-    return precision
-
-
 def prepare_for_inference(net: nn.Module) -> nn.Module:
     """Eval mode, channels-last weights (oneDNN's fast layout for CPU convolutions)."""
     return net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -185,12 +171,9 @@ def foreground_probability(net: nn.Module, batch: np.ndarray, precision: str = "
     no copy. ``precision="bfloat16"`` runs the network under CPU autocast (softmax in float32)."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
     with torch.inference_mode():
-        if precision == "bfloat16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = net(x)
-            logits = logits.float()
-        else:
+        with autocast(precision):
             logits = net(x)
+        logits = logits.float()
         if logits.shape[1] == 1:
             prob = torch.sigmoid(logits[:, 0])
         else:

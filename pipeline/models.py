@@ -16,6 +16,7 @@ fall back to functorch) and raises a one-line :class:`~pipeline.errors.FedpathEr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Sequence
@@ -33,6 +34,39 @@ from pipeline.errors import FedpathError
 # LeakyReLU/ReLU have no parameters, so Opacus never needs a per-sample gradient for them; PReLU
 # (MONAI's UNet default) would force the slow functorch fallback.
 _ACT = ("LEAKYRELU", {"negative_slope": 0.1, "inplace": False})
+
+
+def bf16_native() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX, through oneDNN)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """``train.precision`` / ``inference.precision`` as run: ``auto`` is bfloat16 where the CPU has native
+    bf16, else float32."""
+    if precision == "auto":
+        return "bfloat16" if bf16_native() else "float32"
+    return precision
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """CPU bfloat16 autocast for ``precision="bfloat16"`` (as resolved), else no change. Weights, gradients
+    and optimiser state stay float32; convolutions and matmuls run in bf16."""
+    if precision == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def as_float(out: Any) -> Any:
+    """A network's output (a tensor or a tuple of them) in float32, so losses never run in bf16."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    if isinstance(out, tuple):
+        return tuple(as_float(o) for o in out)
+    return out
 
 
 def group_norm(num_groups: int, num_channels: int, affine: bool = True, eps: float = 1e-5) -> nn.GroupNorm:

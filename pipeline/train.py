@@ -59,7 +59,7 @@ from pipeline.dpsgd import (
 )
 from pipeline.errors import FedpathError
 from pipeline.metrics import confusion_counts, metrics_from_counts
-from pipeline.models import build_model
+from pipeline.models import as_float, autocast, build_model, resolve_precision
 from pipeline.privacy import PrivacyLedger, budget_of, ledger_lock, noise_source_name
 from wsi.store import SiteStore
 
@@ -135,10 +135,15 @@ def _fingerprint(
 
 @torch.no_grad()
 def evaluate_dataset(
-    net: nn.Module, ds: Dataset[Any], batch_size: int = 16, max_tiles: int | None = None
+    net: nn.Module,
+    ds: Dataset[Any],
+    batch_size: int = 16,
+    max_tiles: int | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Dice, Jaccard, pixel accuracy of ``net`` (argmax, class 1 = foreground) over a tile dataset: the
-    mean over slides (FedDP's convention) and pooled over all pixels."""
+    mean over slides (FedDP's convention) and pooled over all pixels. ``precision`` as resolved
+    (:func:`pipeline.models.resolve_precision`)."""
     was = net.training
     net.eval()
     n = len(ds)  # type: ignore[arg-type]
@@ -152,7 +157,8 @@ def evaluate_dataset(
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         xs, ys = zip(*(ds[int(i)] for i in chunk), strict=True)
-        pred = net(torch.stack(xs)).argmax(1)
+        with torch.inference_mode(), autocast(precision):
+            pred = net(torch.stack(xs)).argmax(1)
         for j, i in enumerate(chunk):
             c = confusion_counts(pred[j], ys[j][0])
             sid = _slide_of(ds, int(i))
@@ -446,6 +452,7 @@ def _run(
 
     tc, pc = cfg.train, cfg.train.privacy
     dp = sigma is not None
+    precision = resolve_precision(tc.precision)  # what runs, not "auto"
     torch.manual_seed(tc.seed + (round_index or 0))
     if cfg.model.name == "ensemble":
         raise FedpathError("model.name: ensemble is an inference model (a site's personal model); train one network")
@@ -516,7 +523,7 @@ def _run(
     # early stopping (local and pooled jobs; a federation picks its best round instead): validation Dice
     # every `val_every` steps, the best model kept, stop after `patience` checks without improvement
     stopper = (
-        _EarlyStopping(net, _concat(val_parts), tc.val_every, tc.patience, tc.max_val_tiles)
+        _EarlyStopping(net, _concat(val_parts), tc.val_every, tc.patience, tc.max_val_tiles, precision)
         if tc.val_every and val_parts and round_index is None
         else None
     )
@@ -601,7 +608,7 @@ def _run(
                     for batch in _forever(mdl):
                         if step >= steps_total:
                             break
-                        _dp_physical_step(model, opt, criterion, batch, losses)
+                        _dp_physical_step(model, opt, criterion, batch, losses, precision)
                         # Opacus has no public flag for "this physical step only accumulated"; its own
                         # BatchMemoryManager reads the same attribute, so it moves with Opacus' API
                         if opt._is_last_step_skipped:  # type: ignore[attr-defined]
@@ -629,7 +636,9 @@ def _run(
                     n = x.shape[0]
                     for s in range(0, n, phys):
                         xb, yb = x[s : s + phys], y[s : s + phys]
-                        loss = criterion(model(xb), yb) * (xb.shape[0] / n)
+                        with autocast(precision):
+                            out = model(xb)
+                        loss = criterion(as_float(out), yb) * (xb.shape[0] / n)
                         loss.backward()  # type: ignore[no-untyped-call]
                         losses.append(float(loss.detach()) * n / xb.shape[0])
                     if ref is not None:
@@ -646,11 +655,16 @@ def _run(
             stopper.restore_best()
         val_ds = _concat(val_parts) if val_parts else None
         val_net = hooks.shared_model(net) if hooks is not None else net
-        metrics = evaluate_dataset(val_net, val_ds, max_tiles=tc.max_val_tiles) if val_ds is not None else {}
+        metrics = (
+            evaluate_dataset(val_net, val_ds, max_tiles=tc.max_val_tiles, precision=precision)
+            if val_ds is not None
+            else {}
+        )
         metrics = {
             f"val_{k}" if k in ("dice", "jaccard", "pixel_accuracy") else k: v for k, v in metrics.items()
         }
         metrics["train_loss_last"] = float(np.mean(losses[-10:])) if losses else None
+        metrics["precision"] = precision
         if stopper is not None:
             metrics["early_stopping"] = stopper.report()
         commit(step, True, metrics)
@@ -704,8 +718,11 @@ class _EarlyStopping:
     """Validation Dice every ``every`` steps; the best weights are kept; ``check`` says stop after
     ``patience`` checks without improvement."""
 
-    def __init__(self, net: nn.Module, val: Dataset[Any], every: int, patience: int, max_tiles: int | None):
+    def __init__(
+        self, net: nn.Module, val: Dataset[Any], every: int, patience: int, max_tiles: int | None, precision: str
+    ):
         self.net, self.val, self.every, self.patience, self.max_tiles = net, val, every, patience, max_tiles
+        self.precision = precision
         self.best = -1.0
         self.best_step = 0
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -716,7 +733,9 @@ class _EarlyStopping:
     def check(self, step: int) -> bool:
         if step % self.every:
             return False
-        d = float(evaluate_dataset(self.net, self.val, max_tiles=self.max_tiles).get("dice", 0.0))
+        d = float(evaluate_dataset(self.net, self.val, max_tiles=self.max_tiles, precision=self.precision).get(
+            "dice", 0.0
+        ))
         self.history.append((step, round(d, 4)))
         if d > self.best:
             self.best, self.best_step, self.bad = d, step, 0
@@ -738,7 +757,7 @@ class _EarlyStopping:
 
 
 def _dp_physical_step(
-    model: nn.Module, opt: Any, criterion: nn.Module, batch: Any, losses: list[float]
+    model: nn.Module, opt: Any, criterion: nn.Module, batch: Any, losses: list[float], precision: str = "float32"
 ) -> None:
     """Forward/backward of one physical batch, then the DP optimizer's step (a real step on the last
     chunk of a logical batch). An empty logical batch (Poisson sampling can draw none) still takes its
@@ -753,7 +772,9 @@ def _dp_physical_step(
         opt.step()
         opt.zero_grad(set_to_none=True)
         return
-    loss = criterion(model(x), batch[1])
+    with autocast(precision):  # bf16 per-sample gradients; the optimizer clips them in float32
+        out = model(x)
+    loss = criterion(as_float(out), batch[1])
     loss.backward()
     losses.append(float(loss.detach()))
     opt.step()

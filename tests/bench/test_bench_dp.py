@@ -1,5 +1,6 @@
 """``bench/bench_dp.py --smoke``: every DP path of the bench (fedpath's, Opacus' hooks, Opacus' ghost
-clipping, channels-last) runs a full step and the ratios are reported. No timing assertion."""
+clipping, channels-last, bf16 autocast where the CPU has it) runs a full step and the ratios are reported.
+No timing assertion."""
 
 from __future__ import annotations
 
@@ -20,3 +21,9 @@ def test_bench_dp_smoke(
     assert all(p["ratio_cpu"] > 0 and p["images_per_s_wall"] > 0 for p in paths.values())
     assert report["best_dp_path"] in paths
     assert "fastest DP path" in capsys.readouterr().out
+    from pipeline.models import bf16_native
+
+    if bf16_native():
+        assert {"no_dp_bf16", "dp_fedpath_bf16"} <= set(paths)
+        assert all(v["cpu"] > 0 for v in report["bf16_vs_float32"].values())
+        assert not report["best_dp_path"].endswith("_bf16")  # the float32 ratio stays float32's

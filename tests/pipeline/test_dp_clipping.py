@@ -204,3 +204,43 @@ def test_fused_clipping_of_an_empty_poisson_batch_adds_only_noise() -> None:
     for p in gsm.parameters():
         assert p.summed_grad is not None and torch.count_nonzero(p.summed_grad) == 0
         assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_gradients_are_clipped_to_c_in_float32(fused: bool) -> None:
+    """``train.precision: bfloat16``: the forward runs under CPU autocast, so some per-sample gradients come
+    out in bf16. The clip still bounds each sample's contribution by C, computed in float32, and the
+    result matches the float32 oracle to bf16 accuracy."""
+    from pipeline.dprandom import SecureRandom
+    from pipeline.dpsgd import make_private
+    from pipeline.models import autocast
+
+    net = _net("deconv")
+    x = torch.rand(4, 3, 16, 16)
+    y = (torch.rand(4, 16, 16) > 0.6).long()
+    clip = 0.05
+    oracle = _oracle_clipped_sum(net, x, y, clip)
+    model, opt = make_private(
+        net, torch.optim.SGD(net.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+        expected_batch_size=1, rng=SecureRandom(), fused=fused,
+    )  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(4):  # one sample per step: its clipped gradient is the step's whole sum
+        with autocast("bfloat16"):
+            out = model(x[i : i + 1])
+        assert out.dtype == torch.bfloat16
+        _loss(out.float(), y[i : i + 1]).backward()
+        assert any(p.grad_sample.dtype == torch.bfloat16 for p in params)
+        opt.pre_step()
+        assert all(p.summed_grad.dtype == torch.float32 for p in params)
+        norm = float(torch.stack([p.summed_grad.double().norm() for p in params]).norm())
+        assert clip * 0.99 < norm <= clip * (1 + 1e-5)  # clipped (every sample is), never above C
+        for t, p in zip(total, params, strict=True):
+            t += p.summed_grad
+        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.summed_grad = None
+    num = torch.cat([(t - o).reshape(-1) for t, o in zip(total, oracle, strict=True)]).norm()
+    den = torch.cat([o.reshape(-1) for o in oracle]).norm()
+    assert float(num / den) < 0.05  # bf16 forward: ~1% off the float32 oracle, not a different gradient

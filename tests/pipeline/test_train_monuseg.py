@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +28,15 @@ def run_dir(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return rd
 
 
-def test_short_dp_run_improves_validation_dice(run_dir: Path) -> None:
-    """DP on (ε = 8 over the run, PRV accountant): 24 steps of 16 tiles beat the untrained network."""
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_short_dp_run_improves_validation_dice(run_dir: Path, precision: str, tmp_path: Path) -> None:
+    """DP on (ε = 8 over the run, PRV accountant): 24 steps of 16 tiles beat the untrained network, in
+    float32 and under bf16 autocast (``train.precision``). Each run has its own copy of the tiled site, so
+    its own privacy ledger."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    run_dir = tmp_path / "run"
     cfg = small_config(run_dir, max_steps=24, privacy={"enabled": True, "target_epsilon": 8.0})
+    cfg.train.precision = precision  # type: ignore[assignment]
     store = run_dir / "sites" / SITE / "store.zarr"
     split = split_by_slide(store, 0.2, 0)
     torch.manual_seed(cfg.train.seed)  # train_local seeds the same way before building its network
@@ -37,6 +44,7 @@ def test_short_dp_run_improves_validation_dice(run_dir: Path) -> None:
     res = train_local(cfg, [SITE], run_dir, job_id="learn", progress=False)
     assert res.steps == 24 and res.epsilon is not None and 7.5 < res.epsilon <= 8.0
     assert res.metrics["val_dice"] > before + 0.1, (before, res.metrics)
+    assert res.metrics["precision"] == precision
     ledger = json.loads((run_dir / "sites" / SITE / "privacy.json").read_text())
     assert ledger["entries"][-1]["steps"] == 24 and ledger["epsilon"] == res.epsilon
     # 64 tiles per MoNuSeg image at 64 px: group privacy gives δ_slide = 64 e^{63 ε} δ >> 1, no guarantee
