@@ -296,6 +296,18 @@ class Strategy(ABC):
         return self.apply(global_state, avg, round_index)
 
     # -- durable server-side state ---------------------------------------------------------------
+    def begin_round(self, round_index: int, *attrs: str) -> None:
+        """Server state ``attrs`` (dicts of tensors, e.g. a momentum) as :meth:`apply` of ``round_index``
+        must start from. A publish retried after a crash applies the same round again: that retry starts
+        from the state the round's first application started from, not from its result. Otherwise the
+        state is kept for such a retry."""
+        before: tuple[int, dict[str, State]] | None = getattr(self, "_before_round", None)
+        if before is not None and before[0] == round_index:
+            for a in attrs:
+                setattr(self, a, dict(before[1][a]))
+        else:
+            self._before_round = (round_index, {a: dict(getattr(self, a)) for a in attrs})
+
     def state_dict(self) -> tuple[State, dict[str, Any]]:
         """Tensors and JSON-able metadata that must survive an aggregator restart."""
         return {}, {}

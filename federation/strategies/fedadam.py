@@ -40,15 +40,9 @@ class FedAdam(Strategy):
         self.lr, self.beta1, self.beta2, self.tau = float(lr), float(beta1), float(beta2), float(tau)
         self.m: State = {}
         self.v: State = {}
-        #: (round, m, v) before the last applied round: what a retry of that round starts from
-        self._before: tuple[int, State, State] | None = None
 
     def apply(self, global_state: State, avg_delta: State, round_index: int) -> State:
-        if self._before is not None and self._before[0] == round_index:
-            _, m0, v0 = self._before  # a retried round: undo its first application
-            self.m, self.v = dict(m0), dict(v0)
-        else:
-            self._before = (round_index, dict(self.m), dict(self.v))
+        self.begin_round(round_index, "m", "v")  # a retried round starts from the moments before it
         out = {k: v.clone() for k, v in global_state.items()}
         for k, d in avg_delta.items():
             d64 = d.to(torch.float64)

@@ -40,15 +40,10 @@ class FedAvg(Strategy):
     def __init__(self, server_step: float = 1.0, server_momentum: float = 0.0) -> None:
         self.server_step, self.server_momentum = float(server_step), float(server_momentum)
         self.m: State = {}
-        #: (round, m) before the last applied round: what a retry of that round starts from
-        self._before: tuple[int, State] | None = None
 
     def apply(self, global_state: State, avg_delta: State, round_index: int) -> State:
         if self.server_momentum > 0:
-            if self._before is not None and self._before[0] == round_index:
-                self.m = dict(self._before[1])  # a retried round: undo its first application
-            else:
-                self._before = (round_index, dict(self.m))
+            self.begin_round(round_index, "m")  # a retried round starts from the momentum before it
         out = {k: v.clone() for k, v in global_state.items()}
         for k, d in avg_delta.items():
             g = global_state[k]
