@@ -46,20 +46,26 @@ class SecureDPOptimizer(DPOptimizer):
         self.rng = rng
         self.fused = fused
 
+    def grad_samples_in_param_dtype(self) -> None:
+        """Per-sample gradients in their parameter's dtype (float32) before anything sums, clips or takes
+        a norm of them: under bf16 autocast some come out in bf16, and a clip in bf16 let a sample's
+        gradient reach 0.3 % above C (tests/pipeline/test_dp_clipping.py)."""
+        for p in self.params:
+            gs = p.grad_sample
+            if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
+                p.grad_sample = gs.to(p.dtype)
+            elif isinstance(gs, list):
+                p.grad_sample = [g.to(p.dtype) for g in gs]
+
     def clip_and_accumulate(self) -> None:
+        self.grad_samples_in_param_dtype()
         if not self.fused:
-            for p in self.params:  # bf16 autocast: Opacus would clip in bf16, up to 0.3% above C
-                gs = p.grad_sample
-                if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
-                    p.grad_sample = gs.to(p.dtype)
-                elif isinstance(gs, list):
-                    p.grad_sample = [g.to(p.dtype) for g in gs]
             super().clip_and_accumulate()
             return
         flat = []
         for p in self.params:
             _check_processed_flag(p.grad_sample)
-            g = self._get_flat_grad_sample(p).to(p.dtype)
+            g = self._get_flat_grad_sample(p)
             flat.append(g.reshape(len(g), p.numel()))  # (samples, params): also for an empty batch
         if len(flat[0]) == 0:  # an empty Poisson batch
             factor = torch.zeros((0,), dtype=flat[0].dtype, device=flat[0].device)
@@ -104,8 +110,9 @@ class SlideDPOptimizer(SecureDPOptimizer):
         if self._groups is None:
             raise FedpathError("slide-level DP-SGD: the physical batch's slide ids were not set")
         _, inverse, counts = torch.unique(self._groups, return_inverse=True, return_counts=True)
+        self.grad_samples_in_param_dtype()  # a slide's mean in float32 under bf16 autocast
         for p in self.params:
-            gs = self._get_flat_grad_sample(p).to(p.dtype)  # a slide's mean in float32 under bf16 autocast
+            gs = self._get_flat_grad_sample(p)
             if gs.shape[0] != inverse.shape[0]:
                 raise FedpathError(
                     f"slide-level DP-SGD: {gs.shape[0]} per-sample gradients for {inverse.shape[0]} slide ids"

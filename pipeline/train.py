@@ -157,7 +157,7 @@ def evaluate_dataset(
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         xs, ys = zip(*(ds[int(i)] for i in chunk), strict=True)
-        with torch.inference_mode(), autocast(precision):
+        with autocast(precision):  # the function runs under no_grad
             pred = net(torch.stack(xs)).argmax(1)
         for j, i in enumerate(chunk):
             c = confusion_counts(pred[j], ys[j][0])
