@@ -352,7 +352,7 @@ def run_site_round(cfg: ExperimentConfig, site: str, strategy: Strategy | None =
             result = algo.train(cfg, site, r, global_state, fit)
             delta = compute_delta(result.state, global_state)
             cu = strategy.client_update(delta, site=site, round_index=r)
-            payload = strategy.encode_update(cu.delta, fit)
+            payload = algo.encode_update(strategy, cfg, site, r, cu.delta, fit)
             extra: dict[str, Any] = {
                 "steps": result.steps,
                 "sample_delta": result.delta,

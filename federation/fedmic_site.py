@@ -34,16 +34,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fedcore.layout import RunLayout
-from federation.lowrank import decompress_one
+from federation.lowrank import decompress, decompress_one
 from federation.payloads import FitConfig
 from federation.site_state import SiteState
 from federation.strategies.fedmic import apply_delta
-from federation.wire import state_digest
+from federation.wire import TensorSpec, dtype_code, state_digest
 from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.errors import FedpathError
 
 if TYPE_CHECKING:
     from federation.client import SiteClient
+    from federation.strategies.base import Strategy
     from pipeline.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,11 @@ class MutualPair(nn.Module):
 class MutualLoss:
     """Task loss of both models + correctness-weighted KL and feature distillation, per sample."""
 
-    def __init__(self, base: Any, temperature: float, kd_weight: float, feature_weight: float) -> None:
+    def __init__(
+        self, base: Any, temperature: float, kd_weight: float, feature_weight: float, student_share: float = 1.0
+    ) -> None:
         self.base, self.t, self.kd_w, self.feat_w = base, temperature, kd_weight, feature_weight
+        self.s_w = student_share  # weight of the student's learning-from-the-teacher terms (0: one-way)
 
     def __call__(self, out: tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
         ys, yt, ps, ht = out
@@ -97,10 +101,10 @@ class MutualLoss:
         ls, lt = F.log_softmax(ys / t, 1), F.log_softmax(yt / t, 1)
         kl_s = (lt.exp().detach() * (lt.detach() - ls)).sum(1).mean((1, 2))  # KL(teacher || student)
         kl_t = (ls.exp().detach() * (ls.detach() - lt)).sum(1).mean((1, 2))  # KL(student || teacher)
-        kd = (acc_t * kl_s + acc_s * kl_t).mean() * t * t
+        kd = (self.s_w * acc_t * kl_s + acc_s * kl_t).mean() * t * t
         f_s = (ps - ht.detach()).pow(2).mean((1, 2, 3))
         f_t = (ht - ps.detach()).pow(2).mean((1, 2, 3))
-        feat = (acc_t * f_s + acc_s * f_t).mean()
+        feat = (self.s_w * acc_t * f_s + acc_s * f_t).mean()
         return task + self.kd_w * kd + self.feat_w * feat
 
 
@@ -136,6 +140,7 @@ class MutualHooks:
             float(x.get("temperature", 2.0)),
             float(x.get("kd_weight", 1.0)),
             float(x.get("feature_weight", 1.0)),
+            float(x.get("student_distill", 1.0)),
         )
 
     def on_optimizer(self, opt: torch.optim.Optimizer) -> None:
@@ -184,6 +189,29 @@ class FedMICSite:
 
     def contributed_enough(self, cfg: ExperimentConfig, site: str, uploaded: list[int]) -> bool:
         return False  # round-based: a site trains every round
+
+    def encode_update(
+        self, strategy: Strategy, cfg: ExperimentConfig, site: str, r: int, delta: State, fit: FitConfig
+    ) -> State:
+        """The low-rank upload with error feedback (Seide et al. 2014; Karimireddy et al. 2019): the part of
+        the earlier deltas their factors left out is added to this delta before it is factorised, and what
+        these factors leave out is kept, in the site's private state, for the next round. Over rounds the
+        server receives the whole of the site's deltas, only later, instead of losing each round's tail.
+        The residual is computed from the trained weights only (post-processing of the DP-SGD release), so
+        it spends no ε; it never leaves the site except as part of a later upload."""
+        if not fit.extra.get("error_feedback", False):
+            return strategy.encode_update(delta, fit)
+        state = SiteState(RunLayout(cfg.run_dir).site(site).state)
+        used = state.residual_for(r)
+        if used and set(used) != set(delta):
+            raise FedpathError(f"{state.residual_path}: residual tensors differ from the model's; delete it")
+        full = {k: (v.to(torch.float32) + used[k].to(torch.float32)) if k in used else v for k, v in delta.items()}
+        payload = strategy.encode_update(full, fit)
+        sent = decompress(payload, {k: TensorSpec(dtype_code(v), tuple(v.shape)) for k, v in full.items()})
+        left = {k: (full[k].to(torch.float32) - sent[k].to(torch.float32)).contiguous() for k in full}
+        start = {k: used[k].to(torch.float32) if k in used else torch.zeros_like(v) for k, v in left.items()}
+        state.save_residual(r, start, left)
+        return payload
 
     def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State:
         state = SiteState(RunLayout(cfg.run_dir).site(site).state)

@@ -9,7 +9,9 @@ hooks of a :class:`SiteAlgorithm`:
 * :meth:`SiteAlgorithm.train` -- local training from it (plain DP-SGD for FedAvg/FedProx/FedAdam; mutual
   distillation with a personal teacher for FedMIC, :mod:`federation.fedmic_site`);
 * :meth:`SiteAlgorithm.personal_model` -- the model the site infers with, when it is not the global one
-  (the body with the site's own head; FedMIC's teacher). Built from the site's private state, at the site.
+  (the body with the site's own head; FedMIC's teacher). Built from the site's private state, at the site;
+* :meth:`SiteAlgorithm.encode_update` -- the payload from the trained delta (the strategy's encoding;
+  FedMIC adds the error its earlier factors left out, kept in the site's private state).
 
 A strategy returns its site algorithm from :meth:`Strategy.site_algorithm` (default: :class:`PlainSite`).
 """
@@ -29,6 +31,7 @@ from pipeline.errors import FedpathError
 
 if TYPE_CHECKING:
     from federation.client import SiteClient
+    from federation.strategies.base import Strategy
     from pipeline.train import TrainResult
 
 State = dict[str, torch.Tensor]
@@ -57,6 +60,10 @@ class SiteAlgorithm(Protocol):
         self, cfg: ExperimentConfig, site: str, global_state: State
     ) -> tuple[State, ModelConfig] | None: ...
 
+    def encode_update(
+        self, strategy: Strategy, cfg: ExperimentConfig, site: str, r: int, delta: State, fit: FitConfig
+    ) -> State: ...
+
 
 class PlainSite:
     """Download the full version; DP-SGD from it (FedProx: with the proximal term towards it)."""
@@ -72,6 +79,12 @@ class PlainSite:
         """The site's own inference model and its network, or None: here the site infers with the global
         model (``global_state``, a published version)."""
         return None
+
+    def encode_update(
+        self, strategy: Strategy, cfg: ExperimentConfig, site: str, r: int, delta: State, fit: FitConfig
+    ) -> State:
+        """Round ``r``'s payload from the site's delta: the strategy's encoding, with no state of the site's."""
+        return strategy.encode_update(delta, fit)
 
     def fetch_global(self, client: SiteClient, cfg: ExperimentConfig, site: str, r: int) -> State:
         global_state, gmeta = client.download_model(r)

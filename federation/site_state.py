@@ -6,6 +6,10 @@ file is written atomically (:func:`fedcore.io.atomic_write_bytes`: tmp, fsync, r
 job killed at any point leaves either the previous round's state or the new one, never a torn file. The
 personal file is the commit point: the optimiser state is written first and carries the same round, and
 is used only when the rounds agree.
+
+The compression residual (FedMIC's error feedback) keeps both the residual a round's upload started from
+and the one it left, under that round: a job killed after saving it and re-run for the same round starts
+again from the same input, so nothing is added twice.
 """
 
 from __future__ import annotations
@@ -133,3 +137,25 @@ class SiteState:
     def load_global(self) -> tuple[int, State] | None:
         got = self._load(self.global_path)
         return None if got is None else (int(got[1]["version"]), got[0])
+
+    # -- error feedback: what the compressed uploads have left out so far ----------------------------------
+    @property
+    def residual_path(self) -> Path:
+        return self.root / "residual.safetensors"
+
+    def save_residual(self, round_index: int, used: State, left: State) -> None:
+        tensors = {f"used.{k}": v for k, v in used.items()} | {f"left.{k}": v for k, v in left.items()}
+        self._save(self.residual_path, tensors, {"round": round_index})
+
+    def residual_for(self, round_index: int) -> State:
+        """The residual round ``round_index``'s upload adds to its delta: the one the latest earlier round
+        left, or (a re-run of the same round) the one that round started from; empty before any."""
+        got = self._load(self.residual_path)
+        if got is None:
+            return {}
+        tensors, meta = got
+        r = int(meta.get("round", -1))
+        if r > round_index:
+            raise FedpathError(f"{self.residual_path}: residual of round {r} is newer than round {round_index}")
+        part = "used." if r == round_index else "left."
+        return {k[len(part) :]: v for k, v in tensors.items() if k.startswith(part)}

@@ -11,13 +11,17 @@ the federation side of it:
 * aggregation is FedAvg's tile-weighted mean of the decoded deltas, streamed as updates arrive;
 * the download is compressed the same way: the averaged delta is factorised again at the round's energy,
   and the next version is ``global + U @ V`` on the server, so a site that holds the previous version
-  rebuilds the new one exactly from the factors (:meth:`download_payload`).
+  rebuilds the new one exactly from the factors (:meth:`download_payload`);
+* error feedback (``error_feedback``, both directions): what a round's factors leave out of a delta is
+  kept -- by each site for its uploads (its private state), by the server for the published deltas
+  (:meth:`state_dict`, so it survives a restart) -- and added to the next round's delta before it is
+  factorised, so compression delays part of an update instead of dropping it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -47,6 +51,11 @@ class FedMICConfig(StrategyConfig):
     temperature: float = Field(2.0, gt=0, description="softening of the outputs in the decision-level KL")
     kd_weight: float = Field(1.0, ge=0, description="weight of the decision-level (output) distillation")
     feature_weight: float = Field(1.0, ge=0, description="weight of the representation-level distillation")
+    student_distill: float = Field(
+        1.0, ge=0, le=1,
+        description="weight of the student's distillation from the teacher, relative to the teacher's from the "
+        "student (1: mutual; 0: one-way, the shared student learns only its task, as FedAvg's model does)",
+    )
     teacher_width: float = Field(2.0, ge=1, description="teacher channels = student channels x this")
     personal: Literal["teacher", "teacher+student"] = Field(
         "teacher",
@@ -55,6 +64,9 @@ class FedMICConfig(StrategyConfig):
     )
     factor_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of the SVD factors on the wire (both directions)"
+    )
+    error_feedback: bool = Field(
+        True, description="carry what the factors leave out of a delta into the next round's (sites and server)"
     )
 
     @model_validator(mode="after")
@@ -71,6 +83,7 @@ class FedMIC(Strategy):
     def __init__(self, cfg: FedMICConfig | None = None) -> None:
         self.cfg = cfg or FedMICConfig()
         self._download: State | None = None
+        self.residual: State = {}
 
     @classmethod
     def from_config(cls, c: StrategyConfig) -> Strategy:
@@ -113,20 +126,36 @@ class FedMIC(Strategy):
                 "temperature": c.temperature,
                 "kd_weight": c.kd_weight,
                 "feature_weight": c.feature_weight,
+                "student_distill": c.student_distill,
                 "teacher_width": c.teacher_width,
+                "error_feedback": c.error_feedback,
             },
         )
 
     # -- server side ---------------------------------------------------------------------------------
     def apply(self, global_state: State, avg_delta: State, round_index: int) -> State:
-        """``global + U @ V`` of the averaged delta compressed at the round's energy (as sites rebuild it)."""
-        payload = compress(avg_delta, self.energy(round_index), self.factor_dtype, self.cfg.max_rank_fraction)
+        """``global + U @ V`` of the averaged delta (plus the server's residual, with error feedback)
+        compressed at the round's energy, as sites rebuild it."""
+        self.begin_round(round_index, "residual")  # a retried publish starts from the residual before it
+        full = {
+            k: d.to(torch.float32) + self.residual[k] if k in self.residual else d for k, d in avg_delta.items()
+        }
+        payload = compress(full, self.energy(round_index), self.factor_dtype, self.cfg.max_rank_fraction)
         self._download = payload
         out = {k: v.clone() for k, v in global_state.items()}
-        for k in avg_delta:
+        for k in full:
             g = global_state[k]
-            out[k] = apply_delta(g, decompress_one(payload, k, tuple(g.shape)))
+            sent = decompress_one(payload, k, tuple(g.shape))
+            out[k] = apply_delta(g, sent)
+            if self.cfg.error_feedback and g.is_floating_point():
+                self.residual[k] = (full[k].to(torch.float32) - sent.to(torch.float32)).contiguous()
         return out
+
+    def state_dict(self) -> tuple[State, dict[str, Any]]:
+        return {f"residual.{k}": t for k, t in self.residual.items()}, {}
+
+    def load_state_dict(self, tensors: State, meta: dict[str, Any]) -> None:
+        self.residual = {k[len("residual.") :]: t for k, t in tensors.items() if k.startswith("residual.")}
 
     def site_algorithm(self) -> SiteAlgorithm:
         """Teacher + student by mutual distillation; compressed downloads onto the kept version."""

@@ -202,3 +202,27 @@ def test_fedmic_federation_two_sites_low_rank_both_ways(
         with torch.no_grad():
             want = (teacher.eval()(x) + student.eval()(x)) / 2
             assert torch.allclose(ens.eval()(x), want, atol=1e-5)
+
+
+def test_one_way_distillation_leaves_the_student_its_task_gradient_only() -> None:
+    """``student_distill: 0``: the student's gradient is its task loss's alone (as FedAvg's model trains),
+    while the teacher still learns from the student; at 1 the student learns from the teacher too."""
+    from monai.losses import DiceCELoss
+
+    from federation.fedmic_site import MutualLoss
+
+    torch.manual_seed(0)
+    ys = torch.randn(2, 3, 8, 8, requires_grad=True)
+    yt, ps, ht = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    yt.requires_grad_(True), ps.requires_grad_(True), ht.requires_grad_(True)
+    y = torch.randint(0, 3, (2, 1, 8, 8))
+    base = DiceCELoss(to_onehot_y=True, softmax=True)
+    task_grad = torch.autograd.grad(base(ys, y), ys)[0]
+    grads = {}
+    for share in (0.0, 1.0):
+        loss = MutualLoss(base, 2.0, 1.0, 1.0, student_share=share)((ys, yt, ps, ht), y)
+        grads[share] = torch.autograd.grad(loss, (ys, yt, ps))
+    assert torch.allclose(grads[0.0][0], task_grad, atol=1e-7)
+    assert float(grads[0.0][2].abs().max()) == 0.0  # the projection's (student-side) feature term is off
+    assert not torch.allclose(grads[1.0][0], task_grad, atol=1e-4)
+    assert torch.allclose(grads[0.0][1], grads[1.0][1])  # the teacher learns from the student either way
