@@ -41,6 +41,8 @@ FEDMIC_STRATEGY: dict[str, Any] = {
     "energy_rounds": 4,
     "teacher_width": 1.5,
     "max_rank_fraction": 0.35,  # under DP (full-rank noise) 5.5x fewer upload bytes than FedAvg for this model
+    # one-way: the student learns its task only, the teacher learns from it (README, FedMIC section)
+    "student_distill": 0.0,
     "personal": "teacher",  # the configured personal model; both kinds are scored (PERSONAL_KINDS)
 }
 #: the ε of the DP row (and the FedDP row it is compared with)
