@@ -34,11 +34,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fedcore.layout import RunLayout
-from federation.lowrank import decompress, decompress_one
+from federation.lowrank import compress_with_feedback, decompress_one
 from federation.payloads import FitConfig
 from federation.site_state import SiteState
 from federation.strategies.fedmic import apply_delta
-from federation.wire import TensorSpec, dtype_code, state_digest
+from federation.wire import state_digest
 from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.errors import FedpathError
 
@@ -205,10 +205,7 @@ class FedMICSite:
         used = state.residual_for(r)
         if used and set(used) != set(delta):
             raise FedpathError(f"{state.residual_path}: residual tensors differ from the model's; delete it")
-        full = {k: (v.to(torch.float32) + used[k].to(torch.float32)) if k in used else v for k, v in delta.items()}
-        payload = strategy.encode_update(full, fit)
-        sent = decompress(payload, {k: TensorSpec(dtype_code(v), tuple(v.shape)) for k, v in full.items()})
-        left = {k: (full[k].to(torch.float32) - sent[k].to(torch.float32)).contiguous() for k in full}
+        payload, _, left = compress_with_feedback(delta, used, lambda full: strategy.encode_update(full, fit))
         start = {k: used[k].to(torch.float32) if k in used else torch.zeros_like(v) for k, v in left.items()}
         state.save_residual(r, start, left)
         return payload

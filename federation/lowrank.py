@@ -14,12 +14,12 @@ server checks that ``U`` and ``V`` agree and stay in bounds before anything is m
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from federation.payloads import PayloadSpec, TensorDecl
-from federation.wire import TensorSpec, dtype_code
+from federation.wire import TensorSpec, dtype_code, spec_of
 
 SEP = "::"
 
@@ -78,6 +78,24 @@ def compress(
         out[name + SEP + "U"] = (u[:, :r] * s[:r]).to(dt).contiguous()
         out[name + SEP + "V"] = vh[:r].to(dt).contiguous()
     return out
+
+
+def compress_with_feedback(
+    delta: Mapping[str, torch.Tensor],
+    residual: Mapping[str, torch.Tensor],
+    encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Error feedback: ``encode`` the delta plus the residual kept from earlier rounds; returns the payload,
+    what it carries (decoded) and the new residual (what it leaves out, float32), for sites and server alike."""
+    full = {k: v.to(torch.float32) + residual[k].to(torch.float32) if k in residual else v for k, v in delta.items()}
+    payload = encode(full)
+    sent = decompress(payload, spec_of(full))
+    left = {
+        k: (full[k].to(torch.float32) - sent[k].to(torch.float32)).contiguous()
+        for k in full
+        if full[k].is_floating_point()
+    }
+    return payload, sent, left
 
 
 def decompress_one(payload: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from federation.lowrank import compress, decompress_one, iter_decompressed, lowrank_spec
+from federation.lowrank import compress, compress_with_feedback, iter_decompressed, lowrank_spec
 from federation.payloads import FitConfig, PayloadSpec
 from federation.strategies.base import State, Strategy, StrategyConfig, UpdateInfo
 from federation.wire import TensorSpec, iter_tensors
@@ -137,18 +137,16 @@ class FedMIC(Strategy):
         """``global + U @ V`` of the averaged delta (plus the server's residual, with error feedback)
         compressed at the round's energy, as sites rebuild it."""
         self.begin_round(round_index, "residual")  # a retried publish starts from the residual before it
-        full = {
-            k: d.to(torch.float32) + self.residual[k] if k in self.residual else d for k, d in avg_delta.items()
-        }
-        payload = compress(full, self.energy(round_index), self.factor_dtype, self.cfg.max_rank_fraction)
+        energy, dtype, cap = self.energy(round_index), self.factor_dtype, self.cfg.max_rank_fraction
+        payload, sent, left = compress_with_feedback(
+            avg_delta, self.residual, lambda full: compress(full, energy, dtype, cap)
+        )
         self._download = payload
+        if self.cfg.error_feedback:
+            self.residual = left
         out = {k: v.clone() for k, v in global_state.items()}
-        for k in full:
-            g = global_state[k]
-            sent = decompress_one(payload, k, tuple(g.shape))
-            out[k] = apply_delta(g, sent)
-            if self.cfg.error_feedback and g.is_floating_point():
-                self.residual[k] = (full[k].to(torch.float32) - sent.to(torch.float32)).contiguous()
+        for k, d in sent.items():
+            out[k] = apply_delta(global_state[k], d)
         return out
 
     def state_dict(self) -> tuple[State, dict[str, Any]]:

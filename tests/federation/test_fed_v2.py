@@ -233,10 +233,6 @@ def test_run_layout_names_every_path(tmp_path: Path) -> None:
     assert FitConfig().proximal_mu == 0.0 and TINY_MODEL["name"] == "unet"
 
 
-def _norm(state: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
-
-
 def test_fedmic_server_error_feedback_delays_what_factors_leave_out_and_loses_nothing() -> None:
     """Published deltas plus the server's residual add up to every averaged delta (error feedback); without
     it the tail each round's factors drop is lost for good. A retried publish and a restart change nothing."""
@@ -258,12 +254,12 @@ def test_fedmic_server_error_feedback_delays_what_factors_leave_out_and_loses_no
                 assert all(torch.equal(g[k], retry[k]) for k in g)
         moved = {k: g[k] - g0[k] for k in g0}
         if ef:
-            assert set(mic.residual) == {"w", "b"} and _norm(mic.residual) > 0
+            assert set(mic.residual) == {"w", "b"} and l2_norm(mic.residual) > 0
             kept = {k: moved[k] + mic.residual[k] for k in g0}
             assert all(torch.allclose(kept[k], total[k], atol=1e-5) for k in g0)
         else:
             assert mic.residual == {}
-        finals[ef] = _norm({k: moved[k] - total[k] for k in g0}) / _norm(total)
+        finals[ef] = l2_norm({k: moved[k] - total[k] for k in g0}) / l2_norm(total)
     # random deltas at half the energy: without feedback most of the four rounds' tails are lost
     assert finals[True] < 0.7 * finals[False], finals
 
