@@ -65,6 +65,25 @@ def _strategy(cfg: ExperimentConfig, name: str) -> str | dict[str, Any]:
     return dict(chosen) if isinstance(chosen, dict) and chosen.get("name") == name else name
 
 
+def dp_changes(cfg: ExperimentConfig, eps: float | None) -> dict[str, Any]:
+    """The config changes of a row at privacy level ``eps`` (None: no DP): DP-SGD at ε per tile, with the
+    DP rows' own batch, local steps and lr (``experiment.dp_*``). FedDP's rows and every other method's DP
+    rows (FedMIC) use this, so they run the same budget as the baseline they are set beside."""
+    if eps is None:
+        return {"train__privacy__enabled": False}
+    ex = cfg.experiment
+    changes: dict[str, Any] = {
+        "train__privacy__enabled": True,
+        "train__privacy__target_epsilon": None if math.isinf(eps) else eps,
+        "train__privacy__noise_multiplier": 0.0 if math.isinf(eps) else None,
+        # ε = inf clips without noise: no guarantee, so no budget, and the statement says so
+        "train__privacy__budget_epsilon": "unlimited" if math.isinf(eps) else None,
+    }
+    own = {"train__batch_size": ex.dp_batch_size, "train__max_steps": ex.dp_max_steps, "train__lr": ex.dp_lr}
+    changes.update({k: v for k, v in own.items() if v})
+    return changes
+
+
 def _link_stores(base: ExperimentConfig, variant: ExperimentConfig) -> None:
     for s in base.sites:
         src = base.store_path(s.name).resolve()
@@ -309,15 +328,7 @@ def run_experiment(
             if f"feddp eps={tag}@{seed}" in runs:
                 continue
             vdir = root / f"feddp_eps_{tag}"
-            privacy = {
-                "train__privacy__enabled": True,
-                "train__privacy__target_epsilon": None if math.isinf(eps) else eps,
-                "train__privacy__noise_multiplier": 0.0 if math.isinf(eps) else None,
-                # ε = inf clips without noise: no guarantee, so no budget, and the statement says so
-                "train__privacy__budget_epsilon": "unlimited" if math.isinf(eps) else None,
-            }
-            own = {"train__batch_size": ex.dp_batch_size, "train__max_steps": ex.dp_max_steps, "train__lr": ex.dp_lr}
-            privacy.update({k: v for k, v in own.items() if v})  # the FedDP rows' own batch, steps and lr
+            privacy = dp_changes(cfg, eps)
             vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy=_strategy(cfg, "fedavg"), **privacy, **seeded)
             federated(f"feddp eps={tag}", vdir, vcfg, {"target_epsilon": eps})
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from fedcore.layout import RunLayout
+from fedpath.experiment import dp_changes
 from fedpath.seedstats import spread
 from pipeline.config import ExperimentConfig
 
@@ -51,17 +52,6 @@ FEDMIC_EPSILON = 8.0
 Record = Callable[[str, str, dict[str, torch.Tensor], float, Path, dict[str, Any]], None]
 #: (config whose ``model`` is the network, its state, site) -> that site's test metrics
 EvaluateOwn = Callable[[ExperimentConfig, dict[str, torch.Tensor], str], dict[str, Any]]
-
-
-def _privacy(eps: float | None) -> dict[str, Any]:
-    if eps is None:
-        return {"train__privacy__enabled": False}
-    return {
-        "train__privacy__enabled": True,
-        "train__privacy__target_epsilon": eps,
-        "train__privacy__noise_multiplier": None,
-        "train__privacy__budget_epsilon": None,
-    }
 
 
 #: the personal models a FedMIC site can infer with (``federation.strategy.personal``)
@@ -133,7 +123,7 @@ def run_fedmic_variants(
         base_dirname = "fedavg" if eps is None else f"feddp_eps_{eps:g}"
         if baseline not in rows:
             vdir = variants_dir / base_dirname
-            vcfg = variant_cfg(cfg, base_dirname, vdir, federation__strategy="fedavg", **_privacy(eps))
+            vcfg = variant_cfg(cfg, base_dirname, vdir, federation__strategy="fedavg", **dp_changes(cfg, eps))
             link_stores(cfg, vcfg)
             t0 = time.perf_counter()
             run_simulation(vcfg)
@@ -143,7 +133,7 @@ def run_fedmic_variants(
             continue
         vdir = variants_dir / name.replace(" ", "_").replace("=", "_")
         strategy = dict(FEDMIC_STRATEGY, energy_rounds=max(1, min(FEDMIC_STRATEGY["energy_rounds"], rounds)))
-        vcfg = variant_cfg(cfg, name, vdir, federation__strategy=strategy, **_privacy(eps))
+        vcfg = variant_cfg(cfg, name, vdir, federation__strategy=strategy, **dp_changes(cfg, eps))
         link_stores(cfg, vcfg)
         t0 = time.perf_counter()
         run_simulation(vcfg)

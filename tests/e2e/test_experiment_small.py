@@ -72,7 +72,8 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
     cfg_d["synth"].update(sites=["a", "b"], width=512, height=512)
     cfg_d["train"].update(max_steps=2, batch_size=8, physical_batch_size=8)
     cfg_d["federation"].update(rounds=2, min_sites=2, parallel_sites=2)
-    cfg_d["experiment"] = {"seeds": [0], "variants": ["fedmic"]}
+    # the DP rows' own step budget (experiment.dp_max_steps) holds for FedMIC's DP row as for FedDP's
+    cfg_d["experiment"] = {"seeds": [0], "variants": ["fedmic"], "dp_max_steps": 1}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg_d))
     cfg = load_config(tmp_path / "exp.yaml")
     run_synth(cfg.synth, data, run_dir=run_dir)
@@ -88,6 +89,12 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
             assert set(own) == {"a", "b"} and all(0.0 <= v["dice"] <= 1.0 for v in own.values())
         assert all(r > 1 for r in mic["up_ratio"].values()), mic["up_ratio"]
     assert all(0 < led["epsilon"] <= 8.05 for led in rows["fedmic eps=8"]["ledger"].values())
+    from fedcore.layout import RunLayout
+
+    for row, steps in (("fedmic", 2), ("fedavg", 2), ("fedmic_eps_8", 1), ("feddp_eps_8", 1)):
+        for s in ("a", "b"):
+            job = RunLayout(run_dir / "variants" / "seed_0" / row).site(s).train_json(1)
+            assert json.loads(job.read_text())["steps"] == steps, (row, s)
     table = (run_dir / "experiment.md").read_text()
     assert "| fedmic eps=8 | a |" in table and "| fedmic | b |" in table
 
