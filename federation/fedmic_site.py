@@ -151,6 +151,12 @@ class MutualHooks:
             load_optimizer_tensors(opt, *saved)
 
     @staticmethod
+    def validated_models(pair: nn.Module) -> dict[str, nn.Module]:
+        """Models scored on the site's validation split beside the shared one (``val_<name>_dice``)."""
+        assert isinstance(pair, MutualPair)
+        return {"teacher": pair.teacher}
+
+    @staticmethod
     def shared_state(pair: nn.Module) -> State:
         assert isinstance(pair, MutualPair)
         return dict(pair.student.state_dict())
@@ -178,6 +184,10 @@ class FedMICSite:
             raise FedpathError(f"site {site}: no personal teacher yet ({state.personal_path}); run a round first")
         scfg = strategy_config(cfg.federation)
         tcfg = teacher_config(cfg.model, float(getattr(scfg, "teacher_width", 2.0)))
+        if getattr(scfg, "personal_select", "last") == "best":
+            best = state.load_best()
+            if best is not None:
+                personal = best[0]
         teacher = {k[len("teacher.") :]: v for k, v in personal.items() if k.startswith("teacher.")}
         if getattr(scfg, "personal", "teacher") == "teacher":
             return teacher, tcfg
@@ -258,6 +268,12 @@ class FedMICSite:
             opt = (load_file(str(ck / "optimizer.safetensors")), json.loads((ck / "optimizer.json").read_text()))
         state.save_personal(r, personal, opt)
         result.extra["personal_state"] = str(state.personal_path)
+        # the best teacher so far on the site's own validation split is the personal model (personal_select):
+        # the next round still trains on from this round's teacher, so the choice never reaches the student
+        score = result.metrics.get("val_teacher_dice")
+        if score is not None:
+            teacher = {k: v for k, v in personal.items() if k.startswith("teacher.")}
+            result.extra["personal_best"] = state.offer_best(r, teacher, float(score))
         return result
 
 

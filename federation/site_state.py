@@ -15,6 +15,7 @@ again from the same input, so nothing is added twice.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,29 @@ class SiteState:
         if opt is None or personal is None or opt[1].get("round") != personal[1].get("round"):
             return None
         return opt[0], opt[1]["info"]
+
+    # -- the best personal model so far, by validation Dice on the site's own split -------------------------
+    @property
+    def best_path(self) -> Path:
+        return self.root / "personal_best.safetensors"
+
+    def offer_best(self, round_index: int, personal: State, score: float) -> bool:
+        """Keep ``personal`` (round ``round_index``'s, validation Dice ``score``) as the site's best personal
+        model if it scores at least the best so far; a re-run of the best's own round replaces it. Returns
+        whether it was kept."""
+        if not math.isfinite(score):
+            raise FedpathError(f"{self.best_path}: validation Dice {score} of round {round_index} is not finite")
+        got = self._load(self.best_path)
+        if got is not None:
+            r, best = int(got[1].get("round", -1)), float(got[1].get("val_dice", -1.0))
+            if r != round_index and score < best:
+                return False
+        self._save(self.best_path, personal, {"round": round_index, "val_dice": score})
+        return True
+
+    def load_best(self) -> tuple[State, dict[str, Any]] | None:
+        """(tensors, {"round", "val_dice"}) of the best personal model kept, or None."""
+        return self._load(self.best_path)
 
     # -- the site's own head (per-site heads) -------------------------------------------------------------
     @property

@@ -663,6 +663,10 @@ def _run(
         metrics = {
             f"val_{k}" if k in ("dice", "jaccard", "pixel_accuracy") else k: v for k, v in metrics.items()
         }
+        if val_ds is not None and hooks is not None and hasattr(hooks, "validated_models"):
+            for name, m in hooks.validated_models(net).items():  # e.g. FedMIC's personal teacher
+                got = evaluate_dataset(m, val_ds, max_tiles=tc.max_val_tiles, precision=precision)
+                metrics[f"val_{name}_dice"] = got.get("dice")
         metrics["train_loss_last"] = float(np.mean(losses[-10:])) if losses else None
         metrics["precision"] = precision
         if stopper is not None:

@@ -62,6 +62,11 @@ class FedMICConfig(StrategyConfig):
         description="the model a site infers with: its teacher, or its teacher and the global student with "
         "their logits averaged (one ensemble network, `fedpath site-model`)",
     )
+    personal_select: Literal["best", "last"] = Field(
+        "best",
+        description="which of its rounds' teachers a site keeps as its personal model: the one with the best "
+        "Dice on the site's own validation split (as a local model keeps its best checkpoint), or the last",
+    )
     factor_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of the SVD factors on the wire (both directions)"
     )

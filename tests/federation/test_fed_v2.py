@@ -294,3 +294,37 @@ def test_fedmic_site_error_feedback_keeps_its_residual_privately_and_a_rerun_add
     plain = site.encode_update(mic, cfg, "b", 0, deltas[0], off)
     assert all(torch.equal(plain[k], mic.encode_update(deltas[0], off)[k]) for k in plain)
     assert not SiteState(RunLayout(cfg.run_dir).site("b").state).residual_path.exists()
+
+
+def test_fedmic_personal_model_is_the_best_teacher_on_the_sites_validation_split(tmp_path: Path) -> None:
+    """``personal_select: best`` (the default): the teacher of the round with the best validation Dice is
+    the personal model, a re-run of that round replaces it, a worse round does not; ``last`` takes the
+    last round's teacher, which the next round trains on either way."""
+    from federation.fedmic_site import FedMICSite
+    from federation.site_state import SiteState
+    from pipeline.errors import FedpathError
+
+    cfg = load_config(write_config(tmp_path, ["a"], strategy={"name": "fedmic", "teacher_width": 1.0}))
+    state = SiteState(RunLayout(cfg.run_dir).site("a").state)
+    teachers = [{"teacher.w": torch.full((3, 2), float(r)), "teacher.b": torch.full((3,), float(r))} for r in range(4)]
+
+    def personal() -> dict[str, torch.Tensor]:
+        got = FedMICSite().personal_model(cfg, "a", {})
+        assert got is not None
+        return got[0]
+
+    for r, score in enumerate((0.60, 0.72, 0.70)):  # round 1 is the best so far
+        state.save_personal(r, teachers[r])
+        state.offer_best(r, teachers[r], score)
+    assert all(float(v.flatten()[0]) == 1.0 for v in personal().values())
+    kept = state.load_personal()  # what the next round trains on: the last round's teacher
+    assert kept is not None and float(kept["teacher.w"][0, 0]) == 2.0
+    assert state.offer_best(1, teachers[3], 0.50)  # a re-run of the best's own round replaces it
+    assert all(float(v.flatten()[0]) == 3.0 for v in personal().values())
+    assert not state.offer_best(2, teachers[2], 0.49)
+    with pytest.raises(FedpathError, match="not finite"):
+        state.offer_best(3, teachers[3], float("nan"))
+    strat = dict(cfg.federation.strategy, personal_select="last")  # type: ignore[arg-type]
+    last = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"strategy": strat})})
+    got = FedMICSite().personal_model(last, "a", {})
+    assert got is not None and all(float(v.flatten()[0]) == 2.0 for v in got[0].values())

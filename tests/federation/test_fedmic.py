@@ -181,8 +181,12 @@ def test_fedmic_federation_two_sites_low_rank_both_ways(
         from pipeline.infer import load_inference_model
 
         mine = load_inference_model(write_site_model(cfg, site))
-        personal = SiteState(lay.state).load_personal()
-        assert personal is not None and mine.meta.source == "personal"
+        # the personal model is the round's teacher with the best Dice on the site's validation split
+        scores = [json.loads(lay.train_json(r).read_text())["metrics"]["val_teacher_dice"] for r in (0, 1)]
+        best = SiteState(lay.state).load_best()
+        assert best is not None and best[1]["round"] == (0 if scores[0] > scores[1] else 1)
+        personal = best[0]
+        assert mine.meta.source == "personal"
         assert mine.meta.model.channels != cfg.model.channels  # the teacher's wider network
         assert all(torch.equal(v, personal[f"teacher.{k}"]) for k, v in mine.state.items())
         # personal: teacher+student -- one ensemble network: the teacher's and the global student's logits averaged
