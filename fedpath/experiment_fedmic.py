@@ -45,6 +45,7 @@ FEDMIC_STRATEGY: dict[str, Any] = {
     # one-way: the student learns its task only, the teacher learns from it (README, FedMIC section)
     "student_distill": 0.0,
     "personal": "teacher",  # the configured personal model; both kinds are scored (PERSONAL_KINDS)
+    "personal_select": "best",  # each site's best teacher on its own validation split (README, FedMIC)
 }
 #: the ε of the DP row (and the FedDP row it is compared with)
 FEDMIC_EPSILON = 8.0
