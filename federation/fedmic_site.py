@@ -173,21 +173,18 @@ class FedMICSite:
     def personal_model(
         self, cfg: ExperimentConfig, site: str, global_state: State
     ) -> tuple[State, ModelConfig] | None:
-        """The site's personal model: its teacher (its private state after its last round), or with
-        ``personal: teacher+student`` an ensemble of the teacher and ``global_state`` (the shared student
-        as published) whose logits are averaged."""
+        """The site's personal model: its teacher (the best round's on its validation split, or with
+        ``personal_select: last`` its last round's), or with ``personal: teacher+student`` an ensemble of the
+        teacher and ``global_state`` (the shared student as published) whose logits are averaged."""
         from federation.strategies import strategy_config
 
         state = SiteState(RunLayout(cfg.run_dir).site(site).state)
-        personal = state.load_personal()
+        scfg = strategy_config(cfg.federation)
+        best = state.load_best() if getattr(scfg, "personal_select", "last") == "best" else None
+        personal = best[0] if best is not None else state.load_personal()  # one file read, not both
         if personal is None:
             raise FedpathError(f"site {site}: no personal teacher yet ({state.personal_path}); run a round first")
-        scfg = strategy_config(cfg.federation)
         tcfg = teacher_config(cfg.model, float(getattr(scfg, "teacher_width", 2.0)))
-        if getattr(scfg, "personal_select", "last") == "best":
-            best = state.load_best()
-            if best is not None:
-                personal = best[0]
         teacher = {k[len("teacher.") :]: v for k, v in personal.items() if k.startswith("teacher.")}
         if getattr(scfg, "personal", "teacher") == "teacher":
             return teacher, tcfg

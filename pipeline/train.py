@@ -223,8 +223,9 @@ def train_local(
     ``criterion(base)`` the loss over its output, ``on_optimizer(opt)`` may restore optimiser state,
     ``shared_state(module)`` the weights returned as the job's result, ``shared_model(module)`` the model
     validated, and optionally ``validated_models(module)`` more models scored on the same validation tiles
-    (``val_<name>_dice`` in the job's metrics, which stay at the site). ``plan_steps``: the steps σ is calibrated over for ``target_epsilon`` (default: the planned
-    rounds × this job's steps); jobs of one site that share it share one σ and end at the target together.
+    (``val_<name>_dice`` in the job's metrics, which stay at the site). ``plan_steps``: the steps σ is
+    calibrated over for ``target_epsilon`` (default: the planned rounds × this job's steps); jobs of one
+    site that share it share one σ and end at the target together.
     """
     t_start = time.perf_counter()
     if not sites:
