@@ -22,6 +22,9 @@ Paths compared in one run, interleaved round-robin so a busy machine slows them 
                          the path before issue 19); ``dp_fedpath`` computes each parameter's clipped sum as
                          one matrix-vector product.
   * ``*_cl``             the same path with channels-last weights and inputs (``no_dp_cl``, ``dp_fedpath_cl``).
+  * ``*_nchw``           the same path with every layer in NCHW, without ``channels_last_tiny_convs`` (the
+                         network's 3-channel convolutions in channels-last, which ``build_model`` does); the
+                         line "tiny convs channels-last" is the ratio.
 Each DP step is a full DP-SGD step: per-sample gradients, clipping, Gaussian noise, Adam. Reported: the
 best-of-N wall time and process CPU time per step (CPU time is robust to other processes sharing the
 cores), images/s, the ratio to no-DP, and each path's peak RSS measured in its own process (psutil,
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     register_fast_grad_samplers()
     fast = {t: GradSampleModule.GRAD_SAMPLERS[t] for t in (nn.Conv2d, nn.ConvTranspose2d)}
     from opacus.grad_sample.conv import compute_conv_grad_sample
+
     opacus_default = {nn.Conv2d: compute_conv_grad_sample}  # ConvTranspose2d: none (functorch fallback)
 
     def use(samplers: Any) -> None:
@@ -139,11 +143,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def make(mode: str) -> Any:
         torch.manual_seed(0)
-        net = build_model(mcfg)
         bf16 = mode.endswith("_bf16")  # train.precision: bfloat16 (CPU autocast, float32 loss and clipping)
         mode = mode.removesuffix("_bf16")
+        nchw = mode.endswith("_nchw")
+        mode = mode.removesuffix("_nchw")
         cl = mode.endswith("_cl")
         mode = mode.removesuffix("_cl")
+        # Opacus' own Conv2d code assumes NCHW inputs (fedpath's makes them so): its path stays all-NCHW
+        net = build_model(mcfg, tiny_channels_last=not nchw and mode != "dp_opacus_hooks")
         if cl:
             net = net.to(memory_format=torch.channels_last)
         xin = x.contiguous(memory_format=torch.channels_last) if cl else x
@@ -168,7 +175,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from pipeline.dpsgd import make_private
 
             model, opt = make_private(
-                net, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=args.batch, rng=SecureRandom(),
+                net,
+                opt,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                expected_batch_size=args.batch,
+                rng=SecureRandom(),
                 fused=mode == "dp_fedpath",
             )
         if mode == "dp_fedpath_torch_rng":
@@ -199,7 +211,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dp_fedpath_unfused": fast, "dp_opacus_ghost": fast, "no_dp_cl": None, "dp_fedpath_cl": fast,
     }  # fmt: skip
     if bf16_native():  # emulated bf16 would only measure the emulation
-        modes.update({"no_dp_bf16": None, "dp_fedpath_bf16": fast})
+        modes.update(
+            {
+                "no_dp_bf16": None,
+                "dp_fedpath_bf16": fast,
+                "no_dp_nchw_bf16": None,
+                "dp_fedpath_nchw_bf16": fast,
+            }
+        )
     if args.paths:
         keep = {"no_dp", "dp_fedpath", "dp_fedpath_torch_rng", *args.paths.split(",")}
         modes = {m: s for m, s in modes.items() if m in keep}
@@ -292,7 +311,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu": cpu["dp_fedpath_torch_rng"] / cpu["dp_fedpath"],
     }
     res["secure_vs_torch_rng"] = secure
-    print(f"secure noise vs torch RNG (throughput ratio, target >= 0.9): wall {secure['wall']:.2f}, cpu {secure['cpu']:.2f}")
+    print(
+        f"secure noise vs torch RNG (throughput ratio, target >= 0.9): wall {secure['wall']:.2f}, cpu {secure['cpu']:.2f}"
+    )
     if "dp_fedpath_bf16" in modes:
         bf = {
             "no_dp": {"wall": wall["no_dp"] / wall["no_dp_bf16"], "cpu": cpu["no_dp"] / cpu["no_dp_bf16"]},
@@ -300,11 +321,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }  # fmt: skip
         res["bf16_vs_float32"] = bf
         for k, v in bf.items():
-            print(f"bf16 autocast vs float32, {k} (step speed-up): wall {v['wall']:.2f}x, cpu {v['cpu']:.2f}x")
-    best = max((m for m in modes if m.startswith("dp_") and not m.endswith("_bf16")), key=lambda m: res["paths"][m]["ratio_cpu"])
+            print(
+                f"bf16 autocast vs float32, {k} (step speed-up): wall {v['wall']:.2f}x, cpu {v['cpu']:.2f}x"
+            )
+        tiny = {
+            k: {
+                "wall": wall[f"{k}_nchw_bf16"] / wall[f"{k}_bf16"],
+                "cpu": cpu[f"{k}_nchw_bf16"] / cpu[f"{k}_bf16"],
+            }
+            for k in ("no_dp", "dp_fedpath")
+        }
+        res["tiny_convs_channels_last"] = tiny
+        for k, v in tiny.items():
+            print(
+                f"tiny convs channels-last vs all NCHW, {k} bf16 (step speed-up): wall {v['wall']:.2f}x, cpu {v['cpu']:.2f}x"
+            )
+    best = max(
+        (m for m in modes if m.startswith("dp_") and not m.endswith("_bf16") and not m.endswith("_nchw")),
+        key=lambda m: res["paths"][m]["ratio_cpu"],
+    )
     res["best_dp_path"] = best
     print(f"fastest DP path (cpu): {best}, {res['paths'][best]['ratio_cpu']:.2f}x no-DP (target >= 0.9)")
-    out_path = args.out or Path(__file__).resolve().parent / "out" / ("dp_smoke.json" if args.smoke else "dp.json")
+    out_path = args.out or Path(__file__).resolve().parent / "out" / (
+        "dp_smoke.json" if args.smoke else "dp.json"
+    )
     out_path.parent.mkdir(exist_ok=True)
     out_path.write_text(json.dumps(res, indent=2))
     print(f"-> {out_path}")

@@ -83,8 +83,65 @@ def test_ensemble_model_file_averages_its_members_logits(tmp_path: Path) -> None
     with torch.no_grad():
         assert torch.allclose(net.eval()(x), (a(x) + b(x)) / 2, atol=1e-6)
     assert meta.model.members == [small, wide]
-    for bad in ({"members": [small]}, {"members": [small, cfg]}, {"members": [small, small.model_copy(update={"out_channels": 2})]}):
+    for bad in (
+        {"members": [small]},
+        {"members": [small, cfg]},
+        {"members": [small, small.model_copy(update={"out_channels": 2})]},
+    ):
         with pytest.raises(ValueError, match="ensemble"):
             ModelConfig.model_validate({"name": "ensemble", "out_channels": 3, **bad})
     with pytest.raises(ValueError, match="members are for name: ensemble"):
         ModelConfig(members=[small, wide])
+
+
+def test_tiny_convs_run_channels_last_with_the_same_outputs_gradients_and_state() -> None:
+    """The 3 -> 3 convolution at full resolution runs channels-last (hooks only): same state dict keys,
+    same logits and gradients as the all-NCHW network, and Opacus' per-sample gradients still agree."""
+    from pipeline.dprandom import SecureRandom
+    from pipeline.dpsgd import make_private
+    from pipeline.models import channels_last_tiny_convs
+
+    cfg = ModelConfig(name="unet", channels=[8, 16], strides=[2], num_res_units=2, groups=4, out_channels=3)
+    torch.manual_seed(0)
+    plain = build_model(cfg, tiny_channels_last=False)
+    fast = build_model(cfg)
+    fast.load_state_dict(plain.state_dict())
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    hooked = [n for n, m in fast.named_modules() if m._forward_pre_hooks]
+    assert hooked and all(
+        m.in_channels <= 4 and m.out_channels <= 4 for n, m in fast.named_modules() if n in hooked
+    )
+    x = torch.rand(4, 3, 32, 32)
+    seen: list[bool] = []
+    conv = dict(fast.named_modules())[hooked[-1]]
+    conv.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    out_p, out_f = plain(x), fast(x)
+    assert seen == [True] and out_f.is_contiguous()
+    torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
+    out_p.square().sum().backward()
+    out_f.square().sum().backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters(), strict=True):
+        assert float((b.grad - a.grad).norm() / a.grad.norm()) < 1e-5, n  # summation order only
+    # DP-SGD: per-sample gradients of the hooked layer through fedpath's private wrapper
+    register_fast_grad_samplers()
+    nets = [
+        channels_last_tiny_convs(build_model(cfg, tiny_channels_last=False)),
+        build_model(cfg, tiny_channels_last=False),
+    ]
+    nets[0].load_state_dict(plain.state_dict())
+    nets[1].load_state_dict(plain.state_dict())
+    grads = []
+    for net in nets:
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        model, opt = make_private(
+            net, opt, noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=4, rng=SecureRandom()
+        )
+        model(x).square().sum().backward()
+        grads.append(
+            {n: p.grad_sample.clone() for n, p in net.named_parameters() if p.grad_sample is not None}
+        )
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert float((grads[0][n] - grads[1][n]).norm() / grads[1][n].norm()) < 1e-5, n
