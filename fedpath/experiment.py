@@ -193,9 +193,11 @@ def _config_key(cfg: ExperimentConfig) -> str:
     # how `simulate` runs its site jobs (warm workers or fresh processes) changes no result
     # nor which seeds one invocation runs: per-seed invocations (in parallel, say) share one table
     exclude: Any = {
-        "run_dir": True, "name": True, "federation": {"simulate_workers"}, "experiment": {"seeds", "variants"},
+        "run_dir": True, "name": True, "federation": {"simulate_workers"}, "experiment": {"seeds", "variants", "fedmic"},
         "train": {"threads"},
     }  # fmt: skip
+    # FedMIC's own settings (experiment.fedmic) change only its rows, which record them and are rerun when
+    # they differ (experiment_fedmic.run_fedmic_variants)
     return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
 
 
@@ -220,6 +222,10 @@ def run_experiment(
     if data_root is None:
         raise FedpathError("experiment: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
     data_root = data_root.resolve()
+    if "fedmic" in cfg.experiment.variants:
+        from fedpath.experiment_fedmic import fedmic_strategy
+
+        fedmic_strategy(cfg)  # a bad experiment.fedmic fails now, not after the other rows have trained
     tile_sites(cfg, data_root, "experiment")
     t_tiled = time.perf_counter()
 

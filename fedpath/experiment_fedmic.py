@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,20 @@ FEDMIC_STRATEGY: dict[str, Any] = {
     "personal": "teacher",  # the configured personal model; both kinds are scored (PERSONAL_KINDS)
     "personal_select": "best",  # each site's best teacher on its own validation split (README, FedMIC)
 }
+
+
+def fedmic_strategy(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The FedMIC rows' strategy: :data:`FEDMIC_STRATEGY` with ``experiment.fedmic`` over it and the energy
+    schedule no longer than the federation. Checked by the strategy's own config, so a bad key or value is
+    a one-line :class:`~pipeline.errors.ConfigError` before anything trains."""
+    from federation.strategies.registry import strategy_config
+
+    strategy = {**FEDMIC_STRATEGY, **cfg.experiment.fedmic, "name": "fedmic"}
+    strategy["energy_rounds"] = max(1, min(int(strategy["energy_rounds"]), cfg.federation.rounds))
+    strategy_config(cfg.federation.model_copy(update={"strategy": strategy}), "experiment.fedmic")
+    return strategy
+
+
 #: the ε of the DP row (and the FedDP row it is compared with)
 FEDMIC_EPSILON = 8.0
 
@@ -130,10 +145,13 @@ def run_fedmic_variants(
             run_simulation(vcfg)
             record(baseline, "federated", final_global(vdir), time.perf_counter() - t0, vdir, {})
         name = f"fedmic{tag}"
-        if name in rows:
+        strategy = fedmic_strategy(cfg)
+        if name in rows and rows[name].get("fedmic", {}).get("strategy") == strategy:
             continue
         vdir = variants_dir / name.replace(" ", "_").replace("=", "_")
-        strategy = dict(FEDMIC_STRATEGY, energy_rounds=max(1, min(FEDMIC_STRATEGY["energy_rounds"], rounds)))
+        if name in rows and vdir.exists():  # trained with other FedMIC settings: its sites' state is stale
+            log.info("experiment: %s was trained with other settings; training it again", name)
+            shutil.rmtree(vdir)
         vcfg = variant_cfg(cfg, name, vdir, federation__strategy=strategy, **dp_changes(cfg, eps))
         link_stores(cfg, vcfg)
         t0 = time.perf_counter()

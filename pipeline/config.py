@@ -432,6 +432,12 @@ class ExperimentOptions(_Strict):
     select_round: bool = Field(
         False, description="federated rows: the round whose global model has the best validation Dice"
     )
+    fedmic: dict[str, Any] = Field(
+        default_factory=dict,
+        description="FedMIC rows: settings over the experiment's FedMIC strategy "
+        "(fedpath.experiment_fedmic.FEDMIC_STRATEGY), e.g. {kd_weight: 0.25}; checked against the strategy's "
+        "config before anything trains",
+    )
 
 
 class ExperimentConfig(_Strict):

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fedpath.experiment import run_experiment
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from wsi.synth import run_synth
 
 
@@ -97,6 +98,23 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
             assert json.loads(job.read_text())["steps"] == steps, (row, s)
     table = (run_dir / "experiment.md").read_text()
     assert "| fedmic eps=8 | a |" in table and "| fedmic | b |" in table
+
+    # experiment.fedmic: a bad key fails at once, naming it; new settings retrain the FedMIC rows only
+    bad = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"fedmic": {"kd_wieght": 0.25}})})
+    with pytest.raises(ConfigError, match="experiment.fedmic: unknown key 'kd_wieght'"):
+        run_experiment(bad, data, epsilons=[8.0])
+    weak = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"fedmic": {"kd_weight": 0.25}})})
+    again = json.loads(json.dumps(run_experiment(weak, data, epsilons=[8.0])["rows"]))
+    runs2 = json.loads((run_dir / "experiment.json").read_text())["runs"]
+    for name in ("fedavg", "feddp eps=8"):
+        assert runs2[f"{name}@0"] == runs[f"{name}@0"]  # not retrained
+    for name in ("fedmic", "fedmic eps=8"):
+        assert runs[f"{name}@0"]["fedmic"]["strategy"].get("kd_weight", 1.0) == 1.0  # the default
+        assert runs2[f"{name}@0"]["fedmic"]["strategy"]["kd_weight"] == 0.25
+        vdir = run_dir / "variants" / "seed_0" / name.replace(" ", "_").replace("=", "_")
+        frozen = yaml.safe_load((vdir / "simulate" / "config.yaml").read_text())
+        assert frozen["federation"]["strategy"]["kd_weight"] == 0.25  # this run trained with the new settings
+    assert set(again) == set(rows)
 
 
 def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:

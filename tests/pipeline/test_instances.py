@@ -92,6 +92,28 @@ def test_panoptic_quality_by_hand() -> None:
     assert panoptic_quality(np.zeros((3, 3), int), np.zeros((3, 3), int))["pq"] == 1.0
 
 
+def test_counted_overlap_table_equals_the_sorted_one() -> None:
+    """AJI/PQ's overlap table by counting (label images) and by sorting (huge or negative ids) agree, and
+    so do the metrics, on random instance images with gaps in their ids."""
+    from pipeline import metrics
+
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        gt = ndi.label(rng.random((120, 90)) > 0.6)[0] * (1 + 7 * (trial % 2))  # ids 0, 8, 16, ...
+        pred = ndi.label(ndi.binary_dilation(gt > 0) & (rng.random(gt.shape) > 0.2))[0]
+        g, p = gt.ravel().astype(np.int64), pred.ravel().astype(np.int64)
+        fast = metrics._contingency(g, p)
+        slow_ids = np.unique(g), np.unique(p)
+        assert all(np.array_equal(a, b) for a, b in zip(fast[:2], slow_ids, strict=True))
+        shifted = metrics._contingency(g + (1 << 40) * (g != 0), p)  # ids too large to count: sorted
+        for a, b in zip(fast[2:], shifted[2:], strict=True):
+            assert np.array_equal(a, b)
+        aji = aggregated_jaccard_index(gt, pred)
+        assert 0 < aji < 1
+        assert aji == pytest.approx(aggregated_jaccard_index(gt + (1 << 40) * (gt != 0), pred))
+        assert panoptic_quality(gt, pred) == panoptic_quality(gt + (1 << 40) * (gt != 0), pred)
+
+
 def test_per_nucleus_geojson(tmp_path: Path) -> None:
     gt, _ = _two_touching_nuclei()
     prob = np.where(gt > 0, 0.8, 0.1).astype(np.float32)
