@@ -166,6 +166,12 @@ class TrainConfig(_Strict):
         None, ge=1, description="steps between validation Dice checks (early stopping; keeps the best model)"
     )
     patience: int = Field(3, ge=1, description="validation checks without improvement before stopping")
+    early_stop_start: float = Field(
+        0.0, ge=0, le=1,
+        description="share of the job's planned steps before which a check without improvement does not count "
+        "towards patience (the best model is still kept): with a cosine schedule the validation Dice of the "
+        "early, high-LR steps is noisy and still rising",
+    )
     stain: StainConfig = StainConfig()
     augment: AugmentConfig = AugmentConfig()
     privacy: PrivacyConfig = PrivacyConfig()

@@ -525,7 +525,10 @@ def _run(
     # early stopping (local and pooled jobs; a federation picks its best round instead): validation Dice
     # every `val_every` steps, the best model kept, stop after `patience` checks without improvement
     stopper = (
-        _EarlyStopping(net, _concat(val_parts), tc.val_every, tc.patience, tc.max_val_tiles, precision)
+        _EarlyStopping(
+            net, _concat(val_parts), tc.val_every, tc.patience, tc.max_val_tiles, precision,
+            start=int(tc.early_stop_start * steps_total),
+        )  # fmt: skip
         if tc.val_every and val_parts and round_index is None
         else None
     )
@@ -722,12 +725,14 @@ def _lr_schedule(
 
 class _EarlyStopping:
     """Validation Dice every ``every`` steps; the best weights are kept; ``check`` says stop after
-    ``patience`` checks without improvement."""
+    ``patience`` checks without improvement, counting only checks after step ``start``."""
 
     def __init__(
-        self, net: nn.Module, val: Dataset[Any], every: int, patience: int, max_tiles: int | None, precision: str
-    ):
+        self, net: nn.Module, val: Dataset[Any], every: int, patience: int, max_tiles: int | None, precision: str,
+        start: int = 0,
+    ):  # fmt: skip
         self.net, self.val, self.every, self.patience, self.max_tiles = net, val, every, patience, max_tiles
+        self.start = start
         self.precision = precision
         self.best = -1.0
         self.best_step = 0
@@ -746,7 +751,7 @@ class _EarlyStopping:
         if d > self.best:
             self.best, self.best_step, self.bad = d, step, 0
             self.best_state = {k: v.detach().clone() for k, v in strip_wrappers(self.net.state_dict()).items()}
-        else:
+        elif step > self.start:
             self.bad += 1
         if self.bad >= self.patience:
             self.stopped_at = step
