@@ -62,6 +62,26 @@ def fedmic_strategy(cfg: ExperimentConfig) -> dict[str, Any]:
     return strategy
 
 
+def _trained_with(cfg: ExperimentConfig, vdir: Path, strategy: dict[str, Any]) -> bool:
+    """Whether the federation in ``vdir`` (finished or interrupted) was started with ``strategy``, as its
+    frozen config says (compared as validated strategy configs, so defaults spelt out or not agree)."""
+    import yaml
+
+    from federation.strategies.registry import strategy_config
+    from fedpath.simulate import frozen_config_path
+    from pipeline.config import ConfigError
+
+    frozen = frozen_config_path(vdir)
+    if not frozen.is_file():
+        return True  # nothing trained yet
+    try:
+        old = yaml.safe_load(frozen.read_text())["federation"]["strategy"]
+        was = strategy_config(cfg.federation.model_copy(update={"strategy": old}))
+    except (ConfigError, KeyError, TypeError, yaml.YAMLError):
+        return False  # unreadable or from another version: not these settings
+    return was == strategy_config(cfg.federation.model_copy(update={"strategy": strategy}))
+
+
 #: the ε of the DP row (and the FedDP row it is compared with)
 FEDMIC_EPSILON = 8.0
 
@@ -149,8 +169,8 @@ def run_fedmic_variants(
         if name in rows and rows[name].get("fedmic", {}).get("strategy") == strategy:
             continue
         vdir = variants_dir / name.replace(" ", "_").replace("=", "_")
-        if name in rows and vdir.exists():  # trained with other FedMIC settings: its sites' state is stale
-            log.info("experiment: %s was trained with other settings; training it again", name)
+        if vdir.exists() and not _trained_with(cfg, vdir, strategy):  # finished or not, its state is stale
+            log.info("experiment: %s was trained with other FedMIC settings; training it again", name)
             shutil.rmtree(vdir)
         vcfg = variant_cfg(cfg, name, vdir, federation__strategy=strategy, **dp_changes(cfg, eps))
         link_stores(cfg, vcfg)

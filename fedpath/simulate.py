@@ -57,6 +57,12 @@ def _ensure_stores(cfg: ExperimentConfig) -> None:
     tile_sites(cfg, cfg.resolved_data_root(), "simulate", missing_only=True)
 
 
+def frozen_config_path(run_dir: Path) -> Path:
+    """Where a simulation freezes its resolved config (read by every job, and by the experiment to tell
+    which settings a variant directory was trained with)."""
+    return run_dir / "simulate" / "config.yaml"
+
+
 def freeze_config(cfg: ExperimentConfig, path: Path) -> Path:
     """Write the resolved config as YAML (what every subprocess loads)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -493,8 +499,7 @@ def run_simulation(cfg: ExperimentConfig) -> dict[str, Any]:
     if not prov.tokens.is_file() or any(not prov.site_token(s.name).is_file() for s in cfg.sites):
         run_provision(cfg)
     _ensure_stores(cfg)
-    sim_dir = cfg.run_dir / "simulate"
-    config_path = freeze_config(cfg, sim_dir / "config.yaml")
+    config_path = freeze_config(cfg, frozen_config_path(cfg.run_dir))
     agg = AggregatorProcess(cfg, config_path, server_paths(cfg).log)
     agg.launch()
     workers: WarmWorkers | None = None
