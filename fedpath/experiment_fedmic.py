@@ -153,6 +153,7 @@ def run_fedmic_variants(
 
     names = [s.name for s in cfg.sites]
     rounds = cfg.federation.rounds
+    strategy = fedmic_strategy(cfg)  # the same for both privacy levels
     for eps in (None, FEDMIC_EPSILON):
         tag = "" if eps is None else f" eps={eps:g}"
         baseline = "fedavg" if eps is None else f"feddp eps={eps:g}"
@@ -165,7 +166,6 @@ def run_fedmic_variants(
             run_simulation(vcfg)
             record(baseline, "federated", final_global(vdir), time.perf_counter() - t0, vdir, {})
         name = f"fedmic{tag}"
-        strategy = fedmic_strategy(cfg)
         if name in rows and rows[name].get("fedmic", {}).get("strategy") == strategy:
             continue
         vdir = variants_dir / name.replace(" ", "_").replace("=", "_")
