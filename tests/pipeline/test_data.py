@@ -121,3 +121,24 @@ def test_stain_normalisation_from_site_tiles(store: Path, method: str) -> None:
 
         lab = rgb2lab(out).reshape(-1, 3)
         np.testing.assert_allclose(lab.mean(0), ref["mean"], atol=3.0)  # moved onto the site's reference
+
+
+def test_hed_jitter_matches_skimage_colour_deconvolution():
+    """The fused float32 HED jitter gives skimage's rgb2hed -> s*(1+a)+b -> hed2rgb -> clip, with the same
+    draws, on real-looking colours including saturated white and near-black pixels."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    from pipeline.data import hed_jitter
+
+    rng = np.random.default_rng(7)
+    img = rng.random((40, 24, 3)).astype(np.float32)
+    img[0, :4] = 1.0
+    img[1, :4] = 0.0
+    rotated = np.rot90(img, 1, axes=(0, 1))  # a non-contiguous view, as augment_tile passes it
+    for sigma in (0.05, 0.3):
+        got = hed_jitter(rotated, sigma, np.random.default_rng(3))
+        draws = np.random.default_rng(3)
+        alpha, beta = draws.normal(0.0, sigma, size=3), draws.normal(0.0, sigma, size=3)
+        want = np.clip(hed2rgb(rgb2hed(rotated) * (1.0 + alpha) + beta), 0.0, 1.0)
+        assert got.dtype == np.float32 and got.shape == rotated.shape
+        np.testing.assert_allclose(got, want, atol=2e-6)
