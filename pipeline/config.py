@@ -101,6 +101,11 @@ class AugmentConfig(_Strict):
     rot90: bool = True
     hed_jitter: float = Field(0.03, ge=0, description="std of the HED-space stain perturbation")
     brightness: float = Field(0.1, ge=0)
+    scale: float = Field(
+        0.0, ge=0, le=0.7,
+        description="random zoom of each training tile by exp(U(-scale, scale)) about its centre (image "
+        "bilinear, mask nearest, mirrored at the edges): nuclei sizes vary between organs and scanners",
+    )
 
 
 class PrivacyConfig(_Strict):

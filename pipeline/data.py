@@ -91,6 +91,38 @@ def augment_tile(
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask)
 
 
+def batch_zoom(x: torch.Tensor, y: torch.Tensor, max_log_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each tile of a training batch zoomed about its centre by its own ``exp(U(-m, m))`` (torch's global
+    RNG, seeded per job like the rest of the augmentation): resized (image bilinear, label map
+    nearest-exact), then cropped to the tile's size about the centre, or mirrored out to it. Per sample, so
+    DP-SGD's per-sample clipping is unaffected (no tile's transform depends on another tile)."""
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    if max_log_scale <= 0 or n == 0:
+        return x, y
+    zooms = torch.exp((torch.rand(n) * 2.0 - 1.0) * max_log_scale).tolist()
+    xs, ys = [], []
+    for i, z in enumerate(zooms):
+        hh, ww = max(2, round(h * z)), max(2, round(w * z))
+        if (hh, ww) == (h, w):
+            xs.append(x[i : i + 1])
+            ys.append(y[i : i + 1])
+            continue
+        xi = F.interpolate(x[i : i + 1], size=(hh, ww), mode="bilinear", align_corners=False)
+        yi = F.interpolate(y[i : i + 1].to(torch.uint8), size=(hh, ww), mode="nearest-exact")
+        if hh >= h:
+            t, left = (hh - h) // 2, (ww - w) // 2
+            xi, yi = xi[..., t : t + h, left : left + w], yi[..., t : t + h, left : left + w]
+        else:
+            pad = ((w - ww) // 2, w - ww - (w - ww) // 2, (h - hh) // 2, h - hh - (h - hh) // 2)
+            xi = F.pad(xi, pad, mode="reflect")
+            yi = F.pad(yi.float(), pad, mode="reflect").to(torch.uint8)
+        xs.append(xi)
+        ys.append(yi)
+    return torch.cat(xs).contiguous(), torch.cat(ys).to(y.dtype)
+
+
 # -- datasets ---------------------------------------------------------------------------------------------
 class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Tiles and masks of some slides of one store: ``(image float32 (3,H,W) in [0,1], label long (1,H,W))``.

@@ -47,7 +47,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from fedcore.layout import RunLayout
 from pipeline.checkpoint import ModelMeta, save_model, strip_wrappers
 from pipeline.config import ExperimentConfig
-from pipeline.data import TileDataset, split_by_slide
+from pipeline.data import TileDataset, batch_zoom, split_by_slide
 from pipeline.dprandom import NoiseSource, noise_source
 from pipeline.dpsgd import (
     PoissonSampler,
@@ -613,7 +613,7 @@ def _run(
                     for batch in _forever(mdl):
                         if step >= steps_total:
                             break
-                        _dp_physical_step(model, opt, criterion, batch, losses, precision)
+                        _dp_physical_step(model, opt, criterion, batch, losses, precision, tc.augment.scale)
                         # Opacus has no public flag for "this physical step only accumulated"; its own
                         # BatchMemoryManager reads the same attribute, so it moves with Opacus' API
                         if opt._is_last_step_skipped:  # type: ignore[attr-defined]
@@ -637,6 +637,7 @@ def _run(
                 for x, y in _forever(dl):
                     if step >= steps_total:
                         break
+                    x, y = batch_zoom(x, y, tc.augment.scale)
                     opt.zero_grad(set_to_none=True)
                     n = x.shape[0]
                     for s in range(0, n, phys):
@@ -768,7 +769,8 @@ class _EarlyStopping:
 
 
 def _dp_physical_step(
-    model: nn.Module, opt: Any, criterion: nn.Module, batch: Any, losses: list[float], precision: str = "float32"
+    model: nn.Module, opt: Any, criterion: nn.Module, batch: Any, losses: list[float], precision: str = "float32",
+    zoom: float = 0.0,
 ) -> None:
     """Forward/backward of one physical batch, then the DP optimizer's step (a real step on the last
     chunk of a logical batch). An empty logical batch (Poisson sampling can draw none) still takes its
@@ -783,9 +785,10 @@ def _dp_physical_step(
         opt.step()
         opt.zero_grad(set_to_none=True)
         return
+    x, target = batch_zoom(x, batch[1], zoom)
     with autocast(precision):  # bf16 per-sample gradients; the optimizer clips them in float32
         out = model(x)
-    loss = criterion(as_float(out), batch[1])
+    loss = criterion(as_float(out), target)
     loss.backward()
     losses.append(float(loss.detach()))
     opt.step()
