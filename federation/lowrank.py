@@ -9,6 +9,11 @@ factors are no smaller than the matrix). Vectors and scalars (biases, norms) tra
 
 The payload declares the rank as a dimension symbol ``r:<name>`` bounded by ``[1, r_max]``, so the
 server checks that ``U`` and ``V`` agree and stay in bounds before anything is multiplied.
+
+Factors travel in float32, float16 or int8. Int8 factors carry one float32 scale per rank component
+(``name::U.scale``: ``U``'s columns, ``name::V.scale``: ``V``'s rows; symmetric, max-abs / 127), so a
+byte budget buys twice the rank of float16 factors; what the rounding leaves out joins the error
+feedback like the truncation does.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from federation.payloads import PayloadSpec, TensorDecl
 from federation.wire import TensorSpec, dtype_code, spec_of
 
 SEP = "::"
+#: the per-component scales of int8 factors: ``name::U.scale`` (r,), ``name::V.scale`` (r,)
+SCALE = ".scale"
 
 
 def factored(spec: TensorSpec) -> bool:
@@ -75,9 +82,33 @@ def compress(
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         r = rank_for_energy(s, energy, max(1, int(rank_fraction * max_rank(m, n))))
         dt = factor_dtype or t.dtype
-        out[name + SEP + "U"] = (u[:, :r] * s[:r]).to(dt).contiguous()
-        out[name + SEP + "V"] = vh[:r].to(dt).contiguous()
+        uf, vf = u[:, :r] * s[:r], vh[:r]
+        if dt == torch.int8:
+            (uq, us), (vq, vs) = _quantize(uf, 0), _quantize(vf, 1)
+            out[name + SEP + "U"], out[name + SEP + "U" + SCALE] = uq, us
+            out[name + SEP + "V"], out[name + SEP + "V" + SCALE] = vq, vs
+            continue
+        out[name + SEP + "U"] = uf.to(dt).contiguous()
+        out[name + SEP + "V"] = vf.to(dt).contiguous()
     return out
+
+
+def _quantize(f: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of a factor, one float32 scale per rank component (``dim`` 0: per column of U, 1: per
+    row of V): ``q * scale`` is within half a step of ``f``."""
+    scale = (f.abs().amax(dim=dim) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    shaped = scale.unsqueeze(0) if dim == 0 else scale.unsqueeze(1)
+    q = torch.round(f / shaped).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.to(torch.float32).contiguous()
+
+
+def _factor(payload: Mapping[str, torch.Tensor], key: str, dim: int) -> torch.Tensor:
+    """A factor as float32, its int8 scales applied."""
+    f = payload[key].to(torch.float32)
+    scale = payload.get(key + SCALE)
+    if scale is None:
+        return f
+    return f * (scale.to(torch.float32).unsqueeze(0) if dim == 0 else scale.to(torch.float32).unsqueeze(1))
 
 
 def compress_with_feedback(
@@ -102,8 +133,7 @@ def decompress_one(payload: Mapping[str, torch.Tensor], name: str, shape: tuple[
     """One tensor rebuilt from a payload (``U @ V`` reshaped, or the tensor as sent)."""
     if name in payload:
         return payload[name]
-    u, v = payload[name + SEP + "U"], payload[name + SEP + "V"]
-    return (u.to(torch.float32) @ v.to(torch.float32)).reshape(shape)
+    return (_factor(payload, name + SEP + "U", 0) @ _factor(payload, name + SEP + "V", 1)).reshape(shape)
 
 
 def decompress(payload: Mapping[str, torch.Tensor], like: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
@@ -126,9 +156,12 @@ def iter_decompressed(
             yield base, t
             continue
         pending[key] = t
-        if base + SEP + "U" in pending and base + SEP + "V" in pending:
-            u, v = pending.pop(base + SEP + "U"), pending.pop(base + SEP + "V")
-            yield base, (u.to(torch.float32) @ v.to(torch.float32)).reshape(shapes[base])
+        parts = [base + SEP + "U", base + SEP + "V"]
+        if all(k in pending for k in parts):
+            parts += [k + SCALE for k in parts if pending[k].dtype == torch.int8]  # int8: wait for its scales
+            if all(k in pending for k in parts):
+                got = {k: pending.pop(k) for k in parts}
+                yield base, decompress_one(got, base, shapes[base])
 
 
 def lowrank_spec(
@@ -147,6 +180,9 @@ def lowrank_spec(
         code = frozenset({factor_code or spec.dtype})
         tensors[name + SEP + "U"] = TensorDecl(code, (m, sym))
         tensors[name + SEP + "V"] = TensorDecl(code, (sym, n))
+        if factor_code == "I8":  # one float32 scale per rank component (their finiteness: the decoded norm)
+            tensors[name + SEP + "U" + SCALE] = TensorDecl(frozenset({"F32"}), (sym,))
+            tensors[name + SEP + "V" + SCALE] = TensorDecl(frozenset({"F32"}), (sym,))
         dims[sym] = (1, max_rank(m, n))
     return PayloadSpec(kind=kind, tensors=tensors, dims=dims, max_norm=max_norm)
 

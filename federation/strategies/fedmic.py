@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from federation.site import SiteAlgorithm
 
 PAYLOAD_KIND = "lowrank_delta"
-_CODES = {"float16": "F16", "float32": "F32"}
+_CODES = {"float16": "F16", "float32": "F32", "int8": "I8"}
+_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.int8}
 
 
 class FedMICConfig(StrategyConfig):
@@ -45,8 +46,8 @@ class FedMICConfig(StrategyConfig):
     energy_rounds: int = Field(4, ge=1, description="rounds over which the share rises linearly")
     max_rank_fraction: float = Field(
         1.0, gt=0, le=1,
-        description="rank cap as a share of the rank where factors stop saving bytes (0.4 with fp16 factors: "
-        "every factorised tensor ≥ 5× smaller than fp32, whatever the DP noise)",
+        description="rank cap as a share of the rank where factors stop saving bytes (0.4 with fp16 factors, "
+        "0.75 with int8: every factorised tensor ≥ 5× smaller than fp32, whatever the DP noise)",
     )
     temperature: float = Field(2.0, gt=0, description="softening of the outputs in the decision-level KL")
     kd_weight: float = Field(1.0, ge=0, description="weight of the decision-level (output) distillation")
@@ -67,8 +68,10 @@ class FedMICConfig(StrategyConfig):
         description="which of its rounds' teachers a site keeps as its personal model: the one with the best "
         "Dice on the site's own validation split (as a local model keeps its best checkpoint), or the last",
     )
-    factor_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="dtype of the SVD factors on the wire (both directions)"
+    factor_dtype: Literal["float16", "float32", "int8"] = Field(
+        "float16",
+        description="dtype of the SVD factors on the wire (both directions); int8 adds one float32 scale per "
+        "rank component and halves float16's bytes per rank",
     )
     error_feedback: bool = Field(
         True, description="carry what the factors leave out of a delta into the next round's (sites and server)"
@@ -97,7 +100,7 @@ class FedMIC(Strategy):
 
     @property
     def factor_dtype(self) -> torch.dtype:
-        return torch.float16 if self.cfg.factor_dtype == "float16" else torch.float32
+        return _DTYPES[self.cfg.factor_dtype]
 
     def energy(self, round_index: int) -> float:
         """The energy share of round ``round_index`` (linear from start to end, then flat)."""

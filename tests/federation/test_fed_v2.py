@@ -178,14 +178,46 @@ def test_lowrank_keeps_the_energy_share_and_decodes_exactly() -> None:
     assert capped["w" + SEP + "U"].shape[1] == int(0.4 * max_rank(64, 288))
 
 
+def test_int8_factors_buy_twice_the_rank_and_stream_with_their_scales() -> None:
+    """int8 factors with one scale per rank component: within half a quantisation step of the float
+    factors' product, half float16's bytes at the same rank (so a 0.75 cap of the break-even rank is about as small
+    as float16's 0.4), declared with their scales, and decoded the same streamed or whole."""
+    from federation.lowrank import SCALE, iter_decompressed
+
+    g = torch.Generator().manual_seed(1)
+    delta = {"w": torch.randn(64, 32, 3, 3, generator=g), "b": torch.randn(64, generator=g)}
+    f16 = compress(delta, 0.98, torch.float16, rank_fraction=0.4)
+    q8 = compress(delta, 0.98, torch.int8, rank_fraction=0.75)
+    r16, r8 = f16["w" + SEP + "U"].shape[1], q8["w" + SEP + "U"].shape[1]
+    assert r8 == int(0.75 * max_rank(64, 288)) and r8 >= 1.8 * r16
+    assert q8["w" + SEP + "U"].dtype == torch.int8 and q8["w" + SEP + "V" + SCALE].shape == (r8,)
+    assert payload_nbytes(q8) * 5 <= payload_nbytes(delta) and payload_nbytes(q8) < 1.1 * payload_nbytes(f16)
+    ref = compress(delta, 0.98, torch.float32, rank_fraction=0.75)
+    want = decompress(ref, spec_of(delta))["w"]
+    got = decompress(q8, spec_of(delta))["w"]
+    assert float((got - want).norm() / want.norm()) < 0.02  # rounding: far below what truncation leaves out
+    kept16 = float((decompress(f16, spec_of(delta))["w"] - delta["w"]).norm())
+    assert float((got - delta["w"]).norm()) < kept16  # twice the rank: closer to the delta for the same bytes
+    spec = lowrank_spec(spec_of(delta), None, "lowrank_delta", "I8")
+    ranks = spec.validate(spec_of(q8), "upload")
+    assert ranks == {"r:w": r8}
+    with pytest.raises(WireError, match="U.scale"):
+        spec.validate(spec_of({k: v for k, v in q8.items() if not k.endswith("U" + SCALE)}), "upload")
+    streamed = dict(iter_decompressed(iter(sorted(q8.items())), ["w", "b"], {"w": (64, 32, 3, 3), "b": (64,)}))
+    torch.testing.assert_close(streamed["w"], got)
+    torch.testing.assert_close(streamed["b"], delta["b"])
+
+
 # -- the live service with a low-rank strategy --------------------------------------------------------------
-def test_fedmic_service_validates_factors_streams_and_publishes_compressed_versions(tmp_path: Path) -> None:
-    fed = Fed(tmp_path, ["a", "b"], rounds=2, strategy={"name": "fedmic", "energy_start": 0.9, "energy_rounds": 2})
+@pytest.mark.parametrize("factor_dtype", ["float16", "int8"])
+def test_fedmic_service_validates_factors_streams_and_publishes_compressed_versions(tmp_path: Path, factor_dtype: str) -> None:
+    strategy = {"name": "fedmic", "energy_start": 0.9, "energy_rounds": 2, "factor_dtype": factor_dtype}
+    fed = Fed(tmp_path, ["a", "b"], rounds=2, strategy=strategy)
     try:
         st = fed.clients["a"].status()
         assert st.payload == "lowrank_delta" and st.fit.energy == pytest.approx(0.9)
         g0 = fed.global0
-        mic = FedMIC()
+        mic = FedMIC(FedMICConfig.model_validate(strategy))
         mic.bind(ServerContext(global_spec=spec_of(g0)))
         bodies = {}
         for i, s in enumerate("ab"):
@@ -209,6 +241,7 @@ def test_fedmic_service_validates_factors_streams_and_publishes_compressed_versi
         client = fed.clients["a"]
         payload = client.download_delta(1)
         assert payload is not None and client.last_delta_digest == state_digest(g1)
+        assert {t.dtype for k, t in payload.items() if k.endswith(SEP + "U")} == {mic.factor_dtype}
         from federation.lowrank import decompress_one
         from federation.strategies.fedmic import apply_delta
 
