@@ -67,12 +67,24 @@ def fedmic_strategy(cfg: ExperimentConfig) -> dict[str, Any]:
     return strategy
 
 
+#: settings that only pick among the personal models a row has already scored (``personal_models``): training
+#: never reads them, so a row or an interrupted run that differs only here is kept
+SCORING_ONLY = ("personal",)
+
+
+def _training_settings(cfg: ExperimentConfig, strategy: dict[str, Any]) -> dict[str, Any]:
+    """``strategy`` validated (defaults spelt out or not agree), without :data:`SCORING_ONLY`."""
+    from federation.strategies.registry import strategy_config
+
+    full = strategy_config(cfg.federation.model_copy(update={"strategy": strategy}))
+    return full.model_dump(exclude=set(SCORING_ONLY))
+
+
 def _trained_with(cfg: ExperimentConfig, vdir: Path, strategy: dict[str, Any]) -> bool:
-    """Whether the federation in ``vdir`` (finished or interrupted) was started with ``strategy``, as its
-    frozen config says (compared as validated strategy configs, so defaults spelt out or not agree)."""
+    """Whether the federation in ``vdir`` (finished or interrupted) was started with ``strategy``'s
+    training settings, as its frozen config says."""
     import yaml
 
-    from federation.strategies.registry import strategy_config
     from fedpath.simulate import frozen_config_path
     from pipeline.config import ConfigError
 
@@ -81,10 +93,10 @@ def _trained_with(cfg: ExperimentConfig, vdir: Path, strategy: dict[str, Any]) -
         return True  # nothing trained yet
     try:
         old = yaml.safe_load(frozen.read_text())["federation"]["strategy"]
-        was = strategy_config(cfg.federation.model_copy(update={"strategy": old}))
-    except (ConfigError, KeyError, TypeError, yaml.YAMLError):
+        was = _training_settings(cfg, old)
+    except (ConfigError, KeyError, TypeError, AttributeError, yaml.YAMLError):
         return False  # unreadable or from another version: not these settings
-    return was == strategy_config(cfg.federation.model_copy(update={"strategy": strategy}))
+    return was == _training_settings(cfg, strategy)
 
 
 #: the ε of the DP row (and the FedDP row it is compared with)
@@ -171,9 +183,12 @@ def run_fedmic_variants(
             run_simulation(vcfg)
             record(baseline, "federated", final_global(vdir), time.perf_counter() - t0, vdir, {})
         name = f"fedmic{tag}"
-        if name in rows and rows[name].get("fedmic", {}).get("strategy") == strategy:
-            continue
         vdir = variants_dir / name.replace(" ", "_").replace("=", "_")
+        row = rows.get(name, {})
+        if row.get("fedmic", {}).get("strategy") == strategy:
+            continue
+        if _rescored(cfg, name, row, strategy, vdir, record, final_global):
+            continue
         if vdir.exists() and not _trained_with(cfg, vdir, strategy):  # finished or not, its state is stale
             log.info("experiment: %s was trained with other FedMIC settings; training it again", name)
             shutil.rmtree(vdir)
@@ -200,6 +215,35 @@ def run_fedmic_variants(
             }
         }
         record(name, "federated", student, seconds, vdir, extra)
+
+
+def _rescored(
+    cfg: ExperimentConfig,
+    name: str,
+    row: dict[str, Any],
+    strategy: dict[str, Any],
+    vdir: Path,
+    record: Record,
+    final_global: Callable[[Path], dict[str, torch.Tensor]],
+) -> bool:
+    """A finished row trained with the same settings as ``strategy`` but another ``personal``: the configured
+    personal model is one it already scored, so it is recorded as the personalised one, nothing retrained."""
+    from pipeline.config import ConfigError
+
+    done = row.get("fedmic", {})
+    if not done or not vdir.is_dir():
+        return False
+    try:
+        same = _training_settings(cfg, done.get("strategy", {})) == _training_settings(cfg, strategy)
+    except (ConfigError, TypeError, AttributeError):
+        return False  # a record from another version: train again
+    scored = done.get("personal_models", {}).get(strategy["personal"])
+    if not same or not scored:
+        return False
+    log.info("experiment: %s already scored %s as a personal model; recording it, not training again", name, strategy["personal"])
+    extra = {"fedmic": {**done, "strategy": strategy, "personalised": scored}}
+    record(name, "federated", final_global(vdir), float(row.get("seconds", 0.0)), vdir, extra)
+    return True
 
 
 def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:

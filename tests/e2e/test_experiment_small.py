@@ -116,6 +116,23 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
         assert frozen["federation"]["strategy"]["kd_weight"] == 0.25  # this run trained with the new settings
     assert set(again) == set(rows)
 
+    # `personal` only picks among the personal models a row already scored: switching it retrains nothing
+    other = {"kd_weight": 0.25, "personal": "teacher"}  # the default is teacher+student
+    pick = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"fedmic": other})})
+    bodies = [
+        RunLayout(run_dir / "variants" / "seed_0" / row).site(s).update(r)
+        for row in ("fedmic", "fedmic_eps_8") for s in ("a", "b") for r in (0, 1)
+    ]  # fmt: skip
+    stamps = {p: p.stat().st_mtime_ns for p in bodies}
+    run_experiment(pick, data, epsilons=[8.0])
+    runs3 = json.loads((run_dir / "experiment.json").read_text())["runs"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
+    for name in ("fedmic", "fedmic eps=8"):
+        mic3, mic2 = runs3[f"{name}@0"]["fedmic"], runs2[f"{name}@0"]["fedmic"]
+        assert mic3["strategy"]["personal"] == "teacher" and mic2["strategy"]["personal"] == "teacher+student"
+        assert mic3["personalised"] == mic2["personal_models"]["teacher"] != mic2["personalised"]
+        assert runs3[f"{name}@0"]["seconds"] == runs2[f"{name}@0"]["seconds"]
+
 
 def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:
     """The FedMIC table pairs each seed's personalised model with FedAvg's global model of the same seed
