@@ -135,6 +135,14 @@ class PrivacyConfig(_Strict):
         description="slide unit: tiles each sampled slide contributes (<= physical_batch_size; default: "
         "min(largest slide, physical_batch_size))",
     )
+    augment_multiplicity: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="each sampled tile's gradient is the mean over this many independent augmentations of it, "
+        "taken before clipping (augmentation multiplicity, De et al. 2022): the tile is still one unit, so ε is "
+        "unchanged; costs this many forward/backward passes per tile",
+    )
     reproducible_noise: bool = Field(
         False,
         description="DEBUG ONLY: DP noise and sampling from the config seed instead of the OS-entropy CSPRNG; "

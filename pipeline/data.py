@@ -163,6 +163,7 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self._cached_bytes = 0
         self._pid: int | None = None
         self._epoch_draw = 0
+        self.views = 1  # augmentations per item (DP-SGD's augmentation multiplicity; training sets only)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -202,11 +203,19 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return img, msk
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One item: ``(3,H,W)`` image and ``(1,H,W)`` label; with ``views`` > 1 (augmentation multiplicity
+        under DP-SGD) that many independent augmentations of the tile, stacked: ``(views,3,H,W)``, ``(views,1,H,W)``."""
         img, msk = self.read(item)
         if self.stain is not None:
             img = self.stain(img)
         image = img.astype(np.float32) / 255.0
         mask = (msk > 0).astype(np.int64) if self.classes == 2 else _three_class(msk)
+        if self.augment is None or self.views == 1:
+            return self._augmented(item, image, mask)
+        pairs = [self._augmented(item, image, mask) for _ in range(self.views)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def _augmented(self, item: int, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self.augment is not None:
             # a fresh stream per draw (torch's per-worker seed differs by worker and epoch)
             rng = np.random.default_rng([self.seed, item, int(torch.randint(0, 2**31 - 1, ()).item())])

@@ -264,6 +264,9 @@ def train_local(
         for d in train_parts + val_parts:
             d.stain = stain_fn
         _atomic_json(job_dir / "stain.json", stain_ref or {})
+    if pc.enabled and pc.augment_multiplicity > 1 and tc.augment is not None:
+        for d in train_parts:  # K augmentations per sampled tile, averaged per tile before clipping
+            d.views = pc.augment_multiplicity
     train_ds = _concat(train_parts)
     n_train = len(train_ds)  # type: ignore[arg-type]
     if n_train == 0:
@@ -785,14 +788,35 @@ def _dp_physical_step(
         opt.step()
         opt.zero_grad(set_to_none=True)
         return
-    x, target = batch_zoom(x, batch[1], zoom)
+    target = batch[1]
+    views = 1
+    if x.dim() == 5:  # (tiles, views, C, H, W): augmentation multiplicity, every view a row of its own
+        views = x.shape[1]
+        x, target = x.flatten(0, 1), target.flatten(0, 1)
+    x, target = batch_zoom(x, target, zoom)
     with autocast(precision):  # bf16 per-sample gradients; the optimizer clips them in float32
         out = model(x)
     loss = criterion(as_float(out), target)
     loss.backward()
     losses.append(float(loss.detach()))
+    if views > 1:
+        _mean_over_views(opt.params, views)
     opt.step()
     opt.zero_grad(set_to_none=True)  # clears grad_sample; keeps summed_grad across a skipped (partial) step
+
+
+def _mean_over_views(params: Any, views: int) -> None:
+    """Each tile's per-sample gradient is the mean of its ``views`` augmentations' (rows ``i*views`` to
+    ``(i+1)*views - 1``): the optimizer then clips and noises one gradient per tile, so the tile stays the
+    unit of privacy. Opacus scales each row as the gradient of that row's own loss (``loss_reduction``
+    "mean" times the rows), so the mean is the gradient of the tile's loss averaged over its views."""
+    for p in params:
+        gs = p.grad_sample
+        if isinstance(gs, list):  # several backward passes before a step: Opacus concatenates them
+            gs = torch.cat(gs, 0)
+        if gs is None:
+            continue
+        p.grad_sample = gs.reshape(gs.shape[0] // views, views, *gs.shape[1:]).mean(1)
 
 
 def _add_proximal_grad(net: nn.Module, ref: dict[str, torch.Tensor], mu: float) -> None:

@@ -70,6 +70,30 @@ def test_items_are_read_lazily_and_well_formed(store: Path) -> None:
     assert len(ds._arrays) == 1  # only the slide that was touched is open
 
 
+def test_views_are_independent_augmentations_of_one_tile(store: Path) -> None:
+    """Augmentation multiplicity: an item with ``views`` = 4 is four augmentations of the same tile, each
+    with its own draw and its mask moved with it."""
+    st = SiteStore(store)
+    ds = TileDataset(store, st.slides()[:1], AugmentConfig(flips=True, rot90=True, hed_jitter=0.0, brightness=0.0))
+    ds.views = 4
+    x, y = ds[5]
+    assert x.shape == (4, 3, 64, 64) and y.shape == (4, 1, 64, 64)
+    img, msk = ds.read(5)
+    base, mask = torch.from_numpy(img.astype(np.float32) / 255).permute(2, 0, 1), torch.from_numpy((msk > 0).astype(np.int64))
+    # flips and quarter turns only: each view is one of the 8 symmetries of the tile, its mask the same one
+    seen = set()
+    for v in range(4):
+        match = [
+            (k, f) for k in range(4) for f in (False, True)
+            if torch.equal(x[v], torch.rot90(base.flip(-1) if f else base, k, (1, 2)))
+            and torch.equal(y[v, 0], torch.rot90(mask.flip(-1) if f else mask, k, (0, 1)))
+        ]  # fmt: skip
+        assert match, v
+        seen.add(match[0])
+    x2, _ = ds[5]
+    assert len(seen) > 1 or not torch.equal(x, x2)  # independent draws, not one augmentation repeated
+
+
 def test_augmentation_moves_mask_with_image() -> None:
     rng = np.random.default_rng(0)
     img = rng.random((32, 32, 3)).astype(np.float32)

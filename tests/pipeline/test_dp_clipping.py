@@ -244,3 +244,48 @@ def test_bf16_autocast_gradients_are_clipped_to_c_in_float32(fused: bool) -> Non
     num = torch.cat([(t - o).reshape(-1) for t, o in zip(total, oracle, strict=True)]).norm()
     den = torch.cat([o.reshape(-1) for o in oracle]).norm()
     assert float(num / den) < 0.05  # bf16 forward: ~1% off the float32 oracle, not a different gradient
+
+
+def test_augmentation_multiplicity_clips_each_tiles_mean_over_its_views() -> None:
+    """DP-SGD with K augmentations per tile (``privacy.augment_multiplicity``): the training step clips and
+    sums one gradient per tile, the mean of its K views' gradients. Oracle: per tile, autograd of its loss
+    averaged over its views, clipped to C; the step moves the weights by -lr * (sum / expected batch)."""
+    from pipeline.dprandom import SecureRandom
+    from pipeline.dpsgd import make_private
+    from pipeline.train import _dp_physical_step
+
+    net = _net("deconv")
+    tiles, views = 4, 3
+    x = torch.rand(tiles, views, 3, 16, 16)
+    y = (torch.rand(tiles, views, 1, 16, 16) > 0.6).long()
+    clip = 0.05  # every tile clipped
+
+    def criterion(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, target[:, 0])
+
+    params0 = [p for p in net.parameters() if p.requires_grad]
+    oracle = [torch.zeros_like(p) for p in params0]
+    per_view = [torch.zeros_like(p) for p in params0]  # without the averaging: each view clipped alone
+    for i in range(tiles):
+        grads = torch.autograd.grad(criterion(net(x[i]), y[i]), params0)
+        norm = torch.stack([(g.double() ** 2).sum() for g in grads]).sum().sqrt()
+        for t, g in zip(oracle, grads, strict=True):
+            t += g * min(1.0, clip / (float(norm) + 1e-6))
+        for v in range(views):
+            gv = torch.autograd.grad(criterion(net(x[i, v : v + 1]), y[i, v : v + 1]), params0)
+            nv = torch.stack([(g.double() ** 2).sum() for g in gv]).sum().sqrt()
+            for t, g in zip(per_view, gv, strict=True):
+                t += g * min(1.0, clip / (float(nv) + 1e-6))
+    before = [p.detach().clone() for p in params0]
+    model, opt = make_private(
+        net, torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
+        expected_batch_size=tiles, rng=SecureRandom(),
+    )  # fmt: skip
+    losses: list[float] = []
+    _dp_physical_step(model, opt, criterion, (x, y), losses)
+    moved = [b - p.detach() for b, p in zip(before, params0, strict=True)]
+    for m, o in zip(moved, oracle, strict=True):
+        torch.testing.assert_close(m, o / tiles, rtol=1e-3, atol=1e-6)  # σ = 0: the mean clipped gradient
+    # it is not the K·tiles views clipped one by one (the tile would count K times)
+    far = sum(float((m - pv / tiles).abs().sum()) for m, pv in zip(moved, per_view, strict=True))
+    assert far > 1e-3 * sum(float(o.abs().sum()) for o in oracle) / tiles
