@@ -163,6 +163,12 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1,
+        description="keep an exponential moving average of the weights (torch's AveragedModel), updated after "
+        "every step; validation, early stopping, checkpoints and the job's result use the average. Under DP-SGD "
+        "it is post-processing of the noisy iterates (no ε)",
+    )  # fmt: skip
     val_fraction: float = Field(
         0.2, ge=0, lt=1, description="share of slides (not tiles) held out for validation"
     )

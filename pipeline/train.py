@@ -474,10 +474,14 @@ def _run(
     if hooks is not None:
         hooks.on_optimizer(opt)
 
+    ema = _ema_model(net, tc.ema_decay)
     step = 0
     if prog.get("checkpoint"):
         ck = job_dir / prog["checkpoint"]
         net.load_state_dict(strip_wrappers(load_file(str(ck / "model.safetensors"))))
+        if ema is not None and (ck / "ema.safetensors").is_file():
+            ema.module.load_state_dict(load_file(str(ck / "ema.safetensors")))
+            ema.n_averaged.fill_(max(1, int(prog.get("step", 1))))
         load_optimizer_tensors(
             opt, load_file(str(ck / "optimizer.safetensors")), json.loads((ck / "optimizer.json").read_text())
         )
@@ -529,7 +533,7 @@ def _run(
     # every `val_every` steps, the best model kept, stop after `patience` checks without improvement
     stopper = (
         _EarlyStopping(
-            net, _concat(val_parts), tc.val_every, tc.patience, tc.max_val_tiles, precision,
+            net if ema is None else ema.module, _concat(val_parts), tc.val_every, tc.patience, tc.max_val_tiles, precision,
             start=int(tc.early_stop_start * steps_total),
         )  # fmt: skip
         if tc.val_every and val_parts and round_index is None
@@ -562,6 +566,8 @@ def _run(
             {k: v.detach().cpu().contiguous() for k, v in strip_wrappers(net.state_dict()).items()},
             str(tmp / "model.safetensors"),
         )
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
         ot, oi = optimizer_tensors(opt.original_optimizer if dp else opt)  # type: ignore[attr-defined]
         save_file(ot, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(oi))
@@ -621,6 +627,8 @@ def _run(
                         # BatchMemoryManager reads the same attribute, so it moves with Opacus' API
                         if opt._is_last_step_skipped:  # type: ignore[attr-defined]
                             continue  # a physical chunk of a larger logical batch
+                        if ema is not None:
+                            ema.update_parameters(net)
                         step += 1
                         step = _after_step(
                             step,
@@ -653,6 +661,8 @@ def _run(
                     if ref is not None:
                         _add_proximal_grad(net, ref, mu)
                     opt.step()
+                    if ema is not None:
+                        ema.update_parameters(net)
                     step += 1
                     step = _after_step(
                         step, steps_total, tc.checkpoint_every, commit, prog_bar, task, losses, None, job
@@ -661,7 +671,9 @@ def _run(
                     if stopper is not None and stopper.check(step):
                         break
         if stopper is not None:
-            stopper.restore_best()
+            stopper.restore_best()  # into the average, when there is one
+        if ema is not None and int(ema.n_averaged) > 0:
+            net.load_state_dict(ema.module.state_dict())  # the job's result is the average
         val_ds = _concat(val_parts) if val_parts else None
         val_net = hooks.shared_model(net) if hooks is not None else net
         metrics = (
@@ -702,6 +714,15 @@ def _run(
             "privacy": ledger.statement() if ledger is not None else None,
         },
     )
+
+
+def _ema_model(net: nn.Module, decay: float | None) -> Any:
+    """torch's AveragedModel keeping an exponential moving average of ``net``'s weights (and buffers), or None."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _lr_schedule(

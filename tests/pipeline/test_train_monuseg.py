@@ -131,3 +131,28 @@ def test_fedprox_term_pulls_towards_the_global_model(run_dir: Path, tmp_path: Pa
         return sum(float((res.state[k] - w_global[k]).pow(2).sum()) for k in w_global) ** 0.5
 
     assert distance(20.0) < 0.7 * distance(0.0)
+
+
+def test_weight_average_is_the_moving_average_of_the_iterates(run_dir: Path, tmp_path: Path) -> None:
+    """``train.ema_decay``: the job's result is the exponential moving average of its weights after each
+    step (torch's AveragedModel: the first step copied, then d·avg + (1 - d)·w), not its last weights.
+    The raw iterates come from the same seeded job stopped after 1, 2 and 3 steps."""
+    rd = tmp_path / "run"
+    (rd / "sites" / SITE).mkdir(parents=True)
+    os.symlink(run_dir / "sites" / SITE / "store.zarr", rd / "sites" / SITE / "store.zarr")
+    iterates = []
+    for k in (1, 2, 3):
+        cfg = small_config(rd, max_steps=k, val_every=None, lr=1e-2, privacy={"enabled": False})
+        iterates.append(train_local(cfg, [SITE], rd, job_id=f"raw{k}", progress=False).state)
+    cfg = small_config(rd, max_steps=3, val_every=None, lr=1e-2, ema_decay=0.5, privacy={"enabled": False})
+    got = train_local(cfg, [SITE], rd, job_id="ema", progress=False).state
+    w1, w2, w3 = iterates
+    moved = 0.0
+    for name, v in got.items():
+        want = 0.25 * w1[name] + 0.25 * w2[name] + 0.5 * w3[name]
+        torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-5)
+        moved += float((v - w3[name]).abs().sum())
+    assert moved > 1e-3  # not the last weights
+    # the checkpoint holds the average as well: a re-run of the finished job returns it unchanged
+    again = train_local(cfg, [SITE], rd, job_id="ema", progress=False).state
+    assert all(torch.equal(again[k], got[k]) for k in got)
