@@ -143,6 +143,12 @@ class MutualHooks:
             float(x.get("student_distill", 1.0)),
         )
 
+    def clip_shares(self) -> dict[str, float] | None:
+        """DP-SGD's clip groups: the student's share of C² and the rest (teacher, projection), or None for
+        one clip over the pair (``dp_student_clip_share``)."""
+        share = self.fit.extra.get("dp_student_clip_share")
+        return None if share is None else {"student.": float(share), "": 1.0 - float(share)}
+
     def on_optimizer(self, opt: torch.optim.Optimizer) -> None:
         from pipeline.train import load_optimizer_tensors
 

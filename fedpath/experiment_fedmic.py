@@ -70,17 +70,20 @@ def fedmic_strategy(cfg: ExperimentConfig) -> dict[str, Any]:
 #: settings that only pick among the personal models a row has already scored (``personal_models``): training
 #: never reads them, so a row or an interrupted run that differs only here is kept
 SCORING_ONLY = ("personal",)
+#: settings that act only under DP-SGD: the row without DP is kept when only these differ
+DP_ONLY = ("dp_student_clip_share",)
 
 
-def _training_settings(cfg: ExperimentConfig, strategy: dict[str, Any]) -> dict[str, Any]:
-    """``strategy`` validated (defaults spelt out or not agree), without :data:`SCORING_ONLY`."""
+def _training_settings(cfg: ExperimentConfig, strategy: dict[str, Any], dp: bool = True) -> dict[str, Any]:
+    """``strategy`` validated (defaults spelt out or not agree), without :data:`SCORING_ONLY` (nor
+    :data:`DP_ONLY` for a row without DP)."""
     from federation.strategies.registry import strategy_config
 
     full = strategy_config(cfg.federation.model_copy(update={"strategy": strategy}))
-    return full.model_dump(exclude=set(SCORING_ONLY))
+    return full.model_dump(exclude=set(SCORING_ONLY) | (set() if dp else set(DP_ONLY)))
 
 
-def _trained_with(cfg: ExperimentConfig, vdir: Path, strategy: dict[str, Any]) -> bool:
+def _trained_with(cfg: ExperimentConfig, vdir: Path, strategy: dict[str, Any], dp: bool = True) -> bool:
     """Whether the federation in ``vdir`` (finished or interrupted) was started with ``strategy``'s
     training settings, as its frozen config says."""
     import yaml
@@ -93,10 +96,10 @@ def _trained_with(cfg: ExperimentConfig, vdir: Path, strategy: dict[str, Any]) -
         return True  # nothing trained yet
     try:
         old = yaml.safe_load(frozen.read_text())["federation"]["strategy"]
-        was = _training_settings(cfg, old)
+        was = _training_settings(cfg, old, dp)
     except (ConfigError, KeyError, TypeError, AttributeError, yaml.YAMLError):
         return False  # unreadable or from another version: not these settings
-    return was == _training_settings(cfg, strategy)
+    return was == _training_settings(cfg, strategy, dp)
 
 
 #: the ε of the DP row (and the FedDP row it is compared with)
@@ -187,9 +190,9 @@ def run_fedmic_variants(
         row = rows.get(name, {})
         if row.get("fedmic", {}).get("strategy") == strategy:
             continue
-        if _rescored(cfg, name, row, strategy, vdir, record, final_global):
+        if _rescored(cfg, name, row, strategy, vdir, record, final_global, dp=eps is not None):
             continue
-        if vdir.exists() and not _trained_with(cfg, vdir, strategy):  # finished or not, its state is stale
+        if vdir.exists() and not _trained_with(cfg, vdir, strategy, dp=eps is not None):  # finished or not, its state is stale
             log.info("experiment: %s was trained with other FedMIC settings; training it again", name)
             shutil.rmtree(vdir)
         vcfg = variant_cfg(cfg, name, vdir, federation__strategy=strategy, **dp_changes(cfg, eps))
@@ -225,16 +228,18 @@ def _rescored(
     vdir: Path,
     record: Record,
     final_global: Callable[[Path], dict[str, torch.Tensor]],
+    dp: bool = True,
 ) -> bool:
-    """A finished row trained with the same settings as ``strategy`` but another ``personal``: the configured
-    personal model is one it already scored, so it is recorded as the personalised one, nothing retrained."""
+    """A finished row trained with the same settings as ``strategy`` but another ``personal`` (or, without
+    DP, another DP-only setting): the configured personal model is one it already scored, so it is recorded
+    as the personalised one, nothing retrained."""
     from pipeline.config import ConfigError
 
     done = row.get("fedmic", {})
     if not done or not vdir.is_dir():
         return False
     try:
-        same = _training_settings(cfg, done.get("strategy", {})) == _training_settings(cfg, strategy)
+        same = _training_settings(cfg, done.get("strategy", {}), dp) == _training_settings(cfg, strategy, dp)
     except (ConfigError, TypeError, AttributeError):
         return False  # a record from another version: train again
     scored = done.get("personal_models", {}).get(strategy["personal"])

@@ -45,6 +45,23 @@ class SecureDPOptimizer(DPOptimizer):
         super().__init__(optimizer, generator=None, secure_mode=False, **kwargs)
         self.rng = rng
         self.fused = fused
+        self.clip_groups: list[tuple[list[int], float]] | None = None
+
+    def set_clip_groups(self, groups: list[tuple[list[int], float]]) -> None:
+        """Clip each sample's gradient per group of parameters (indices into :attr:`params`, every one in
+        exactly one group) to that group's norm C_g instead of over all of them to C. The C_g must satisfy
+        Σ C_g² = C², so a sample's clipped gradient still has norm at most C and the noise σC and the
+        accounting are unchanged; the groups only decide how C is shared (e.g. a shared model and a private
+        one trained together)."""
+        seen = sorted(i for idx, _ in groups for i in idx)
+        if seen != list(range(len(self.params))):
+            raise FedpathError("DP-SGD clip groups must cover every trainable parameter exactly once")
+        total = sum(c * c for _, c in groups) ** 0.5
+        if any(c <= 0 for _, c in groups) or abs(total - self.max_grad_norm) > 1e-6 * self.max_grad_norm:
+            raise FedpathError(f"DP-SGD clip groups: the norms' root sum of squares {total:g} is not max_grad_norm {self.max_grad_norm:g}")
+        if not self.fused:
+            raise FedpathError("DP-SGD clip groups need the fused clip path")
+        self.clip_groups = groups
 
     def grad_samples_in_param_dtype(self) -> None:
         """Per-sample gradients in their parameter's dtype (float32) before anything sums, clips or takes
@@ -67,12 +84,17 @@ class SecureDPOptimizer(DPOptimizer):
             _check_processed_flag(p.grad_sample)
             g = self._get_flat_grad_sample(p)
             flat.append(g.reshape(len(g), p.numel()))  # (samples, params): also for an empty batch
-        if len(flat[0]) == 0:  # an empty Poisson batch
-            factor = torch.zeros((0,), dtype=flat[0].dtype, device=flat[0].device)
-        else:
-            norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat], dim=1).norm(2, dim=1)
-            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for p, g in zip(self.params, flat, strict=True):
+        groups = self.clip_groups or [(list(range(len(flat))), float(self.max_grad_norm))]
+        factors: list[torch.Tensor] = [flat[0].new_zeros((0,))] * len(flat)
+        for idx, clip in groups:
+            if len(flat[0]) == 0:  # an empty Poisson batch
+                factor = torch.zeros((0,), dtype=flat[0].dtype, device=flat[0].device)
+            else:
+                norms = torch.stack([torch.linalg.vector_norm(flat[i], dim=1) for i in idx], dim=1).norm(2, dim=1)
+                factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+            for i in idx:
+                factors[i] = factor
+        for p, g, factor in zip(self.params, flat, factors, strict=True):
             grad = (factor.to(g.dtype) @ g).view_as(p) if len(g) else torch.zeros_like(p)
             if p.summed_grad is not None:
                 p.summed_grad += grad
@@ -101,6 +123,9 @@ class SlideDPOptimizer(SecureDPOptimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, *, rng: NoiseSource, **kwargs: Any) -> None:
         super().__init__(optimizer, rng=rng, **kwargs)
         self._groups: torch.Tensor | None = None
+
+    def set_clip_groups(self, groups: list[tuple[list[int], float]]) -> None:
+        raise FedpathError("slide-level DP-SGD clips each slide over all parameters; clip groups are per tile only")
 
     def set_groups(self, groups: torch.Tensor) -> None:
         """The slide of every row of the coming physical batch (any labels; rows of one slide share one)."""

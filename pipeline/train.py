@@ -516,6 +516,9 @@ def _run(
             rng=rng,
             slide_level=slide_cap is not None,
         )
+        shares = hooks.clip_shares() if hooks is not None and hasattr(hooks, "clip_shares") else None
+        if shares:
+            opt.set_clip_groups(clip_groups(net, shares, pc.max_grad_norm))  # type: ignore[attr-defined]
     dl = _loader(train_ds, train_parts, cfg, sample_rate, slide_cap, steps_total - step, seed, rng, opt)
     if dp:
         if ref is not None:
@@ -714,6 +717,21 @@ def _run(
             "privacy": ledger.statement() if ledger is not None else None,
         },
     )
+
+
+def clip_groups(net: nn.Module, shares: dict[str, float], clip: float) -> list[tuple[list[int], float]]:
+    """DP-SGD clip groups from ``{name prefix: share of C²}`` (the longest matching prefix wins; "" matches
+    every name): each group's parameters, in the optimizer's order, and its norm C·√share."""
+    if abs(sum(shares.values()) - 1.0) > 1e-9 or any(v <= 0 for v in shares.values()):
+        raise FedpathError(f"DP-SGD clip shares must be positive and sum to 1 (got {shares})")
+    members: dict[str, list[int]] = {k: [] for k in shares}
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    for i, name in enumerate(trainable):
+        prefix = max((k for k in shares if name.startswith(k)), key=len, default=None)
+        if prefix is None:
+            raise FedpathError(f"DP-SGD clip shares: parameter {name!r} matches no prefix of {list(shares)}")
+        members[prefix].append(i)
+    return [(idx, clip * shares[k] ** 0.5) for k, idx in members.items() if idx]
 
 
 def _ema_model(net: nn.Module, decay: float | None) -> Any:

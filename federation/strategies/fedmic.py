@@ -73,6 +73,12 @@ class FedMICConfig(StrategyConfig):
         description="dtype of the SVD factors on the wire (both directions); int8 adds one float32 scale per "
         "rank component and halves float16's bytes per rank",
     )
+    dp_student_clip_share: float | None = Field(
+        None, gt=0, lt=1,
+        description="under DP-SGD: the student's share of C² when each sample's gradient is clipped per model "
+        "(student to C·√share, teacher and projection to C·√(1 − share); the noise σC and ε unchanged). None: "
+        "one clip over the pair, where the wider teacher takes most of C",
+    )
     error_feedback: bool = Field(
         True, description="carry what the factors leave out of a delta into the next round's (sites and server)"
     )
@@ -137,6 +143,7 @@ class FedMIC(Strategy):
                 "student_distill": c.student_distill,
                 "teacher_width": c.teacher_width,
                 "error_feedback": c.error_feedback,
+                "dp_student_clip_share": c.dp_student_clip_share,
             },
         )
 

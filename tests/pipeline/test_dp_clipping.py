@@ -289,3 +289,45 @@ def test_augmentation_multiplicity_clips_each_tiles_mean_over_its_views() -> Non
     # it is not the K·tiles views clipped one by one (the tile would count K times)
     far = sum(float((m - pv / tiles).abs().sum()) for m, pv in zip(moved, per_view, strict=True))
     assert far > 1e-3 * sum(float(o.abs().sum()) for o in oracle) / tiles
+
+
+def test_clip_groups_clip_each_group_to_its_share_of_c() -> None:
+    """Per-group clipping (FedMIC's student and teacher trained together): each sample's gradient restricted
+    to a group is clipped to C·√share, so the whole stays within C and the noise σC is unchanged. Oracle:
+    batch-of-one gradients clipped group by group."""
+    from pipeline.dprandom import SecureRandom
+    from pipeline.dpsgd import make_private
+    from pipeline.errors import FedpathError
+    from pipeline.train import clip_groups
+
+    net = _net("deconv")
+    x = torch.rand(5, 3, 16, 16)
+    y = (torch.rand(5, 16, 16) > 0.6).long()
+    clip, shares = 0.05, {"model.0.": 0.8, "": 0.2}  # the first block gets most of C
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    params0 = [p for p in net.parameters() if p.requires_grad]
+    first = [n.startswith("model.0.") for n in names]
+    assert any(first) and not all(first)
+    oracle = [torch.zeros_like(p) for p in params0]
+    for i in range(5):
+        grads = torch.autograd.grad(_loss(net(x[i : i + 1]), y[i : i + 1]), params0)
+        for part, c in ((True, clip * 0.8**0.5), (False, clip * 0.2**0.5)):
+            sel = [g for g, f in zip(grads, first, strict=True) if f == part]
+            norm = float(torch.stack([(g.double() ** 2).sum() for g in sel]).sum().sqrt())
+            for t, g, f in zip(oracle, grads, first, strict=True):
+                if f == part:
+                    t += g * min(1.0, c / (norm + 1e-6))
+    model, opt = make_private(
+        net, torch.optim.SGD(net.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+        expected_batch_size=5, rng=SecureRandom(),
+    )  # fmt: skip
+    opt.set_clip_groups(clip_groups(net, shares, clip))
+    (_loss(model(x), y) / 5).backward()
+    opt.pre_step()
+    for p, o in zip([p for p in model.parameters() if p.requires_grad], oracle, strict=True):
+        torch.testing.assert_close(p.summed_grad, o, rtol=1e-4, atol=1e-6)
+    # shares that do not add up to C², or a parameter left out, are refused
+    with pytest.raises(FedpathError, match="sum to 1"):
+        clip_groups(net, {"model.0.": 0.8, "": 0.1}, clip)
+    with pytest.raises(FedpathError, match="matches no prefix"):
+        clip_groups(net, {"model.0.": 1.0 - 1e-12, "nothing.": 1e-12}, clip)
