@@ -52,6 +52,11 @@ FEDMIC_STRATEGY: dict[str, Any] = {
     # logits averaged, at or above FedAvg on every site without DP (seeds 0, 1), the teacher alone not
     "personal": "teacher+student",
     "personal_select": "best",  # each site's best teacher on its own validation split (README, FedMIC)
+    # under DP the student clipped to C·√0.7 and the teacher to C·√0.3 instead of one clip over the pair (where
+    # the student got 0.5-0.75 of C): at ε = 8, seeds 0-1, the student 0.001 from FedDP's model on every site
+    # instead of 0.004-0.015, teacher+student − FedDP +0.003 / +0.017 / +0.014 / −0.003 (joint: −0.001 /
+    # +0.009 / +0.009 / −0.004)
+    "dp_student_clip_share": 0.7,
 }
 
 
