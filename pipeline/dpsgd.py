@@ -85,15 +85,13 @@ class SecureDPOptimizer(DPOptimizer):
             g = self._get_flat_grad_sample(p)
             flat.append(g.reshape(len(g), p.numel()))  # (samples, params): also for an empty batch
         groups = self.clip_groups or [(list(range(len(flat))), float(self.max_grad_norm))]
-        factors: list[torch.Tensor] = [flat[0].new_zeros((0,))] * len(flat)
-        for idx, clip in groups:
-            if len(flat[0]) == 0:  # an empty Poisson batch
-                factor = torch.zeros((0,), dtype=flat[0].dtype, device=flat[0].device)
-            else:
-                norms = torch.stack([torch.linalg.vector_norm(flat[i], dim=1) for i in idx], dim=1).norm(2, dim=1)
-                factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-            for i in idx:
-                factors[i] = factor
+        factors = [flat[0].new_zeros((0,))] * len(flat)  # an empty Poisson batch: nothing to clip
+        if len(flat[0]):
+            per_param = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat], dim=1)  # (samples, params)
+            for idx, clip in groups:
+                factor = (clip / (per_param[:, idx].norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+                for i in idx:
+                    factors[i] = factor
         for p, g, factor in zip(self.params, flat, factors, strict=True):
             grad = (factor.to(g.dtype) @ g).view_as(p) if len(g) else torch.zeros_like(p)
             if p.summed_grad is not None:
