@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.metrics import metrics_from_counts
+from pipeline.models import foreground_from_logits
 from wsi.store import SiteStore
 
 
@@ -42,10 +43,9 @@ class Counts:
 
 @torch.no_grad()
 def predict_tiles(net: nn.Module, images: np.ndarray) -> np.ndarray:
-    """Argmax class map for a batch of uint8 NHWC tiles."""
+    """Foreground mask (:func:`pipeline.models.foreground_from_logits` above 0.5) of a batch of uint8 NHWC tiles."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    logits = net(x)
-    return logits.argmax(dim=1).numpy().astype(np.uint8)
+    return (foreground_from_logits(net(x)) > 0.5).numpy().astype(np.uint8)
 
 
 def evaluate_store(

@@ -46,7 +46,7 @@ from pipeline.checkpoint import ModelMeta, load_model, read_model_file
 from pipeline.config import ExperimentConfig, InferenceConfig
 from pipeline.errors import FedpathError
 from pipeline.metrics import dice_from_counts
-from pipeline.models import autocast, resolve_precision
+from pipeline.models import autocast, foreground_from_logits, resolve_precision
 from wsi.errors import WSIError
 from wsi.readers import SlideReader, open_slide
 from wsi.stitch import ArrayMerger, ZarrMerger, window_positions
@@ -166,18 +166,14 @@ def prepare_for_inference(net: nn.Module) -> nn.Module:
 
 
 def foreground_probability(net: nn.Module, batch: np.ndarray, precision: str = "float32") -> np.ndarray:
-    """(n, h, w) float32 probability of class 1 for (n, h, w, 3) uint8 RGB windows (scaled to [0, 1] as
-    in training and evaluation). The input keeps the windows' (n, h, w, c) layout: a channels-last tensor,
+    """(n, h, w) float32 foreground probability (:func:`pipeline.models.foreground_from_logits`: every
+    class but background) for (n, h, w, 3) uint8 RGB windows (scaled to [0, 1] as in training and evaluation). The input keeps the windows' (n, h, w, c) layout: a channels-last tensor,
     no copy. ``precision="bfloat16"`` runs the network under CPU autocast (softmax in float32)."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
     with torch.inference_mode():
         with autocast(precision):
             logits = net(x)
-        logits = logits.float()
-        if logits.shape[1] == 1:
-            prob = torch.sigmoid(logits[:, 0])
-        else:
-            prob = torch.softmax(logits, dim=1)[:, 1]
+        prob = foreground_from_logits(logits)
     return prob.contiguous().numpy().astype(np.float32, copy=False)
 
 

@@ -69,6 +69,18 @@ def as_float(out: Any) -> Any:
     return out
 
 
+def foreground_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(n, h, w) probability that each pixel is foreground -- any class but background, so a 3-class
+    (background, inside, boundary) map's nucleus includes its boundary -- from (n, C, h, w) logits: the
+    sigmoid of a single channel, else 1 - softmax's background. The one definition that validation, test
+    scoring, slide masks and instances threshold (at 0.5 it is a 2-class model's argmax, not a 3-class
+    model's: a pixel at 0.4 background, 0.3 inside, 0.3 boundary is a nucleus pixel)."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return 1.0 - torch.softmax(logits, dim=1)[:, 0]
+
+
 def group_norm(num_groups: int, num_channels: int, affine: bool = True, eps: float = 1e-5) -> nn.GroupNorm:
     """A plain ``nn.GroupNorm`` whose group count divides the layer's channels (2-class heads included).
 

@@ -59,7 +59,7 @@ from pipeline.dpsgd import (
 )
 from pipeline.errors import FedpathError
 from pipeline.metrics import confusion_counts, metrics_from_counts
-from pipeline.models import as_float, autocast, build_model, resolve_precision
+from pipeline.models import as_float, autocast, build_model, foreground_from_logits, resolve_precision
 from pipeline.privacy import PrivacyLedger, budget_of, ledger_lock, noise_source_name
 from wsi.store import SiteStore
 
@@ -141,8 +141,9 @@ def evaluate_dataset(
     max_tiles: int | None = None,
     precision: str = "float32",
 ) -> dict[str, Any]:
-    """Dice, Jaccard, pixel accuracy of ``net`` (argmax, class 1 = foreground) over a tile dataset: the
-    mean over slides (FedDP's convention) and pooled over all pixels. ``precision`` as resolved
+    """Dice, Jaccard, pixel accuracy of ``net`` over a tile dataset, foreground as the test images score it
+    (:func:`pipeline.models.foreground_from_logits` above 0.5): the mean over slides (FedDP's convention)
+    and pooled over all pixels. ``precision`` as resolved
     (:func:`pipeline.models.resolve_precision`)."""
     was = net.training
     net.eval()
@@ -158,7 +159,7 @@ def evaluate_dataset(
         chunk = items[start : start + batch_size]
         xs, ys = zip(*(ds[int(i)] for i in chunk), strict=True)
         with autocast(precision):  # the function runs under no_grad
-            pred = net(torch.stack(xs)).argmax(1)
+            pred = foreground_from_logits(net(torch.stack(xs))) > 0.5
         for j, i in enumerate(chunk):
             c = confusion_counts(pred[j], ys[j][0])
             sid = _slide_of(ds, int(i))
