@@ -126,7 +126,7 @@ class MutualHooks:
             pair = MutualPair(student, teacher, self.cfg.model.channels[0], tcfg.channels[0])
         personal = self.state.load_personal()
         if personal is not None:
-            own = {k: v for k, v in personal.items() if not k.startswith("student.")}
+            own = {k: v for k, v in personal.items() if not k.startswith(("student.", "local."))}
             missing, unexpected = pair.load_state_dict(own, strict=False)
             if unexpected or any(not k.startswith("student.") for k in missing):
                 raise FedpathError(f"{self.state.personal_path}: personal state does not fit the teacher")
@@ -179,26 +179,40 @@ class FedMICSite:
     def personal_model(
         self, cfg: ExperimentConfig, site: str, global_state: State
     ) -> tuple[State, ModelConfig] | None:
-        """The site's personal model: its teacher (the best round's on its validation split, or with
-        ``personal_select: last`` its last round's), or with ``personal: teacher+student`` an ensemble of the
-        teacher and ``global_state`` (the shared student as published) whose logits are averaged."""
+        """The site's personal model (``personal``, members joined by ``+``, logits averaged): ``teacher`` (the
+        best round's on its validation split, or with ``personal_select: last`` its last round's),
+        ``student`` (``global_state``, the shared student as published) and ``local`` (the site's own student
+        after its last round's local steps, before averaging: FedAvg's local adaptation, Yu et al. 2020)."""
         from federation.strategies import strategy_config
 
         state = SiteState(RunLayout(cfg.run_dir).site(site).state)
         scfg = strategy_config(cfg.federation)
+        kind = str(getattr(scfg, "personal", "teacher"))
+        last = state.load_personal()
         best = state.load_best() if getattr(scfg, "personal_select", "last") == "best" else None
-        personal = best[0] if best is not None else state.load_personal()  # one file read, not both
-        if personal is None:
+        personal = best[0] if best is not None else last
+        if personal is None or last is None:
             raise FedpathError(f"site {site}: no personal teacher yet ({state.personal_path}); run a round first")
         tcfg = teacher_config(cfg.model, float(getattr(scfg, "teacher_width", 2.0)))
-        teacher = {k[len("teacher.") :]: v for k, v in personal.items() if k.startswith("teacher.")}
-        if getattr(scfg, "personal", "teacher") == "teacher":
-            return teacher, tcfg
-        if not global_state:
-            raise FedpathError(f"site {site}: personal: teacher+student needs the global student (a published version)")
-        both = {f"members.0.{k}": v for k, v in teacher.items()}
-        both.update({f"members.1.{k}": v for k, v in global_state.items()})
-        return both, ModelConfig(name="ensemble", out_channels=cfg.model.out_channels, members=[tcfg, cfg.model])
+        members: list[tuple[State, ModelConfig]] = []
+        for part in kind.split("+"):
+            if part == "teacher":
+                members.append(({k[len("teacher.") :]: v for k, v in personal.items() if k.startswith("teacher.")}, tcfg))
+            elif part == "student":
+                if not global_state:
+                    raise FedpathError(f"site {site}: personal: {kind} needs the global student (a published version)")
+                members.append((global_state, cfg.model))
+            else:
+                local = {k[len("local.") :]: v for k, v in last.items() if k.startswith("local.")}
+                if not local:
+                    raise FedpathError(f"{state.personal_path}: no local student (saved before personal: {kind} existed); train a round")
+                members.append((local, cfg.model))
+        if len(members) == 1:
+            return members[0]
+        both: State = {}
+        for i, (st, _) in enumerate(members):
+            both.update({f"members.{i}.{k}": v for k, v in st.items()})
+        return both, ModelConfig(name="ensemble", out_channels=cfg.model.out_channels, members=[m for _, m in members])
 
     def contributed_enough(self, cfg: ExperimentConfig, site: str, uploaded: list[int]) -> bool:
         return False  # round-based: a site trains every round
@@ -263,6 +277,9 @@ class FedMICSite:
         )
         assert hooks.pair is not None
         personal = {k: v.detach().cpu().clone() for k, v in hooks.pair.state_dict().items() if not k.startswith("student.")}
+        # the site's own student after this round's local DP-SGD steps, before averaging (``local``): the
+        # iterate whose delta the upload compresses, so keeping it releases nothing new and spends no ε
+        personal |= {f"local.{k}": v.detach().cpu().clone() for k, v in hooks.pair.student.state_dict().items()}
         ck = _final_checkpoint(layout.round(r))
         opt = None
         if ck is not None:

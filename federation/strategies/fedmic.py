@@ -58,10 +58,11 @@ class FedMICConfig(StrategyConfig):
         "student (1: mutual; 0: one-way, the shared student learns only its task, as FedAvg's model does)",
     )
     teacher_width: float = Field(2.0, ge=1, description="teacher channels = student channels x this")
-    personal: Literal["teacher", "teacher+student"] = Field(
+    personal: Literal["teacher", "teacher+student", "student+local", "teacher+student+local"] = Field(
         "teacher",
-        description="the model a site infers with: its teacher, or its teacher and the global student with "
-        "their logits averaged (one ensemble network, `fedpath site-model`)",
+        description="the model a site infers with: its teacher, or an ensemble (logits averaged, one network, "
+        "`fedpath site-model`) of it or not with the global student and the site's own local student (its "
+        "student after its last round's local steps, before averaging)",
     )
     personal_select: Literal["best", "last"] = Field(
         "best",

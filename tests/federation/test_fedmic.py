@@ -19,6 +19,7 @@ import yaml
 
 from fedcore.layout import RunLayout
 from pipeline.config import ExperimentConfig, load_config
+from pipeline.errors import FedpathError
 from pipeline.tiles import tile_sites
 from wsi.manifest import subset_manifest
 
@@ -140,11 +141,45 @@ def test_site_job_killed_between_steps_resumes_its_personal_state_and_spends_no_
     assert personal is not None and any(k.startswith("teacher.") for k in personal)
     assert not any(k.startswith("student.") for k in personal)  # the shared model is not personal state
     assert set(result.state) == set(initial_model_state(cfg))  # only the student is returned (and sent)
+    # the site's own student after its local steps is kept too (``personal: ...+local``): the iterate sent
+    for k, v in result.state.items():
+        assert torch.equal(personal[f"local.{k}"], v)
+    _check_personal_kinds(cfg, site, personal, result.state)
     # a re-run of the finished job trains nothing and spends nothing
     again = FedMICSite().train(cfg, site, 0, initial_model_state(cfg), fit)
     assert json.loads(lay.privacy.read_text())["entries"] == entries
     for k in result.state:
         assert torch.equal(again.state[k], result.state[k])
+
+
+def _check_personal_kinds(cfg: Any, site: str, personal: dict[str, torch.Tensor], local: dict[str, torch.Tensor]) -> None:
+    """Every personal kind builds a network that loads its state; members are what their names say."""
+    from federation.fedmic_site import FedMICSite
+    from federation.site_state import SiteState
+    from pipeline.models import build_model
+
+    glob = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in local.items()}
+    for kind, n in (("teacher", 1), ("teacher+student", 2), ("student+local", 2), ("teacher+student+local", 3)):
+        strat = dict(cfg.federation.strategy, personal=kind, personal_select="last")
+        kcfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"strategy": strat})})
+        got = FedMICSite().personal_model(kcfg, site, glob)
+        assert got is not None
+        state, net_cfg = got
+        build_model(net_cfg).load_state_dict(state)  # strict: every tensor in place
+        assert len(net_cfg.members) == (n if n > 1 else 0)
+        if kind == "student+local":
+            for k, v in local.items():
+                assert torch.equal(state[f"members.0.{k}"], glob[k]) and torch.equal(state[f"members.1.{k}"], v)
+    # a state saved before the local student was kept: a one-line error, not a wrong model
+    st = SiteState(RunLayout(cfg.run_dir).site(site).state)
+    r = st.personal_round()
+    assert r is not None
+    st.save_personal(r, {k: v for k, v in personal.items() if not k.startswith("local.")})
+    strat = dict(cfg.federation.strategy, personal="student+local")
+    kcfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"strategy": strat})})
+    with pytest.raises(FedpathError, match="no local student"):
+        FedMICSite().personal_model(kcfg, site, glob)
+    st.save_personal(r, personal)
 
 
 @pytest.mark.slow  # two rounds of two sites with teacher + student: ~1 min on a busy 2-core machine
