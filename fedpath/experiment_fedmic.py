@@ -267,7 +267,7 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
     names = sorted({r["name"] for r in runs.values() if r.get("fedmic")})
     for name in names:
         per_seed = sorted((r for r in runs.values() if r["name"] == name and r.get("fedmic")), key=lambda r: r["seed"])
-        kinds = sorted({str(r["fedmic"]["strategy"].get("personal", "teacher")) for r in per_seed})
+        kinds = sorted({str(r["fedmic"].get("strategy", {}).get("personal", "teacher")) for r in per_seed})
         for s in sites:
             chosen: list[Any] = []
             delta: dict[str, list[Any]] = {k: [] for k in PERSONAL_KINDS}
