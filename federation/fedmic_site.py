@@ -260,7 +260,7 @@ class FedMICSite:
         return g
 
     def train(self, cfg: ExperimentConfig, site: str, r: int, global_state: State, fit: FitConfig) -> TrainResult:
-        from pipeline.train import train_local
+        from pipeline.train import job_checkpoint, train_local
 
         layout = RunLayout(cfg.run_dir).site(site)
         state = SiteState(layout.state)
@@ -280,7 +280,7 @@ class FedMICSite:
         # the site's own student after this round's local DP-SGD steps, before averaging (``local``): the
         # iterate whose delta the upload compresses, so keeping it releases nothing new and spends no ε
         personal |= {f"local.{k}": v.detach().cpu().clone() for k, v in hooks.pair.student.state_dict().items()}
-        ck = _final_checkpoint(layout.round(r))
+        ck = job_checkpoint(layout.round(r))
         opt = None
         if ck is not None:
             import json
@@ -295,13 +295,3 @@ class FedMICSite:
             teacher = {k: v for k, v in personal.items() if k.startswith("teacher.")}
             result.extra["personal_best"] = state.offer_best(r, teacher, float(score))
         return result
-
-
-def _final_checkpoint(job_dir: Any) -> Any:
-    import json
-
-    prog = job_dir / "progress.json"
-    if not prog.is_file():
-        return None
-    name = json.loads(prog.read_text()).get("checkpoint")
-    return job_dir / name if name else None

@@ -189,6 +189,16 @@ def _slide_of(ds: Dataset[Any], item: int) -> str:
     return "all"
 
 
+def job_checkpoint(job_dir: Path) -> Path | None:
+    """A training job's latest checkpoint directory (``model.safetensors``, optimiser state), as its
+    ``progress.json`` names it; a finished job's is its final weights. None before the first one."""
+    prog = job_dir / "progress.json"
+    if not prog.is_file():
+        return None
+    name = json.loads(prog.read_text()).get("checkpoint")
+    return job_dir / name if name else None
+
+
 def _concat(parts: list[TileDataset]) -> Dataset[Any]:
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 

@@ -87,7 +87,7 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
         mic = runs[f"{name}@0"]["fedmic"]
         assert mic["baseline"] == baseline and set(mic["personalised"]) == {"a", "b"}
         assert set(mic["personal_models"]) == set(PERSONAL_KINDS)
-        for own in mic["personal_models"].values():
+        for own in [*mic["personal_models"].values(), mic["baseline_local"]]:
             assert set(own) == {"a", "b"} and all(0.0 <= v["dice"] <= 1.0 for v in own.values())
         assert all(r > 1 for r in mic["up_ratio"].values()), mic["up_ratio"]
     assert all(0 < led["epsilon"] <= 8.05 for led in rows["fedmic eps=8"]["ledger"].values())
@@ -118,7 +118,7 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
     assert set(again) == set(rows)
 
     # `personal` only picks among the personal models a row already scored: switching it retrains nothing
-    other = {"kd_weight": 0.25, "personal": "teacher"}  # the default is teacher+student
+    other = {"kd_weight": 0.25, "personal": "teacher"}  # the default is teacher+student+local
     pick = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"fedmic": other})})
     bodies = [
         RunLayout(run_dir / "variants" / "seed_0" / row).site(s).update(r)
@@ -130,7 +130,7 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
     for name in ("fedmic", "fedmic eps=8"):
         mic3, mic2 = runs3[f"{name}@0"]["fedmic"], runs2[f"{name}@0"]["fedmic"]
-        assert mic3["strategy"]["personal"] == "teacher" and mic2["strategy"]["personal"] == "teacher+student"
+        assert mic3["strategy"]["personal"] == "teacher" and mic2["strategy"]["personal"] == "teacher+student+local"
         assert mic3["personalised"] == mic2["personal_models"]["teacher"] != mic2["personalised"]
         assert runs3[f"{name}@0"]["seconds"] == runs2[f"{name}@0"]["seconds"]
 
@@ -156,8 +156,8 @@ def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:
     row = next(line for line in fedmic_table(runs, ["a"]).splitlines() if line.startswith("| fedmic | a |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # personalised = teacher 0.75 ± 0.071, FedAvg 0.74 ± 0.057, paired Δ teacher (0.02, 0.00): 0.010 ± 0.014,
-    # teacher+student 0.020 ± 0.014; kinds a row did not score: "-"
-    assert cells[2:10] == [
-        "2", "teacher", "0.750 ± 0.071", "0.740 ± 0.057", "0.010 ± 0.014", "0.020 ± 0.014", "-", "-"
+    # teacher+student 0.020 ± 0.014; kinds a row did not score, and FedAvg's own local adaptation: "-"
+    assert cells[2:11] == [
+        "2", "teacher", "0.750 ± 0.071", "0.740 ± 0.057", "0.010 ± 0.014", "0.020 ± 0.014", "-", "-", "-"
     ], cells  # fmt: skip
-    assert cells[10] == "0.500 ± 0.000" and cells[11] == "100.0 ± 0.0" and cells[13] == "8.00 ± 0.00"
+    assert cells[11] == "0.500 ± 0.000" and cells[12] == "100.0 ± 0.0" and cells[14] == "8.00 ± 0.00"
