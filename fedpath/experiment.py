@@ -201,6 +201,15 @@ def _config_key(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
 
 
+def merge_runs(runs: dict[str, Any], mine: set[str], disk: dict[str, Any]) -> None:
+    """Merge ``experiment.json``'s runs as on disk into ``runs``, this invocation's: the records it made
+    itself (``mine``) stay, every other one is taken from disk, where another invocation (another seed) may
+    have recorded it again since this one read the file at its start."""
+    for k, v in disk.items():
+        if k not in mine:
+            runs[k] = v
+
+
 def run_experiment(
     cfg: ExperimentConfig, data_root: Path | None, epsilons: list[float] | None = None
 ) -> dict[str, Any]:
@@ -248,8 +257,11 @@ def run_experiment(
             runs = previous.get("runs", {})
             log.info("experiment: resuming, %d runs already done: %s", len(runs), ", ".join(runs))
 
+    mine: set[str] = set()  # the runs this invocation recorded: every other one is read back from disk
+
     def save() -> None:
-        # under a lock, merged with what other invocations (other seeds) wrote meanwhile
+        # under a lock, merged with what other invocations (other seeds) wrote meanwhile: their records
+        # win over this invocation's copies from its start, which they may have re-recorded since
         import fcntl
 
         with open(base_dir / ".experiment.lock", "w") as lock:
@@ -260,8 +272,7 @@ def run_experiment(
                 except json.JSONDecodeError:
                     disk = {}
                 if disk.get("config_key") == key:
-                    for k, v in disk.get("runs", {}).items():
-                        runs.setdefault(k, v)
+                    merge_runs(runs, mine, disk.get("runs", {}))
             tmp = state_file.with_suffix(f".json.{os.getpid()}.tmp")
             all_seeds = sorted({int(r["seed"]) for r in runs.values()} | set(ex.seeds))
             rows = aggregate(runs, names, all_seeds)
@@ -281,6 +292,7 @@ def run_experiment(
         save_model(run_dir / "model.safetensors", state, meta)
         t0 = time.perf_counter()
         ev = _evaluate(cfg, state, data_root)
+        mine.add(f"{name}@{seed}")
         runs[f"{name}@{seed}"] = {
             "name": name, "seed": seed, "kind": kind, "seconds": seconds, "eval": ev, "ledger": _ledger_eps(run_dir),
             "seconds_eval": round(time.perf_counter() - t0, 1), "cpu_seconds_so_far": round(_cpu_seconds(resource) - cpu0, 1),

@@ -161,3 +161,18 @@ def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:
         "2", "teacher", "0.750 ± 0.071", "0.740 ± 0.057", "0.010 ± 0.014", "0.020 ± 0.014", "-", "-", "-"
     ], cells  # fmt: skip
     assert cells[11] == "0.500 ± 0.000" and cells[12] == "100.0 ± 0.0" and cells[14] == "8.00 ± 0.00"
+
+
+def test_concurrent_invocations_keep_each_others_new_records() -> None:
+    """Per-seed invocations run at once: each one's save keeps its own new records and takes every other
+    record from disk, not the stale copy it read at its start (which once overwrote another seed's
+    re-recorded row)."""
+    from fedpath.experiment import merge_runs
+
+    runs = {"fedmic@0": {"v": "stale"}, "fedmic@1": {"v": "mine"}, "fedavg@0": {"v": "same"}}
+    disk = {"fedmic@0": {"v": "re-recorded by seed 0"}, "fedmic@1": {"v": "stale"}, "fedmic@2": {"v": "new"}}
+    merge_runs(runs, {"fedmic@1"}, disk)
+    assert runs == {
+        "fedmic@0": {"v": "re-recorded by seed 0"}, "fedmic@1": {"v": "mine"}, "fedavg@0": {"v": "same"},
+        "fedmic@2": {"v": "new"},
+    }  # fmt: skip
