@@ -227,11 +227,14 @@ def run_fedmic_variants(
         if vdir.exists() and not _trained_with(cfg, vdir, strategy, dp=eps is not None):  # finished or not, its state is stale
             log.info("experiment: %s was trained with other FedMIC settings; training it again", name)
             shutil.rmtree(vdir)
+        # a federation resumed (or found finished) here: its record's wall time, when that record is of the
+        # same training, plus this invocation's
+        earlier = _earlier_seconds(cfg, row, strategy, dp=eps is not None) if vdir.exists() else 0.0
         vcfg = variant_cfg(cfg, name, vdir, federation__strategy=strategy, **dp_changes(cfg, eps))
         link_stores(cfg, vcfg)
         t0 = time.perf_counter()
         run_simulation(vcfg)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + earlier
         student = final_global(vdir)
         personal = personalised_dice(vcfg, evaluate_own, student)
         base_vdir = variants_dir / base_dirname
@@ -252,6 +255,18 @@ def run_fedmic_variants(
             }
         }
         record(name, "federated", student, seconds, vdir, extra)
+
+
+def _earlier_seconds(cfg: ExperimentConfig, row: dict[str, Any], strategy: dict[str, Any], dp: bool) -> float:
+    """The wall time an earlier record of this row spent training the same federation, or 0."""
+    from pipeline.config import ConfigError
+
+    done = row.get("fedmic", {})
+    try:
+        same = bool(done) and _training_settings(cfg, done.get("strategy", {}), dp) == _training_settings(cfg, strategy, dp)
+    except (ConfigError, TypeError, AttributeError):
+        return 0.0
+    return float(row.get("seconds", 0.0)) if same else 0.0
 
 
 def _rescored(

@@ -176,3 +176,18 @@ def test_concurrent_invocations_keep_each_others_new_records() -> None:
         "fedmic@0": {"v": "re-recorded by seed 0"}, "fedmic@1": {"v": "mine"}, "fedavg@0": {"v": "same"},
         "fedmic@2": {"v": "new"},
     }  # fmt: skip
+
+
+def test_resumed_fedmic_row_keeps_its_earlier_training_time(repo_root: Path) -> None:
+    """A FedMIC federation found finished (or resumed) is re-scored with its earlier record's wall time
+    added, when that record is of the same training; another training's record adds nothing."""
+    from fedpath.experiment_fedmic import FEDMIC_STRATEGY, _earlier_seconds
+
+    cfg = load_config(repo_root / "configs" / "demo.yaml")
+    strat = dict(FEDMIC_STRATEGY)
+    row = {"seconds": 2421.0, "fedmic": {"strategy": dict(strat, personal="teacher")}}  # scoring-only differs
+    assert _earlier_seconds(cfg, row, strat, dp=True) == 2421.0
+    other = {"seconds": 2421.0, "fedmic": {"strategy": dict(strat, dp_student_clip_share=0.5)}}
+    assert _earlier_seconds(cfg, other, strat, dp=True) == 0.0
+    assert _earlier_seconds(cfg, other, strat, dp=False) == 2421.0  # a DP-only setting, the row without DP
+    assert _earlier_seconds(cfg, {}, strat, dp=True) == 0.0
