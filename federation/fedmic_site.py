@@ -41,6 +41,7 @@ from federation.strategies.fedmic import apply_delta
 from federation.wire import state_digest
 from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.errors import FedpathError
+from pipeline.models import ensemble_state
 
 if TYPE_CHECKING:
     from federation.client import SiteClient
@@ -188,14 +189,15 @@ class FedMICSite:
         state = SiteState(RunLayout(cfg.run_dir).site(site).state)
         scfg = strategy_config(cfg.federation)
         kind = str(getattr(scfg, "personal", "teacher"))
-        last = state.load_personal()
+        parts = kind.split("+")
         best = state.load_best() if getattr(scfg, "personal_select", "last") == "best" else None
+        last = state.load_personal() if best is None or "local" in parts else None  # one file read where it does
         personal = best[0] if best is not None else last
-        if personal is None or last is None:
+        if personal is None or ("local" in parts and last is None):
             raise FedpathError(f"site {site}: no personal teacher yet ({state.personal_path}); run a round first")
         tcfg = teacher_config(cfg.model, float(getattr(scfg, "teacher_width", 2.0)))
         members: list[tuple[State, ModelConfig]] = []
-        for part in kind.split("+"):
+        for part in parts:
             if part == "teacher":
                 members.append(({k[len("teacher.") :]: v for k, v in personal.items() if k.startswith("teacher.")}, tcfg))
             elif part == "student":
@@ -203,16 +205,12 @@ class FedMICSite:
                     raise FedpathError(f"site {site}: personal: {kind} needs the global student (a published version)")
                 members.append((global_state, cfg.model))
             else:
+                assert last is not None
                 local = {k[len("local.") :]: v for k, v in last.items() if k.startswith("local.")}
                 if not local:
                     raise FedpathError(f"{state.personal_path}: no local student (saved before personal: {kind} existed); train a round")
                 members.append((local, cfg.model))
-        if len(members) == 1:
-            return members[0]
-        both: State = {}
-        for i, (st, _) in enumerate(members):
-            both.update({f"members.{i}.{k}": v for k, v in st.items()})
-        return both, ModelConfig(name="ensemble", out_channels=cfg.model.out_channels, members=[m for _, m in members])
+        return ensemble_state(members)
 
     def contributed_enough(self, cfg: ExperimentConfig, site: str, uploaded: list[int]) -> bool:
         return False  # round-based: a site trains every round

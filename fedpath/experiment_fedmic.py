@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from fedcore.layout import RunLayout
 from fedpath.experiment import dp_changes
 from fedpath.seedstats import spread
-from pipeline.config import ExperimentConfig, ModelConfig
+from pipeline.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +154,17 @@ def baseline_local_dice(
     last round's local steps (that job's final checkpoint), logits averaged, on the site's own test images,
     as :func:`personalised_dice` scores FedMIC's ``student+local``."""
     from pipeline.checkpoint import strip_wrappers
+    from pipeline.models import ensemble_state
     from pipeline.train import job_checkpoint
 
     out: dict[str, dict[str, Any]] = {}
     last = vcfg.federation.rounds - 1
-    net_cfg = ModelConfig(name="ensemble", out_channels=vcfg.model.out_channels, members=[vcfg.model, vcfg.model])
     for s in vcfg.sites:
         ck = job_checkpoint(RunLayout(base_vdir).site(s.name).round(last))
         if ck is None or not (ck / "model.safetensors").is_file():
             continue  # the site did not train the last round
         local = strip_wrappers(load_file(str(ck / "model.safetensors")))
-        both = {f"members.0.{k}": v for k, v in base_global.items()} | {f"members.1.{k}": v for k, v in local.items()}
+        both, net_cfg = ensemble_state([(base_global, vcfg.model), (local, vcfg.model)])
         out[s.name] = evaluate(vcfg.model_copy(update={"model": net_cfg}), both, s.name)
     return out
 
@@ -257,16 +257,20 @@ def run_fedmic_variants(
         record(name, "federated", student, seconds, vdir, extra)
 
 
-def _earlier_seconds(cfg: ExperimentConfig, row: dict[str, Any], strategy: dict[str, Any], dp: bool) -> float:
-    """The wall time an earlier record of this row spent training the same federation, or 0."""
+def _same_training(cfg: ExperimentConfig, done: dict[str, Any], strategy: dict[str, Any], dp: bool) -> bool:
+    """Whether a FedMIC record (``done``) was trained with ``strategy``'s training settings; a record from
+    another version is not."""
     from pipeline.config import ConfigError
 
-    done = row.get("fedmic", {})
     try:
-        same = bool(done) and _training_settings(cfg, done.get("strategy", {}), dp) == _training_settings(cfg, strategy, dp)
+        return bool(done) and _training_settings(cfg, done.get("strategy", {}), dp) == _training_settings(cfg, strategy, dp)
     except (ConfigError, TypeError, AttributeError):
-        return 0.0
-    return float(row.get("seconds", 0.0)) if same else 0.0
+        return False
+
+
+def _earlier_seconds(cfg: ExperimentConfig, row: dict[str, Any], strategy: dict[str, Any], dp: bool) -> float:
+    """The wall time an earlier record of this row spent training the same federation, or 0."""
+    return float(row.get("seconds", 0.0)) if _same_training(cfg, row.get("fedmic", {}), strategy, dp) else 0.0
 
 
 def _rescored(
@@ -282,17 +286,11 @@ def _rescored(
     """A finished row trained with the same settings as ``strategy`` but another ``personal`` (or, without
     DP, another DP-only setting): the configured personal model is one it already scored, so it is recorded
     as the personalised one, nothing retrained."""
-    from pipeline.config import ConfigError
-
     done = row.get("fedmic", {})
-    if not done or not vdir.is_dir():
-        return False
-    try:
-        same = _training_settings(cfg, done.get("strategy", {}), dp) == _training_settings(cfg, strategy, dp)
-    except (ConfigError, TypeError, AttributeError):
-        return False  # a record from another version: train again
+    if not vdir.is_dir() or not _same_training(cfg, done, strategy, dp):
+        return False  # nothing trained, other settings, or a record from another version: train again
     scored = done.get("personal_models", {}).get(strategy["personal"])
-    if not same or not scored or "baseline_local" not in done:
+    if not scored or "baseline_local" not in done:
         return False  # (a record from before FedAvg's local adaptation was scored: score it, train nothing)
     log.info("experiment: %s already scored %s as a personal model; recording it, not training again", name, strategy["personal"])
     extra = {"fedmic": {**done, "strategy": strategy, "personalised": scored}}

@@ -167,8 +167,8 @@ def prepare_for_inference(net: nn.Module) -> nn.Module:
 
 def foreground_probability(net: nn.Module, batch: np.ndarray, precision: str = "float32") -> np.ndarray:
     """(n, h, w) float32 foreground probability (:func:`pipeline.models.foreground_from_logits`: every
-    class but background) for (n, h, w, 3) uint8 RGB windows (scaled to [0, 1] as in training and evaluation). The input keeps the windows' (n, h, w, c) layout: a channels-last tensor,
-    no copy. ``precision="bfloat16"`` runs the network under CPU autocast (softmax in float32)."""
+    class but background) for (n, h, w, 3) uint8 RGB windows (scaled to [0, 1] as in training and
+    evaluation). The input keeps the windows' (n, h, w, c) layout: a channels-last tensor, no copy. ``precision="bfloat16"`` runs the network under CPU autocast (softmax in float32)."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
     with torch.inference_mode():
         with autocast(precision):

@@ -368,6 +368,20 @@ def _build(cfg: ModelConfig) -> nn.Module:
     )
 
 
+def ensemble_state(
+    members: Sequence[tuple[dict[str, torch.Tensor], ModelConfig]],
+) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """One network of ``members`` (state, config), logits averaged (:class:`LogitMean`): its state
+    (``members.<i>.*``) and its config (``name: ensemble``); a single member is returned as it is."""
+    if len(members) == 1:
+        return members[0]
+    state: dict[str, torch.Tensor] = {}
+    for i, (st, _) in enumerate(members):
+        state.update({f"members.{i}.{k}": v for k, v in st.items()})
+    cfg = ModelConfig(name="ensemble", out_channels=members[0][1].out_channels, members=[m for _, m in members])
+    return state, cfg
+
+
 class LogitMean(nn.Module):
     """An inference ensemble: the mean of its members' logits (state keys ``members.<i>.*``)."""
 
