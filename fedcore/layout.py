@@ -119,8 +119,19 @@ class ServerLayout:
 
     @property
     def pretrained(self) -> Path:
-        """θ_pre from ``fedpath pretrain`` (masked image modelling on the server's tiles)."""
+        """θ_pre from ``fedpath pretrain`` (masked image modelling, or supervised on synthetic slides)."""
         return self.root / "pretrained.safetensors"
+
+    @property
+    def synthetic(self) -> Path:
+        """``fedpath pretrain`` with ``objective: synthetic``: the server's own synthetic slides, masks and
+        manifests (the data root of its pretraining)."""
+        return self.root / "synthetic"
+
+    @property
+    def synthetic_run(self) -> Path:
+        """The run folder of that pretraining: the synthetic sites' stores and the training job."""
+        return self.root / "synthetic_run"
 
     def global_delta(self, r: int) -> Path:
         """Version ``r`` as its compressed delta from ``r - 1`` (strategies that compress downloads)."""

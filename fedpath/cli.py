@@ -135,11 +135,20 @@ def _print_privacy(lines: list[tuple[str, str]]) -> None:
 
 @app.command()
 def pretrain(config: ConfigOpt = None, set_: SetOpt = None, data_root: DataRootOpt = None) -> None:
-    """Server side: pretrain θ_pre by masked image modelling on the server's own unlabelled slides."""
+    """Server side: pretrain θ_pre on the server's own data: masked image modelling on its unlabelled slides
+    (pretrain.objective: mim), or segmentation on slides it synthesises (pretrain.objective: synthetic)."""
     from fedpath.pretrain import run_pretrain
 
     cfg = _cfg(config, set_)
     res = run_pretrain(cfg, cfg.resolved_data_root(data_root))
+    if res.get("objective") == "synthetic":
+        vd = res.get("val_dice")
+        val = "no validation slides" if vd is None else f"Dice {vd:.3f} on the synthetic validation slides"
+        typer.echo(
+            f"pretrain: θ_pre -> {res['path']} (segmentation on synthetic sites {', '.join(res['sites'])}, "
+            f"{res['steps']} steps; {val})"
+        )
+        return
     typer.echo(
         f"pretrain: θ_pre -> {res['path']} ({res['tiles']} server tiles, {res['steps']} steps; masked L1 "
         f"{res['masked_l1_last']:.4f} vs mean-colour fill {res['mean_fill_l1']:.4f})"

@@ -34,7 +34,7 @@ import torch
 from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from fedpath.seedstats import mean_sd, pm, spread
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, variant_config
 from pipeline.errors import FedpathError
 from pipeline.evaluate import evaluate_store
 from pipeline.models import build_model
@@ -43,19 +43,6 @@ from pipeline.tiles import tile_sites
 log = logging.getLogger(__name__)
 
 FED_VARIANTS = ("fedavg", "fedprox")
-
-
-def _variant_cfg(cfg: ExperimentConfig, name: str, run_dir: Path, **changes: Any) -> ExperimentConfig:
-    data = cfg.model_dump(mode="python")
-    data["run_dir"] = run_dir
-    data["name"] = f"{cfg.name}:{name}"
-    for dotted, value in changes.items():
-        node = data
-        parts = dotted.split("__")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = value
-    return ExperimentConfig.model_validate(data)
 
 
 def _strategy(cfg: ExperimentConfig, name: str) -> str | dict[str, Any]:
@@ -221,6 +208,7 @@ def run_experiment(
     """
     import resource
 
+    from federation.server import initial_model_state
     from fedpath.simulate import run_simulation
     from pipeline.train import train_local
 
@@ -231,6 +219,11 @@ def run_experiment(
     if data_root is None:
         raise FedpathError("experiment: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
     data_root = data_root.resolve()
+    if "fedmic" in cfg.experiment.variants and cfg.experiment.start == "pretrained":
+        raise FedpathError(
+            "experiment.start: pretrained is not built for FedMIC rows (its teacher and student have no θ_pre); "
+            "run them with --set experiment.start=scratch"
+        )
     if "fedmic" in cfg.experiment.variants:
         from fedpath.experiment_fedmic import fedmic_strategy
 
@@ -302,6 +295,15 @@ def run_experiment(
         save()
 
     no_dp = {"train__privacy__enabled": False}
+    pretrain: dict[str, Any] | None = None
+    if ex.start == "pretrained":  # the server's θ_pre from its own data, once for every seed
+        from fedpath.pretrain import run_pretrain
+
+        pretrain = run_pretrain(cfg, data_root)
+        cfg = variant_config(cfg, "", base_dir, federation__initial_model=Path(pretrain["path"]))
+    # every row starts from one model: federation.initial_model (e.g. the server's θ_pre, `fedpath pretrain`)
+    # when set, so the local and centralised baselines compare with the federations from the same start
+    start = initial_model_state(cfg) if cfg.federation.initial_model is not None else None
     for seed in ex.seeds:
         seeded = {"train__seed": seed, "federation__seed": seed}
         root = base_dir / "variants" / f"seed_{seed}"
@@ -309,19 +311,19 @@ def run_experiment(
             if f"local:{site}@{seed}" in runs:
                 continue
             vdir = root / f"local_{site}"
-            vcfg = _variant_cfg(cfg, f"local_{site}", vdir, **no_dp, **seeded)
+            vcfg = variant_config(cfg, f"local_{site}", vdir, **no_dp, **seeded)
             _link_stores(cfg, vcfg)
             t0 = time.perf_counter()
-            local = train_local(vcfg, [site], vdir, max_steps=rounds * steps, job_id="experiment")
+            local = train_local(vcfg, [site], vdir, init_state=start, max_steps=rounds * steps, job_id="experiment")
             record(f"local:{site}", seed, "local", local.state, time.perf_counter() - t0, vdir,
                    {"site": site, "steps": local.steps, "early_stopping": local.metrics.get("early_stopping")})  # fmt: skip
 
         if "centralised" in ex.variants and f"centralised@{seed}" not in runs:
             vdir = root / "centralised"
-            vcfg = _variant_cfg(cfg, "centralised", vdir, **no_dp, **seeded)
+            vcfg = variant_config(cfg, "centralised", vdir, **no_dp, **seeded)
             _link_stores(cfg, vcfg)
             t0 = time.perf_counter()
-            pooled = train_local(vcfg, names, vdir, max_steps=rounds * steps * len(names), job_id="experiment")
+            pooled = train_local(vcfg, names, vdir, init_state=start, max_steps=rounds * steps * len(names), job_id="experiment")
             record("centralised", seed, "centralised", pooled.state, time.perf_counter() - t0, vdir,
                    {"steps": pooled.steps, "early_stopping": pooled.metrics.get("early_stopping")})  # fmt: skip
 
@@ -339,7 +341,7 @@ def run_experiment(
             if f"{strat}@{seed}" in runs:
                 continue
             vdir = root / strat
-            federated(strat, vdir, _variant_cfg(cfg, strat, vdir, federation__strategy=_strategy(cfg, strat), **no_dp, **seeded), {})
+            federated(strat, vdir, variant_config(cfg, strat, vdir, federation__strategy=_strategy(cfg, strat), **no_dp, **seeded), {})
 
         for eps in eps_list if "feddp" in ex.variants else []:
             tag = "inf" if math.isinf(eps) else f"{eps:g}"
@@ -347,7 +349,7 @@ def run_experiment(
                 continue
             vdir = root / f"feddp_eps_{tag}"
             privacy = dp_changes(cfg, eps)
-            vcfg = _variant_cfg(cfg, f"feddp_eps_{tag}", vdir, federation__strategy=_strategy(cfg, "fedavg"), **privacy, **seeded)
+            vcfg = variant_config(cfg, f"feddp_eps_{tag}", vdir, federation__strategy=_strategy(cfg, "fedavg"), **privacy, **seeded)
             federated(f"feddp eps={tag}", vdir, vcfg, {"target_epsilon": eps})
 
         if "fedmic" in ex.variants:  # issue 15: FedMIC beside FedAvg of the same privacy level, every seed
@@ -361,7 +363,7 @@ def run_experiment(
                 view[name] = runs[f"{name}@{seed}"]
 
             def seeded_cfg(base: ExperimentConfig, name: str, vdir: Path, seeded: dict[str, Any] = seeded, **changes: Any) -> ExperimentConfig:
-                return _variant_cfg(base, name, vdir, **changes, **seeded)
+                return variant_config(base, name, vdir, **changes, **seeded)
 
             def evaluate_own(vcfg: ExperimentConfig, state: dict[str, torch.Tensor], site: str) -> dict[str, Any]:
                 return _evaluate(vcfg, state, data_root, [site])[site]  # scored as every other row is
@@ -386,7 +388,7 @@ def run_experiment(
     summary = {
         "rows": rows, "table_markdown": table, "comparisons_markdown": extra_md, "epsilons": [str(e) for e in eps_list],
         "seeds": seeds, "seconds_total": round(wall, 1), "cpu_seconds": round(cpu, 1), "seconds_tiling": round(t_tiled - t_start, 1),
-        "plot": str(plot) if plot else None,
+        "plot": str(plot) if plot else None, "pretrain": pretrain,
     }  # fmt: skip
     update_summary(base_dir, "experiment", summary)
     print(md)

@@ -22,7 +22,7 @@ import numpy as np
 from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from pipeline.checkpoint import ModelMeta, read_model_file, save_model
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, SiteConfig, variant_config
 from pipeline.errors import FedpathError
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
     from pipeline.transfer import UnlabelledTiles, mim_pretrain, with_fresh_head
 
     pc = cfg.pretrain
+    if pc.objective == "synthetic":
+        return _synthetic_pretrain(cfg)
     manifest = cfg.federation.server_manifest
     if manifest is None:
         raise FedpathError(
@@ -80,6 +82,60 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
         extra={"settings": settings, "result": result},
     )
     save_model(out, state, meta)
+    update_summary(cfg.run_dir, "pretrain", result)
+    log.info("pretrain: θ_pre written to %s (%s)", out, result)
+    return result
+
+
+def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
+    """θ_pre by supervised segmentation on slides the server synthesises (``pretrain.synth``), through the
+    normal synth, tiling and training paths: public data, so no DP and no site's budget. The training is the
+    pooled (centralised) job of a run of its own (``<run>/server/synthetic_run``): resumable after a kill,
+    and a finished model for the same settings is kept."""
+    from pipeline.train import train_local
+    from wsi.synth import run_synth
+    from wsi.tiling import run_tile_site
+
+    pc = cfg.pretrain
+    lay = RunLayout(cfg.run_dir).server
+    out = lay.pretrained
+    settings = {
+        "objective": "synthetic", "synth": pc.synth.model_dump(mode="json"), "steps": pc.steps,
+        "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json"),
+        "pretrain_seed": pc.seed, "train": cfg.train.model_dump(mode="json", exclude={"threads", "privacy", "seed"}),
+    }  # fmt: skip
+    settings = json.loads(json.dumps(settings))
+    if out.is_file():
+        _, meta = read_model_file(out)
+        if meta.extra.get("settings") == settings:
+            log.info("pretrain: %s already holds θ_pre for these settings", out)
+            return dict(meta.extra.get("result", {})) | {"path": str(out)}
+    t0 = time.perf_counter()
+    synth = run_synth(pc.synth, lay.synthetic, cfg.run_dir)
+    sites = [SiteConfig(name=s, manifest=Path(m)) for s, m in synth["manifests"].items()]
+    sub = variant_config(cfg, "pretrain", lay.synthetic_run, sites=[s.model_dump() for s in sites],
+                         train__privacy__enabled=False, train__max_steps=pc.steps, train__seed=pc.seed)  # fmt: skip
+    for s in sites:
+        res = run_tile_site(
+            manifest=s.manifest, data_root=lay.synthetic, store=sub.store_path(s.name), tiling=cfg.tiling,
+            site=s.name, run_dir=sub.run_dir, workers=cfg.tiling.workers,
+        )  # fmt: skip
+        if res.get("failed"):
+            raise FedpathError(f"pretrain: tiling the server's synthetic site {s.name!r} failed: {res['failed']}")
+    trained = train_local(sub, [s.name for s in sites], sub.run_dir, max_steps=pc.steps, job_id="pretrain", progress=False)
+    result: dict[str, Any] = {
+        "objective": "synthetic",
+        "sites": [s.name for s in sites],
+        "steps": trained.steps,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "val_dice": trained.metrics.get("val_dice"),
+        "path": str(out),
+    }
+    meta = ModelMeta(
+        model=cfg.model, tile_size=cfg.tiling.tile_size, target_mpp=cfg.tiling.target_mpp, source="pretrained",
+        extra={"settings": settings, "result": result},
+    )  # fmt: skip
+    save_model(out, trained.state, meta)
     update_summary(cfg.run_dir, "pretrain", result)
     log.info("pretrain: θ_pre written to %s (%s)", out, result)
     return result

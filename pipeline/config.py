@@ -415,13 +415,31 @@ class AttackConfig(_Strict):
     seed: int = 0
 
 
-class PretrainConfig(_Strict):
-    """Server-side self-supervised pretraining (masked image modelling) on the slides the server holds
-    (``federation.server_manifest``).
+def _pretrain_synth() -> SynthConfig:
+    # the server's own labelled synthetic slides: the three default styles plus three seeded perturbations
+    # (wsi.synth.site_style), 3 slides each (one for validation)
+    return SynthConfig(
+        sites=["a", "b", "c", "d", "e", "f"], slides_per_site=3, val_slides=1, held_out_slides=0,
+        width=2048, height=2048, tissue_fraction=0.6, workers=2,
+    )  # fmt: skip
 
-    Its output, θ_pre, is the starting model of every method that wants one (``federation.initial_model``).
+
+class PretrainConfig(_Strict):
+    """The server's θ_pre, from data only the server holds: no site's pixels, no site's privacy budget.
+
+    - ``objective: mim``: self-supervised masked image modelling on the server's unlabelled slides
+      (``federation.server_manifest``);
+    - ``objective: synthetic``: supervised segmentation on slides the server synthesises itself
+      (``pretrain.synth``, exact nucleus masks; :mod:`wsi.synth`), trained with ``train:``'s recipe
+      (learning rate, batch, augmentation, validation on the synthetic validation slides) for ``steps``
+      steps without DP: public pretraining, the standard start for DP-SGD.
+
+    Its output, θ_pre, is the starting model of every method that wants one (``federation.initial_model``,
+    ``experiment.start: pretrained``).
     """
 
+    objective: Literal["mim", "synthetic"] = "mim"
+    synth: SynthConfig = Field(default_factory=_pretrain_synth, description="objective synthetic: the server's slides")
     steps: int = Field(400, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-2, gt=0)
@@ -454,6 +472,11 @@ class ExperimentOptions(_Strict):
         "max_steps * batch_size / dp_batch_size keeps the tiles seen, and the compute, equal",
     )
     dp_lr: float | None = Field(None, gt=0, description="FedDP rows: learning rate (default train.lr)")
+    start: Literal["scratch", "pretrained"] = Field(
+        "scratch",
+        description="pretrained: run `fedpath pretrain` (pretrain:) first and start every row from its θ_pre "
+        "(local and centralised baselines included); scratch: federation.initial_model, else a seeded init",
+    )
     select_round: bool = Field(
         False, description="federated rows: the round whose global model has the best validation Dice"
     )
@@ -538,6 +561,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
+
+def variant_config(cfg: ExperimentConfig, name: str, run_dir: Path, **changes: Any) -> ExperimentConfig:
+    """``cfg`` for one variant of a run: its own ``run_dir``, ``name`` appended (if any), and ``changes`` given as
+    ``section__key=value`` (validated again, so a bad value is the usual one-line config error)."""
+    data = cfg.model_dump(mode="python")
+    data["run_dir"] = run_dir
+    data["name"] = f"{cfg.name}:{name}" if name else cfg.name
+    for dotted, value in changes.items():
+        node = data
+        parts = dotted.split("__")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return ExperimentConfig.model_validate(data)
+
 def load_config(path: Path | str | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load and validate an experiment YAML; relative paths in it are relative to the current directory."""
     data: dict[str, Any] = {}
@@ -573,4 +611,5 @@ __all__ = [
     "check_site_name",
     "is_site_name",
     "load_config",
+    "variant_config",
 ]

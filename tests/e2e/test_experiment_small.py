@@ -63,6 +63,45 @@ def test_experiment_small(repo_root: Path, tmp_path: Path) -> None:
     assert again["rows"] == state["rows"]
 
 
+def test_experiment_starts_every_row_from_theta_pre(repo_root: Path, tmp_path: Path) -> None:
+    """experiment.start: pretrained runs the server's pretraining (objective synthetic) once and starts every
+    row from its θ_pre, the local and centralised baselines included: with a learning rate of 1e-7 every
+    scored model is θ_pre to 1e-5, and FedMIC rows, which have no θ_pre, are refused in one line."""
+    import torch
+
+    from pipeline.checkpoint import read_model_file
+    from pipeline.errors import FedpathError
+
+    cfg_d = yaml.safe_load((repo_root / "configs" / "demo.yaml").read_text())
+    run_dir, data = tmp_path / "exp", tmp_path / "synthetic"
+    cfg_d.update(run_dir=str(run_dir), data_root=str(data), name="exp-pre")
+    cfg_d["sites"] = [{"name": s, "manifest": str(data / "manifests" / f"{s}.csv")} for s in ("a", "b")]
+    cfg_d["synth"].update(sites=["a", "b"], width=512, height=512)
+    cfg_d["train"].update(max_steps=1, batch_size=8, physical_batch_size=8, lr=1e-7, val_every=1, patience=1)
+    cfg_d["federation"].update(rounds=1, min_sites=2, parallel_sites=2)
+    cfg_d["pretrain"] = {"objective": "synthetic", "steps": 4, "synth": {
+        "sites": ["p"], "slides_per_site": 2, "val_slides": 1, "held_out_slides": 0, "width": 512, "height": 512}}
+    cfg_d["experiment"] = {"seeds": [0], "federated": ["fedavg"], "start": "pretrained",
+                           "variants": ["local", "centralised", "federated"]}  # fmt: skip
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg_d))
+    cfg = load_config(tmp_path / "exp.yaml")
+    run_synth(cfg.synth, data, run_dir=run_dir)
+
+    out = run_experiment(cfg, data, epsilons=[8.0])
+    assert set(out["rows"]) == {"local:a", "local:b", "centralised", "fedavg"}
+    pre, _ = read_model_file(Path(out["pretrain"]["path"]))
+    assert out["pretrain"]["sites"] == ["p"] and 1 <= out["pretrain"]["steps"] <= 4  # train:'s early stopping
+    for row in ("local_a", "local_b", "centralised", "fedavg"):
+        state, _ = read_model_file(run_dir / "variants" / "seed_0" / row / "model.safetensors")
+        worst = max(float((state[k].float() - pre[k].float()).abs().max()) for k in pre)
+        assert worst < 1e-5, (row, worst)
+    fresh, _ = read_model_file(run_dir / "variants" / "seed_0" / "fedavg" / "server" / "global" / "round_0.safetensors")
+    assert all(torch.equal(fresh[k], pre[k]) for k in pre)  # version 0 of the federation is θ_pre
+
+    with pytest.raises(FedpathError, match="experiment.start"):
+        run_experiment(load_config(tmp_path / "exp.yaml", ["experiment.variants=[fedmic]"]), data)
+
+
 def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
     """FedMIC rows (issue 15): each site's personalised teacher on its own split beside FedAvg's global
     model, the student as a global model, bytes on the wire; at no DP and at ε = 8."""
