@@ -119,8 +119,13 @@ class ServerLayout:
 
     @property
     def pretrained(self) -> Path:
-        """θ_pre from ``fedpath pretrain`` (masked image modelling, or supervised on synthetic slides)."""
+        """θ_pre from ``fedpath pretrain`` (masked image modelling on the server's slides)."""
         return self.root / "pretrained.safetensors"
+
+    @property
+    def synthetic_pretrained(self) -> Path:
+        """θ_pre from ``fedpath pretrain`` with ``objective: synthetic`` (segmentation on synthetic slides)."""
+        return self.root / "synthetic_pretrained.safetensors"
 
     @property
     def synthetic(self) -> Path:

@@ -219,9 +219,9 @@ def run_experiment(
     if data_root is None:
         raise FedpathError("experiment: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
     data_root = data_root.resolve()
-    if "fedmic" in cfg.experiment.variants and cfg.experiment.start == "pretrained":
+    if "fedmic" in cfg.experiment.variants and cfg.experiment.start != "scratch":
         raise FedpathError(
-            "experiment.start: pretrained is not built for FedMIC rows (its teacher and student have no θ_pre); "
+            f"experiment.start: {cfg.experiment.start} is not built for FedMIC rows (its teacher and student have no θ_pre); "
             "run them with --set experiment.start=scratch"
         )
     if "fedmic" in cfg.experiment.variants:
@@ -296,10 +296,10 @@ def run_experiment(
 
     no_dp = {"train__privacy__enabled": False}
     pretrain: dict[str, Any] | None = None
-    if ex.start == "pretrained":  # the server's θ_pre from its own data, once for every seed
+    if ex.start == "synthetic":  # the server's θ_pre from its own synthetic slides, once for every seed
         from fedpath.pretrain import run_pretrain
 
-        pretrain = run_pretrain(cfg, data_root)
+        pretrain = run_pretrain(cfg, data_root, "synthetic")
         cfg = variant_config(cfg, "", base_dir, federation__initial_model=Path(pretrain["path"]))
     # every row starts from one model: federation.initial_model (e.g. the server's θ_pre, `fedpath pretrain`)
     # when set, so the local and centralised baselines compare with the federations from the same start

@@ -32,11 +32,12 @@ def pretrained_path(cfg: ExperimentConfig) -> Path:
     return RunLayout(cfg.run_dir).server.pretrained
 
 
-def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any]:
+def run_pretrain(cfg: ExperimentConfig, data_root: Path | None, objective: str | None = None) -> dict[str, Any]:
+    """θ_pre by ``objective`` (default ``pretrain.objective``); returns what was done, ``path`` included."""
     from pipeline.transfer import UnlabelledTiles, mim_pretrain, with_fresh_head
 
     pc = cfg.pretrain
-    if pc.objective == "synthetic":
+    if (objective or pc.objective) == "synthetic":
         return _synthetic_pretrain(cfg)
     manifest = cfg.federation.server_manifest
     if manifest is None:
@@ -46,7 +47,7 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
     if data_root is None:
         raise FedpathError("pretrain: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
     out = pretrained_path(cfg)
-    settings = {"pretrain": pc.model_dump(mode="json"), "manifest": str(manifest), "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json")}
+    settings = {"pretrain": pc.model_dump(mode="json", exclude={"objective", "synthetic"}), "manifest": str(manifest), "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json")}
     store = _tile_server_slides(cfg, manifest, data_root, RunLayout(cfg.run_dir).server.data_store, "slides")
     tile_server_val(cfg, data_root)
     if out.is_file():
@@ -88,7 +89,7 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None) -> dict[str, Any
 
 
 def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
-    """θ_pre by supervised segmentation on slides the server synthesises (``pretrain.synth``), through the
+    """θ_pre by supervised segmentation on slides the server synthesises (``pretrain.synthetic``), through the
     normal synth, tiling and training paths: public data, so no DP and no site's budget. The training is the
     pooled (centralised) job of a run of its own (``<run>/server/synthetic_run``): resumable after a kill,
     and a finished model for the same settings is kept."""
@@ -97,10 +98,11 @@ def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
     from wsi.tiling import run_tile_site
 
     pc = cfg.pretrain
+    sp = pc.synthetic
     lay = RunLayout(cfg.run_dir).server
-    out = lay.pretrained
+    out = lay.synthetic_pretrained
     settings = {
-        "objective": "synthetic", "synth": pc.synth.model_dump(mode="json"), "steps": pc.steps,
+        "objective": "synthetic", "synth": sp.synth.model_dump(mode="json"), "steps": sp.steps,
         "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json"),
         "pretrain_seed": pc.seed, "train": cfg.train.model_dump(mode="json", exclude={"threads", "privacy", "seed"}),
     }  # fmt: skip
@@ -111,10 +113,10 @@ def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
             log.info("pretrain: %s already holds θ_pre for these settings", out)
             return dict(meta.extra.get("result", {})) | {"path": str(out)}
     t0 = time.perf_counter()
-    synth = run_synth(pc.synth, lay.synthetic, cfg.run_dir)
+    synth = run_synth(sp.synth, lay.synthetic, cfg.run_dir)
     sites = [SiteConfig(name=s, manifest=Path(m)) for s, m in synth["manifests"].items()]
     sub = variant_config(cfg, "pretrain", lay.synthetic_run, sites=[s.model_dump() for s in sites],
-                         train__privacy__enabled=False, train__max_steps=pc.steps, train__seed=pc.seed)  # fmt: skip
+                         train__privacy__enabled=False, train__max_steps=sp.steps, train__seed=pc.seed)  # fmt: skip
     for s in sites:
         res = run_tile_site(
             manifest=s.manifest, data_root=lay.synthetic, store=sub.store_path(s.name), tiling=cfg.tiling,
@@ -122,7 +124,7 @@ def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
         )  # fmt: skip
         if res.get("failed"):
             raise FedpathError(f"pretrain: tiling the server's synthetic site {s.name!r} failed: {res['failed']}")
-    trained = train_local(sub, [s.name for s in sites], sub.run_dir, max_steps=pc.steps, job_id="pretrain", progress=False)
+    trained = train_local(sub, [s.name for s in sites], sub.run_dir, max_steps=sp.steps, job_id="pretrain", progress=False)
     result: dict[str, Any] = {
         "objective": "synthetic",
         "sites": [s.name for s in sites],

@@ -416,36 +416,44 @@ class AttackConfig(_Strict):
 
 
 def _pretrain_synth() -> SynthConfig:
-    # the server's own labelled synthetic slides: the three default styles plus three seeded perturbations
-    # (wsi.synth.site_style), 3 slides each (one for validation)
+    # the server's own labelled synthetic slides: the three default styles (wsi.synth.SITE_STYLES: stains,
+    # nuclear sizes 2.6-4.6 µm, densities), 3 slides of 2048² px each (one for validation)
     return SynthConfig(
-        sites=["a", "b", "c", "d", "e", "f"], slides_per_site=3, val_slides=1, held_out_slides=0,
+        sites=["a", "b", "c"], slides_per_site=3, val_slides=1, held_out_slides=0,
         width=2048, height=2048, tissue_fraction=0.6, workers=2,
     )  # fmt: skip
+
+
+class SyntheticPretrainConfig(_Strict):
+    """Supervised θ_pre on slides the server synthesises itself (exact nucleus masks; :mod:`wsi.synth`):
+    public data, so no DP and no site's budget. Trained with ``train:``'s recipe (learning rate, batch,
+    augmentation, early stopping on the synthetic validation slides) for ``steps`` steps."""
+
+    steps: int = Field(1200, ge=1)
+    synth: SynthConfig = Field(default_factory=_pretrain_synth, description="the server's synthetic slides")
 
 
 class PretrainConfig(_Strict):
     """The server's θ_pre, from data only the server holds: no site's pixels, no site's privacy budget.
 
-    - ``objective: mim``: self-supervised masked image modelling on the server's unlabelled slides
-      (``federation.server_manifest``);
-    - ``objective: synthetic``: supervised segmentation on slides the server synthesises itself
-      (``pretrain.synth``, exact nucleus masks; :mod:`wsi.synth`), trained with ``train:``'s recipe
-      (learning rate, batch, augmentation, validation on the synthetic validation slides) for ``steps``
-      steps without DP: public pretraining, the standard start for DP-SGD.
+    - ``objective: mim`` (``<run>/server/pretrained.safetensors``): self-supervised masked image modelling
+      on the server's unlabelled slides (``federation.server_manifest``), with the settings below;
+    - ``objective: synthetic`` (``<run>/server/synthetic_pretrained.safetensors``): supervised segmentation
+      on the server's synthetic slides (``pretrain.synthetic``), public pretraining, the usual start for
+      DP-SGD.
 
-    Its output, θ_pre, is the starting model of every method that wants one (``federation.initial_model``,
-    ``experiment.start: pretrained``).
+    θ_pre is the starting model of every method that wants one (``federation.initial_model``;
+    ``experiment.start: synthetic`` runs the synthetic one and starts every row from it).
     """
 
-    objective: Literal["mim", "synthetic"] = "mim"
-    synth: SynthConfig = Field(default_factory=_pretrain_synth, description="objective synthetic: the server's slides")
-    steps: int = Field(400, ge=1)
+    objective: Literal["mim", "synthetic"] = Field("mim", description="which one `fedpath pretrain` runs")
+    synthetic: SyntheticPretrainConfig = SyntheticPretrainConfig()
+    steps: int = Field(400, ge=1, description="mim: steps")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-2, gt=0)
     mask_ratio: float = Field(0.5, gt=0, lt=1, description="share of patches hidden")
     patch: int = Field(4, ge=1, description="side of a hidden square, in pixels")
-    seed: int = 0
+    seed: int = Field(0, description="both objectives: the pretraining's seed")
 
 
 class ExperimentOptions(_Strict):
@@ -472,10 +480,11 @@ class ExperimentOptions(_Strict):
         "max_steps * batch_size / dp_batch_size keeps the tiles seen, and the compute, equal",
     )
     dp_lr: float | None = Field(None, gt=0, description="FedDP rows: learning rate (default train.lr)")
-    start: Literal["scratch", "pretrained"] = Field(
+    start: Literal["scratch", "synthetic"] = Field(
         "scratch",
-        description="pretrained: run `fedpath pretrain` (pretrain:) first and start every row from its θ_pre "
-        "(local and centralised baselines included); scratch: federation.initial_model, else a seeded init",
+        description="synthetic: pretrain θ_pre on the server's synthetic slides first (pretrain.synthetic) and "
+        "start every row from it, the local and centralised baselines included; scratch: "
+        "federation.initial_model when set, else a seeded init",
     )
     select_round: bool = Field(
         False, description="federated rows: the round whose global model has the best validation Dice"

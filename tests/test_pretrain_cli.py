@@ -91,15 +91,16 @@ def test_synthetic_pretrain_learns_nuclei_without_any_site_data(tmp_path: Path, 
         "tiling": {"target_mpp": 0.5, "tile_size": 64, "overlap": 0, "min_tissue_fraction": 0.3, "mask_classes": 3},
         "model": {"name": "unet", "out_channels": 3, "channels": [8, 16, 32], "strides": [2, 2], "groups": 4},
         "train": {"batch_size": 8, "physical_batch_size": 8, "lr": 0.005, "val_every": 40, "threads": 2},
-        "pretrain": {"objective": "synthetic", "steps": 80, "synth": {
+        "pretrain": {"objective": "synthetic", "synthetic": {"steps": 80, "synth": {
             "sites": ["a", "b"], "slides_per_site": 2, "val_slides": 1, "held_out_slides": 0,
-            "width": 512, "height": 512, "tissue_fraction": 0.6, "workers": 1}},
+            "width": 512, "height": 512, "tissue_fraction": 0.6, "workers": 1}}},
     }))  # fmt: skip
     args = ["pretrain", "--config", str(cfg_path)]
     assert run(args) == 0
-    out = tmp_path / "run" / "server" / "pretrained.safetensors"
+    out = tmp_path / "run" / "server" / "synthetic_pretrained.safetensors"
     net, meta = load_model(out)
     assert meta.source == "pretrained" and meta.model.out_channels == 3
+    assert not (tmp_path / "run" / "server" / "pretrained.safetensors").exists()  # the MIM θ_pre's place
     s = read_summary(tmp_path / "run")["pretrain"]
     assert s["objective"] == "synthetic" and s["steps"] == 80 and s["sites"] == ["a", "b"]
     assert "synthetic sites a, b" in capsys.readouterr().out

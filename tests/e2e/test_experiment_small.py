@@ -64,7 +64,7 @@ def test_experiment_small(repo_root: Path, tmp_path: Path) -> None:
 
 
 def test_experiment_starts_every_row_from_theta_pre(repo_root: Path, tmp_path: Path) -> None:
-    """experiment.start: pretrained runs the server's pretraining (objective synthetic) once and starts every
+    """experiment.start: synthetic runs the server's pretraining on its synthetic slides once and starts every
     row from its θ_pre, the local and centralised baselines included: with a learning rate of 1e-7 every
     scored model is θ_pre to 1e-5, and FedMIC rows, which have no θ_pre, are refused in one line."""
     import torch
@@ -79,9 +79,9 @@ def test_experiment_starts_every_row_from_theta_pre(repo_root: Path, tmp_path: P
     cfg_d["synth"].update(sites=["a", "b"], width=512, height=512)
     cfg_d["train"].update(max_steps=1, batch_size=8, physical_batch_size=8, lr=1e-7, val_every=1, patience=1)
     cfg_d["federation"].update(rounds=1, min_sites=2, parallel_sites=2)
-    cfg_d["pretrain"] = {"objective": "synthetic", "steps": 4, "synth": {
-        "sites": ["p"], "slides_per_site": 2, "val_slides": 1, "held_out_slides": 0, "width": 512, "height": 512}}
-    cfg_d["experiment"] = {"seeds": [0], "federated": ["fedavg"], "start": "pretrained",
+    cfg_d["pretrain"] = {"synthetic": {"steps": 4, "synth": {
+        "sites": ["p"], "slides_per_site": 2, "val_slides": 1, "held_out_slides": 0, "width": 512, "height": 512}}}
+    cfg_d["experiment"] = {"seeds": [0], "federated": ["fedavg"], "start": "synthetic",
                            "variants": ["local", "centralised", "federated"]}  # fmt: skip
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg_d))
     cfg = load_config(tmp_path / "exp.yaml")
