@@ -12,8 +12,9 @@ FedAvg run of the same level (``fedavg`` / ``feddp eps=8``):
   (``rounds/<r>/update.safetensors``) and the model bodies it received (``train.json`` ``bytes_down``),
   with the ratio to FedAvg's.
 
-``fedpath experiment --config configs/experiment_real.yaml --set 'experiment.variants=[fedmic]'`` runs
-only these rows and their FedAvg baselines (they are also part of the default experiment).
+``fedpath experiment --config configs/experiment_real.yaml --set 'experiment.variants=[fedmic]' --set
+experiment.start=scratch --set experiment.dp_lr=null`` runs only these rows and their FedAvg baselines, with
+the recipe the README's FedMIC figures were measured with (FedMIC has no synthetic θ_pre).
 """
 
 from __future__ import annotations
