@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
-from pipeline.config import ConfigError, ExperimentConfig, apply_overrides, load_config
+from pipeline.config import ConfigError, ExperimentConfig, apply_overrides, load_config, variant_config
 from pipeline.errors import FedpathError
 from pipeline.tiles import tile_sites
 
@@ -101,17 +101,12 @@ def _eps_tag(eps: float | None) -> str:
 
 def _variant(cfg: ExperimentConfig, eps: float | None) -> ExperimentConfig:
     """The experiment's FedAvg at ε over the whole training (None: DP off), in its own run directory."""
-    data = cfg.model_dump(mode="python")
     vdir = cfg.run_dir / "calibrate" / "variants" / f"eps_{_eps_tag(eps)}"
-    data["run_dir"] = vdir
-    data["name"] = f"{cfg.name}:calibrate eps={_eps_tag(eps)}"
-    data["federation"]["strategy"] = "fedavg"
-    pv = data["train"]["privacy"]
-    if eps is None:
-        pv["enabled"] = False
-    else:
-        pv.update(enabled=True, target_epsilon=float(eps), noise_multiplier=None, budget_epsilon=None)
-    v = ExperimentConfig.model_validate(data)
+    privacy: dict[str, Any] = {"train__privacy__enabled": False}
+    if eps is not None:
+        privacy = {"train__privacy__enabled": True, "train__privacy__target_epsilon": float(eps),
+                   "train__privacy__noise_multiplier": None, "train__privacy__budget_epsilon": None}  # fmt: skip
+    v = variant_config(cfg, f"calibrate eps={_eps_tag(eps)}", vdir, federation__strategy="fedavg", **privacy)
     for s in cfg.sites:
         src, dst = cfg.store_path(s.name).resolve(), v.store_path(s.name)
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ import torch
 from fedcore.io import atomic_write_json
 from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, variant_config
 from pipeline.errors import FedpathError
 from pipeline.tiles import tile_sites
 
@@ -55,17 +55,8 @@ EPSILON = 8.0
 
 
 def _variant(cfg: ExperimentConfig, name: str, run_dir: Path, sites: list[str], **changes: Any) -> ExperimentConfig:
-    data = cfg.model_dump(mode="python")
-    data["run_dir"] = run_dir
-    data["name"] = f"{cfg.name}:{name}"
-    data["sites"] = [s for s in data["sites"] if s["name"] in sites]
-    for dotted, value in changes.items():
-        node = data
-        parts = dotted.split("__")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = value
-    vcfg = ExperimentConfig.model_validate(data)
+    kept = [s.model_dump(mode="python") for s in cfg.sites if s.name in sites]
+    vcfg = variant_config(cfg, name, run_dir, sites=kept, **changes)
     for s in vcfg.sites:  # the stores are tiled once, in the base run
         dst = vcfg.store_path(s.name)
         dst.parent.mkdir(parents=True, exist_ok=True)

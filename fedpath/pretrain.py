@@ -50,11 +50,8 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None, objective: str |
     settings = {"pretrain": pc.model_dump(mode="json", exclude={"objective", "synthetic"}), "manifest": str(manifest), "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json")}
     store = _tile_server_slides(cfg, manifest, data_root, RunLayout(cfg.run_dir).server.data_store, "slides")
     tile_server_val(cfg, data_root)
-    if out.is_file():
-        _, meta = read_model_file(out)
-        if meta.extra.get("settings") == json.loads(json.dumps(settings)):
-            log.info("pretrain: %s already holds θ_pre for these settings", out)
-            return dict(meta.extra.get("result", {})) | {"path": str(out)}
+    if (kept := _kept(out, settings)) is not None:
+        return kept
     tiles = UnlabelledTiles(store, seed=pc.seed)
     t0 = time.perf_counter()
     pre = mim_pretrain(
@@ -88,6 +85,17 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None, objective: str |
     return result
 
 
+def _kept(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded result of ``out`` when it was trained with ``settings`` (compared as JSON), else None."""
+    if not out.is_file():
+        return None
+    _, meta = read_model_file(out)
+    if meta.extra.get("settings") != json.loads(json.dumps(settings)):
+        return None
+    log.info("pretrain: %s already holds θ_pre for these settings", out)
+    return dict(meta.extra.get("result", {})) | {"path": str(out)}
+
+
 def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
     """θ_pre by supervised segmentation on slides the server synthesises (``pretrain.synthetic``), through the
     normal synth, tiling and training paths: public data, so no DP and no site's budget. The training is the
@@ -106,12 +114,8 @@ def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
         "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json"),
         "pretrain_seed": pc.seed, "train": cfg.train.model_dump(mode="json", exclude={"threads", "privacy", "seed"}),
     }  # fmt: skip
-    settings = json.loads(json.dumps(settings))
-    if out.is_file():
-        _, meta = read_model_file(out)
-        if meta.extra.get("settings") == settings:
-            log.info("pretrain: %s already holds θ_pre for these settings", out)
-            return dict(meta.extra.get("result", {})) | {"path": str(out)}
+    if (kept := _kept(out, settings)) is not None:
+        return kept
     t0 = time.perf_counter()
     synth = run_synth(sp.synth, lay.synthetic, cfg.run_dir)
     sites = [SiteConfig(name=s, manifest=Path(m)) for s, m in synth["manifests"].items()]
