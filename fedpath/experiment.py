@@ -100,6 +100,7 @@ def _evaluate(
             net, rows, data_root, target_mpp=cfg.tiling.target_mpp,
             window=cfg.inference.tile_size or cfg.tiling.tile_size, overlap=cfg.inference.overlap,
             default_mpp=cfg.tiling.default_mpp, mpp_tolerance=cfg.tiling.mpp_tolerance,
+            tta=cfg.inference.tta,
         )  # fmt: skip
     return out
 

@@ -307,6 +307,10 @@ class InferenceConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     sigma_scale: float = Field(0.125, gt=0, description="Gaussian importance sigma, relative to the window")
     threshold: float = Field(0.5, gt=0, lt=1, description="foreground probability above which a pixel is mask")
+    tta: Literal["none", "flips", "dihedral"] = Field(
+        "none", description="test-time augmentation: logits averaged over 4 flips or the 8 turns and flips of "
+        "each window (cost: that many passes); slides, test images and instances alike, never validation"
+    )
     tissue_only: bool = Field(True, description="skip windows with no detected tissue")
     scheduler: str | None = Field(None, description="address of a dask scheduler to run blocks on")
     parallel_slides: int = Field(2, ge=1, description="slides in flight at once on a dask scheduler")

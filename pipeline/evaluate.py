@@ -114,6 +114,7 @@ def evaluate_image(
     mpp_tolerance: float = 0.05,
     threshold: float = 0.5,
     overlap: float = 0.25,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """One whole image: the model runs at ``target_mpp`` (sliding windows of ``window`` px sharing
     ``overlap`` of their side, Gaussian blending), its
@@ -140,7 +141,7 @@ def evaluate_image(
         close = getattr(reader, "close", None)
         if close is not None:
             close()
-    probs = predict_probabilities(net, pixels, window, overlap=overlap)
+    probs = predict_probabilities(net, pixels, window, overlap=overlap, tta=tta)
     if (h, w) != (H0, W0):  # bilinear probabilities, then threshold and instances at the image's own pixels
         probs = upsample_probabilities(probs, (H0, W0))
     labels = instances_from_probabilities(probs, threshold, area_scale=(H0 * W0) / (h * w))
@@ -165,7 +166,7 @@ def evaluate_image(
 
 def evaluate_images(
     net: nn.Module, rows: list[Any], data_root: Path, *, target_mpp: float, window: int,
-    overlap: float, default_mpp: float | None = None, mpp_tolerance: float = 0.05,
+    overlap: float, default_mpp: float | None = None, mpp_tolerance: float = 0.05, tta: str = "none",
 ) -> dict[str, Any]:  # fmt: skip
     """:func:`evaluate_image` over manifest rows (``wsi.manifest.ManifestRow``); per image and the mean
     over images (Dice, Jaccard, AJI, PQ/DQ/SQ over the images that have instance ground truth)."""
@@ -174,7 +175,7 @@ def evaluate_images(
         ann = row.annotation_file(data_root)
         per[row.slide_id] = evaluate_image(
             net, row.slide_path(data_root), ann, target_mpp=target_mpp, window=window, mpp=row.mpp,
-            default_mpp=default_mpp, mpp_tolerance=mpp_tolerance, overlap=overlap,
+            default_mpp=default_mpp, mpp_tolerance=mpp_tolerance, overlap=overlap, tta=tta,
         )  # fmt: skip
     if not per:
         return {"slides": {}, "n_slides": 0}

@@ -46,7 +46,7 @@ from pipeline.checkpoint import ModelMeta, load_model, read_model_file
 from pipeline.config import ExperimentConfig, InferenceConfig
 from pipeline.errors import FedpathError
 from pipeline.metrics import dice_from_counts
-from pipeline.models import autocast, foreground_from_logits, resolve_precision
+from pipeline.models import autocast, foreground_from_logits, resolve_precision, tta_logits
 from wsi.errors import WSIError
 from wsi.readers import SlideReader, open_slide
 from wsi.stitch import ArrayMerger, ZarrMerger, window_positions
@@ -165,14 +165,17 @@ def prepare_for_inference(net: nn.Module) -> nn.Module:
     return net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
-def foreground_probability(net: nn.Module, batch: np.ndarray, precision: str = "float32") -> np.ndarray:
+def foreground_probability(
+    net: nn.Module, batch: np.ndarray, precision: str = "float32", tta: str = "none"
+) -> np.ndarray:
     """(n, h, w) float32 foreground probability (:func:`pipeline.models.foreground_from_logits`: every
     class but background) for (n, h, w, 3) uint8 RGB windows (scaled to [0, 1] as in training and
-    evaluation). The input keeps the windows' (n, h, w, c) layout: a channels-last tensor, no copy. ``precision="bfloat16"`` runs the network under CPU autocast (softmax in float32)."""
+    evaluation). The input keeps the windows' (n, h, w, c) layout: a channels-last tensor, no copy. ``precision="bfloat16"`` runs the network under CPU autocast (softmax in float32); ``tta`` averages
+    the logits over turned and flipped views (:func:`pipeline.models.tta_logits`)."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
     with torch.inference_mode():
         with autocast(precision):
-            logits = net(x)
+            logits = tta_logits(net, x, tta)
         prob = foreground_from_logits(logits)
     return prob.contiguous().numpy().astype(np.float32, copy=False)
 
@@ -185,6 +188,7 @@ def predict_block(
     importance: np.ndarray,
     batch_size: int,
     precision: str = "float32",
+    tta: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sums (1, h, w) and weights (h, w) of a block's windows over its box (``pixels``)."""
     y0, x0, y1, x1 = block.box
@@ -193,7 +197,7 @@ def predict_block(
     for start in range(0, len(rel), batch_size):
         part = rel[start : start + batch_size]
         batch = np.stack([pixels[y : y + window, x : x + window] for y, x in part])
-        prob = foreground_probability(net, batch, precision)
+        prob = foreground_probability(net, batch, precision, tta)
         for (y, x), p in zip(part, prob, strict=True):
             merger.aggregate(p[None], (int(y), int(x)))
     return merger.sums, merger.weights
@@ -235,6 +239,7 @@ def _dask_block(
     batch_size: int,
     threads: int = 0,
     precision: str = "float32",
+    tta: str = "none",
 ) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)  # as the local run: CPU kernels may split reductions by threads
@@ -248,7 +253,7 @@ def _dask_block(
     net = _worker_model(model_key, model_blob, model_cfg)
     y0, x0, y1, x1 = block.box
     pixels = read_canvas(reader, canvas, y0, x0, y1 - y0, x1 - x0)
-    sums, weights = predict_block(net, pixels, block, window, importance, batch_size, precision)
+    sums, weights = predict_block(net, pixels, block, window, importance, batch_size, precision, tta)
     return (y0, x0), sums, weights
 
 
@@ -326,7 +331,7 @@ def stitch_slide(
     t0 = time.perf_counter()
     n_windows = int(sum(len(b.origins) for b in blocks))
     if runner is not None:
-        results = runner.run(reader, canvas, blocks, window, importance, cfg.batch_size, precision)
+        results = runner.run(reader, canvas, blocks, window, importance, cfg.batch_size, precision, cfg.tta)
     else:
         results = _run_blocks(reader, model, cfg, canvas, blocks, window, importance)
 
@@ -395,7 +400,7 @@ def _run_blocks(
             if i + 1 < len(blocks):
                 pending = pool.submit(read, blocks[i + 1])
             sums, weights = predict_block(
-                model.net, pixels, b, window, importance, cfg.batch_size, resolve_precision(cfg.precision)
+                model.net, pixels, b, window, importance, cfg.batch_size, resolve_precision(cfg.precision), cfg.tta
             )
             yield (b.box[0], b.box[1]), sums, weights
 
@@ -436,6 +441,7 @@ class DaskBlockRunner:
         importance: np.ndarray,
         batch_size: int,
         precision: str = "float32",
+        tta: str = "none",
     ) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
         args = (str(reader.path), reader._mpp_override, reader._default_mpp)
         futures: dict[int, Any] = {}
@@ -445,7 +451,7 @@ class DaskBlockRunner:
                 while submitted < len(blocks) and submitted < i + self.in_flight:
                     futures[submitted] = self.client.submit(
                         _dask_block, args, canvas, blocks[submitted], self.model_key, self.blob,
-                        self.model_cfg, window, importance, batch_size, self.threads, precision, pure=False,
+                        self.model_cfg, window, importance, batch_size, self.threads, precision, tta, pure=False,
                     )  # fmt: skip
                     submitted += 1
                 fut = futures.pop(i)
@@ -672,7 +678,7 @@ def infer_slide(
 
         nuclei = slide_instances(
             model.net, functools.partial(read_canvas, reader, canvas), canvas.shape, canvas.scale, reader.mpp,
-            out, window=inf.tile_size or model.meta.tile_size, fg_prob=prob, threshold=inf.threshold,
+            out, window=inf.tile_size or model.meta.tile_size, fg_prob=prob, threshold=inf.threshold, tta=inf.tta,
         )  # one detection per nucleus (nuclei.geojson) and the instance label image (instances.zarr)
         thumb = reader.thumbnail(inf.thumbnail_size)
         cover = mask_coverage(prob, 0, inf.threshold, thumb.shape[:2])

@@ -38,18 +38,22 @@ MIN_MARKER = 3
 
 @torch.no_grad()
 def predict_probabilities(
-    net: nn.Module, image: np.ndarray, window: int, overlap: float = 0.25, batch_size: int = 8
+    net: nn.Module, image: np.ndarray, window: int, overlap: float = 0.25, batch_size: int = 8, tta: str = "none"
 ) -> np.ndarray:
     """(C, H, W) float32 softmax probabilities of ``net`` over a uint8 RGB image of any size: MONAI's
-    sliding-window inference with Gaussian blending (windows of ``window`` px, padded at the borders)."""
+    sliding-window inference with Gaussian blending (windows of ``window`` px, padded at the borders), each
+    window's logits averaged over the ``tta`` views (:func:`pipeline.models.tta_logits`)."""
     from monai.inferers import sliding_window_inference
+
+    from pipeline.models import tta_logits
 
     was = net.training
     net.eval()
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
     logits = sliding_window_inference(
-        x, (window, window), batch_size, net, overlap=overlap, mode="gaussian", padding_mode="reflect"
-    )
+        x, (window, window), batch_size, lambda w: tta_logits(net, w, tta), overlap=overlap, mode="gaussian",
+        padding_mode="reflect",
+    )  # fmt: skip
     net.train(was)
     assert isinstance(logits, torch.Tensor)
     if logits.shape[1] == 1:
@@ -147,6 +151,7 @@ def slide_instances(
     margin: int = 32,
     class_name: str = "Nucleus",
     chunk: int = 512,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Instances of a whole slide at model resolution: ``read(y, x, h, w)`` returns canvas pixels
     (uint8 RGB), ``shape`` is the canvas (H, W), ``scale`` level-0 pixels per model pixel, ``mpp`` the
@@ -180,7 +185,7 @@ def slide_instances(
                 ey0, ex0 = max(0, y0 - margin), max(0, x0 - margin)
                 ey1, ex1 = min(H, y1 + margin), min(W, x1 + margin)
                 pixels = read(ey0, ex0, ey1 - ey0, ex1 - ex0)
-                probs = predict_probabilities(net, pixels, window)
+                probs = predict_probabilities(net, pixels, window, tta=tta)
                 labels = instances_from_probabilities(probs, threshold)
                 if not labels.any():
                     continue

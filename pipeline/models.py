@@ -69,6 +69,33 @@ def as_float(out: Any) -> Any:
     return out
 
 
+#: test-time augmentation: the views a prediction averages (rot90 turns, then a left-right flip)
+TTA_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "flips": ((0, False), (0, True), (2, False), (2, True)),  # identity, ↔, 180°, ↕ (= 180° then ↔)
+    "dihedral": tuple((k, f) for k in range(4) for f in (False, True)),
+}
+
+
+def tta_logits(net: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
+    """``net``'s logits for (n, c, h, w) ``x``, averaged over the ``mode``'s views (:data:`TTA_VIEWS`):
+    each view turns and flips the input, runs the network and turns the logits back. H&E has no
+    orientation, and training augments with the same flips and turns, so every view is a valid reading of
+    the tile; averaging them removes the network's orientation-dependent errors (``none``: one plain pass)."""
+    views = TTA_VIEWS[mode]
+    if len(views) == 1:
+        return net(x)
+    total: torch.Tensor | None = None
+    for k, flip in views:
+        v = torch.flip(x, (-1,)) if flip else x
+        out = net(torch.rot90(v, k, (-2, -1)) if k else v).float()
+        out = torch.rot90(out, -k, (-2, -1)) if k else out
+        out = torch.flip(out, (-1,)) if flip else out
+        total = out if total is None else total.add_(out)
+    assert total is not None
+    return total.div_(len(views))
+
+
 def foreground_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """(n, h, w) probability that each pixel is foreground -- any class but background, so a 3-class
     (background, inside, boundary) map's nucleus includes its boundary -- from (n, C, h, w) logits: the
