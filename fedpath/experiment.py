@@ -37,7 +37,7 @@ from fedpath.seedstats import mean_sd, pm, spread
 from pipeline.config import ExperimentConfig, variant_config
 from pipeline.errors import FedpathError
 from pipeline.evaluate import evaluate_store
-from pipeline.models import build_model
+from pipeline.models import build_model, resolve_precision
 from pipeline.tiles import tile_sites
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _evaluate(
             net, rows, data_root, target_mpp=cfg.tiling.target_mpp,
             window=cfg.inference.tile_size or cfg.tiling.tile_size, overlap=cfg.inference.overlap,
             default_mpp=cfg.tiling.default_mpp, mpp_tolerance=cfg.tiling.mpp_tolerance,
-            tta=cfg.inference.tta,
+            tta=cfg.inference.tta, precision=resolve_precision(cfg.inference.precision),
         )  # fmt: skip
     return out
 

@@ -115,6 +115,7 @@ def evaluate_image(
     threshold: float = 0.5,
     overlap: float = 0.25,
     tta: str = "none",
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """One whole image: the model runs at ``target_mpp`` (sliding windows of ``window`` px sharing
     ``overlap`` of their side, Gaussian blending), its
@@ -141,7 +142,7 @@ def evaluate_image(
         close = getattr(reader, "close", None)
         if close is not None:
             close()
-    probs = predict_probabilities(net, pixels, window, overlap=overlap, tta=tta)
+    probs = predict_probabilities(net, pixels, window, overlap=overlap, tta=tta, precision=precision)
     if (h, w) != (H0, W0):  # bilinear probabilities, then threshold and instances at the image's own pixels
         probs = upsample_probabilities(probs, (H0, W0))
     labels = instances_from_probabilities(probs, threshold, area_scale=(H0 * W0) / (h * w))
@@ -167,6 +168,7 @@ def evaluate_image(
 def evaluate_images(
     net: nn.Module, rows: list[Any], data_root: Path, *, target_mpp: float, window: int,
     overlap: float, default_mpp: float | None = None, mpp_tolerance: float = 0.05, tta: str = "none",
+    precision: str = "float32",
 ) -> dict[str, Any]:  # fmt: skip
     """:func:`evaluate_image` over manifest rows (``wsi.manifest.ManifestRow``); per image and the mean
     over images (Dice, Jaccard, AJI, PQ/DQ/SQ over the images that have instance ground truth)."""
@@ -176,6 +178,7 @@ def evaluate_images(
         per[row.slide_id] = evaluate_image(
             net, row.slide_path(data_root), ann, target_mpp=target_mpp, window=window, mpp=row.mpp,
             default_mpp=default_mpp, mpp_tolerance=mpp_tolerance, overlap=overlap, tta=tta,
+            precision=precision,
         )  # fmt: skip
     if not per:
         return {"slides": {}, "n_slides": 0}

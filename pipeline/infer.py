@@ -679,6 +679,7 @@ def infer_slide(
         nuclei = slide_instances(
             model.net, functools.partial(read_canvas, reader, canvas), canvas.shape, canvas.scale, reader.mpp,
             out, window=inf.tile_size or model.meta.tile_size, fg_prob=prob, threshold=inf.threshold, tta=inf.tta,
+            precision=resolve_precision(inf.precision),
         )  # one detection per nucleus (nuclei.geojson) and the instance label image (instances.zarr)
         thumb = reader.thumbnail(inf.thumbnail_size)
         cover = mask_coverage(prob, 0, inf.threshold, thumb.shape[:2])

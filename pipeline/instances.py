@@ -38,22 +38,33 @@ MIN_MARKER = 3
 
 @torch.no_grad()
 def predict_probabilities(
-    net: nn.Module, image: np.ndarray, window: int, overlap: float = 0.25, batch_size: int = 8, tta: str = "none"
+    net: nn.Module,
+    image: np.ndarray,
+    window: int,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    tta: str = "none",
+    precision: str = "float32",
 ) -> np.ndarray:
     """(C, H, W) float32 softmax probabilities of ``net`` over a uint8 RGB image of any size: MONAI's
     sliding-window inference with Gaussian blending (windows of ``window`` px, padded at the borders), each
-    window's logits averaged over the ``tta`` views (:func:`pipeline.models.tta_logits`)."""
+    window's logits averaged over the ``tta`` views (:func:`pipeline.models.tta_logits`), the network under
+    ``precision`` (as resolved: ``bfloat16`` is CPU autocast; logits are blended in float32)."""
     from monai.inferers import sliding_window_inference
 
-    from pipeline.models import tta_logits
+    from pipeline.models import autocast, tta_logits
 
     was = net.training
     net.eval()
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+
+    def predict(w: torch.Tensor) -> torch.Tensor:
+        with autocast(precision):
+            return tta_logits(net, w, tta).float()
+
     logits = sliding_window_inference(
-        x, (window, window), batch_size, lambda w: tta_logits(net, w, tta), overlap=overlap, mode="gaussian",
-        padding_mode="reflect",
-    )  # fmt: skip
+        x, (window, window), batch_size, predict, overlap=overlap, mode="gaussian", padding_mode="reflect"
+    )
     net.train(was)
     assert isinstance(logits, torch.Tensor)
     if logits.shape[1] == 1:
@@ -152,6 +163,7 @@ def slide_instances(
     class_name: str = "Nucleus",
     chunk: int = 512,
     tta: str = "none",
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Instances of a whole slide at model resolution: ``read(y, x, h, w)`` returns canvas pixels
     (uint8 RGB), ``shape`` is the canvas (H, W), ``scale`` level-0 pixels per model pixel, ``mpp`` the
@@ -185,7 +197,7 @@ def slide_instances(
                 ey0, ex0 = max(0, y0 - margin), max(0, x0 - margin)
                 ey1, ex1 = min(H, y1 + margin), min(W, x1 + margin)
                 pixels = read(ey0, ex0, ey1 - ey0, ex1 - ex0)
-                probs = predict_probabilities(net, pixels, window, tta=tta)
+                probs = predict_probabilities(net, pixels, window, tta=tta, precision=precision)
                 labels = instances_from_probabilities(probs, threshold)
                 if not labels.any():
                     continue
