@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -305,71 +307,86 @@ def run_experiment(
     # every row starts from one model: federation.initial_model (e.g. the server's θ_pre, `fedpath pretrain`)
     # when set, so the local and centralised baselines compare with the federations from the same start
     start = initial_model_state(cfg) if cfg.federation.initial_model is not None else None
-    for seed in ex.seeds:
-        seeded = {"train__seed": seed, "federation__seed": seed}
-        root = base_dir / "variants" / f"seed_{seed}"
-        for site in names if "local" in ex.variants else []:
-            if f"local:{site}@{seed}" in runs:
-                continue
-            vdir = root / f"local_{site}"
-            vcfg = variant_config(cfg, f"local_{site}", vdir, **no_dp, **seeded)
-            _link_stores(cfg, vcfg)
-            t0 = time.perf_counter()
-            local = train_local(vcfg, [site], vdir, init_state=start, max_steps=rounds * steps, job_id="experiment")
-            record(f"local:{site}", seed, "local", local.state, time.perf_counter() - t0, vdir,
-                   {"site": site, "steps": local.steps, "early_stopping": local.metrics.get("early_stopping")})  # fmt: skip
-
-        if "centralised" in ex.variants and f"centralised@{seed}" not in runs:
-            vdir = root / "centralised"
-            vcfg = variant_config(cfg, "centralised", vdir, **no_dp, **seeded)
-            _link_stores(cfg, vcfg)
-            t0 = time.perf_counter()
-            pooled = train_local(vcfg, names, vdir, init_state=start, max_steps=rounds * steps * len(names), job_id="experiment")
-            record("centralised", seed, "centralised", pooled.state, time.perf_counter() - t0, vdir,
-                   {"steps": pooled.steps, "early_stopping": pooled.metrics.get("early_stopping")})  # fmt: skip
-
-        def federated(name: str, vdir: Path, vcfg: ExperimentConfig, extra: dict[str, Any], seed: int = seed) -> None:
-            _link_stores(cfg, vcfg)
-            t0 = time.perf_counter()
-            run_simulation(vcfg)
-            if ex.select_round:
-                state, sel = _best_global(vcfg, vdir)
+    pool: ProcessPoolExecutor | None = None  # experiment.parallel_local's worker processes, started once
+    try:
+        for seed in ex.seeds:
+            seeded = {"train__seed": seed, "federation__seed": seed}
+            root = base_dir / "variants" / f"seed_{seed}"
+            todo = [s for s in (names if "local" in ex.variants else []) if f"local:{s}@{seed}" not in runs]
+            jobs: dict[str, tuple[ExperimentConfig, Path]] = {}
+            for site in todo:
+                vdir = root / f"local_{site}"
+                jobs[site] = (variant_config(cfg, f"local_{site}", vdir, **no_dp, **seeded), vdir)
+                _link_stores(cfg, jobs[site][0])
+            if ex.parallel_local > 1 and len(todo) > 1:
+                if pool is None:
+                    pool = _local_pool(ex.parallel_local)
+                futures = {
+                    pool.submit(_train_local_job, _threads_for(vcfg, ex.parallel_local), site, vdir, start, rounds * steps): site
+                    for site, (vcfg, vdir) in jobs.items()
+                }
+                done: Iterable[tuple[str, Any]] = ((futures[f], f.result()) for f in as_completed(futures))
             else:
-                state, sel = _final_global(vdir), {}
-            record(name, seed, "federated", state, time.perf_counter() - t0, vdir, {**extra, **sel})
+                done = ((site, _train_local_job(vcfg, site, vdir, start, rounds * steps)) for site, (vcfg, vdir) in jobs.items())
+            for site, local in done:
+                record(f"local:{site}", seed, "local", local.state, local.seconds, jobs[site][1],
+                       {"site": site, "steps": local.steps, "early_stopping": local.metrics.get("early_stopping")})  # fmt: skip
 
-        for strat in ex.federated if "federated" in ex.variants else []:
-            if f"{strat}@{seed}" in runs:
-                continue
-            vdir = root / strat
-            federated(strat, vdir, variant_config(cfg, strat, vdir, federation__strategy=_strategy(cfg, strat), **no_dp, **seeded), {})
+            if "centralised" in ex.variants and f"centralised@{seed}" not in runs:
+                vdir = root / "centralised"
+                vcfg = variant_config(cfg, "centralised", vdir, **no_dp, **seeded)
+                _link_stores(cfg, vcfg)
+                t0 = time.perf_counter()
+                pooled = train_local(vcfg, names, vdir, init_state=start, max_steps=rounds * steps * len(names), job_id="experiment")
+                record("centralised", seed, "centralised", pooled.state, time.perf_counter() - t0, vdir,
+                       {"steps": pooled.steps, "early_stopping": pooled.metrics.get("early_stopping")})  # fmt: skip
 
-        for eps in eps_list if "feddp" in ex.variants else []:
-            tag = "inf" if math.isinf(eps) else f"{eps:g}"
-            if f"feddp eps={tag}@{seed}" in runs:
-                continue
-            vdir = root / f"feddp_eps_{tag}"
-            privacy = dp_changes(cfg, eps)
-            vcfg = variant_config(cfg, f"feddp_eps_{tag}", vdir, federation__strategy=_strategy(cfg, "fedavg"), **privacy, **seeded)
-            federated(f"feddp eps={tag}", vdir, vcfg, {"target_epsilon": eps})
+            def federated(name: str, vdir: Path, vcfg: ExperimentConfig, extra: dict[str, Any], seed: int = seed) -> None:
+                _link_stores(cfg, vcfg)
+                t0 = time.perf_counter()
+                run_simulation(vcfg)
+                if ex.select_round:
+                    state, sel = _best_global(vcfg, vdir)
+                else:
+                    state, sel = _final_global(vdir), {}
+                record(name, seed, "federated", state, time.perf_counter() - t0, vdir, {**extra, **sel})
 
-        if "fedmic" in ex.variants:  # issue 15: FedMIC beside FedAvg of the same privacy level, every seed
-            from fedpath.experiment_fedmic import run_fedmic_variants
+            for strat in ex.federated if "federated" in ex.variants else []:
+                if f"{strat}@{seed}" in runs:
+                    continue
+                vdir = root / strat
+                federated(strat, vdir, variant_config(cfg, strat, vdir, federation__strategy=_strategy(cfg, strat), **no_dp, **seeded), {})
 
-            view = {r["name"]: r for r in runs.values() if int(r["seed"]) == seed}
+            for eps in eps_list if "feddp" in ex.variants else []:
+                tag = "inf" if math.isinf(eps) else f"{eps:g}"
+                if f"feddp eps={tag}@{seed}" in runs:
+                    continue
+                vdir = root / f"feddp_eps_{tag}"
+                privacy = dp_changes(cfg, eps)
+                vcfg = variant_config(cfg, f"feddp_eps_{tag}", vdir, federation__strategy=_strategy(cfg, "fedavg"), **privacy, **seeded)
+                federated(f"feddp eps={tag}", vdir, vcfg, {"target_epsilon": eps})
 
-            def rec(name: str, kind: str, state: dict[str, torch.Tensor], seconds: float, vdir: Path,
-                    extra: dict[str, Any], seed: int = seed, view: dict[str, dict[str, Any]] = view) -> None:
-                record(name, seed, kind, state, seconds, vdir, extra)
-                view[name] = runs[f"{name}@{seed}"]
+            if "fedmic" in ex.variants:  # issue 15: FedMIC beside FedAvg of the same privacy level, every seed
+                from fedpath.experiment_fedmic import run_fedmic_variants
 
-            def seeded_cfg(base: ExperimentConfig, name: str, vdir: Path, seeded: dict[str, Any] = seeded, **changes: Any) -> ExperimentConfig:
-                return variant_config(base, name, vdir, **changes, **seeded)
+                view = {r["name"]: r for r in runs.values() if int(r["seed"]) == seed}
 
-            def evaluate_own(vcfg: ExperimentConfig, state: dict[str, torch.Tensor], site: str) -> dict[str, Any]:
-                return _evaluate(vcfg, state, data_root, [site])[site]  # scored as every other row is
+                def rec(name: str, kind: str, state: dict[str, torch.Tensor], seconds: float, vdir: Path,
+                        extra: dict[str, Any], seed: int = seed, view: dict[str, dict[str, Any]] = view) -> None:
+                    record(name, seed, kind, state, seconds, vdir, extra)
+                    view[name] = runs[f"{name}@{seed}"]
 
-            run_fedmic_variants(cfg, root, view, rec, seeded_cfg, _link_stores, _final_global, evaluate_own)
+                def seeded_cfg(base: ExperimentConfig, name: str, vdir: Path, seeded: dict[str, Any] = seeded, **changes: Any) -> ExperimentConfig:
+                    return variant_config(base, name, vdir, **changes, **seeded)
+
+                def evaluate_own(vcfg: ExperimentConfig, state: dict[str, torch.Tensor], site: str) -> dict[str, Any]:
+                    return _evaluate(vcfg, state, data_root, [site])[site]  # scored as every other row is
+
+                run_fedmic_variants(cfg, root, view, rec, seeded_cfg, _link_stores, _final_global, evaluate_own)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
 
     save()  # picks up the other invocations' seeds
     seeds = sorted({int(r["seed"]) for r in runs.values()})
@@ -394,6 +411,29 @@ def run_experiment(
     update_summary(base_dir, "experiment", summary)
     print(md)
     return summary
+
+
+def _threads_for(cfg: ExperimentConfig, jobs: int) -> ExperimentConfig:
+    """``cfg`` for one of ``jobs`` trainings that share the cores: ``train.threads`` (default: every core)
+    split between them, at least one each."""
+    threads = max(1, (cfg.train.threads or os.cpu_count() or 1) // jobs)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": threads})})
+
+
+def _local_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for the local models (spawned: the parent's OpenMP pool must not be forked)."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _train_local_job(
+    cfg: ExperimentConfig, site: str, run_dir: Path, start: dict[str, torch.Tensor] | None, max_steps: int
+) -> Any:
+    """One site's local model (no DP, the experiment's baseline); in the experiment's process or a worker."""
+    from pipeline.train import train_local
+
+    return train_local(cfg, [site], run_dir, init_state=start, max_steps=max_steps, job_id="experiment")
 
 
 def _cpu_seconds(resource: Any) -> float:

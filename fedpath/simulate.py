@@ -489,13 +489,21 @@ def run_site_jobs(
     return codes
 
 
+def site_job_threads(cfg: ExperimentConfig) -> int | None:
+    """Torch threads of one site job: ``train.threads`` shared between the ``parallel_sites`` jobs that run at
+    once (at least one each), so that they do not oversubscribe the cores. Unset stays unset (one OpenMP thread
+    per job, `_job_env`)."""
+    threads = cfg.train.threads
+    return None if threads is None else max(1, threads // cfg.federation.parallel_sites)
+
+
 def run_simulation(cfg: ExperimentConfig) -> dict[str, Any]:
     """Provision, start the aggregator, run every round's site jobs, write summary.json['federation']."""
     t0 = time.perf_counter()
     if not cfg.sites:
         raise FedpathError("config: `sites` is empty; nothing to federate")
     fed = cfg.federation.model_copy(update={"port": 0, "server_url": None})
-    cfg = cfg.model_copy(update={"federation": fed})
+    cfg = cfg.model_copy(update={"federation": fed, "train": cfg.train.model_copy(update={"threads": site_job_threads(cfg)})})
     prov = provision_paths(cfg)
     if not prov.tokens.is_file() or any(not prov.site_token(s.name).is_file() for s in cfg.sites):
         run_provision(cfg)

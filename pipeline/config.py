@@ -493,6 +493,11 @@ class ExperimentOptions(_Strict):
     select_round: bool = Field(
         False, description="federated rows: the round whose global model has the best validation Dice"
     )
+    parallel_local: int = Field(
+        1, ge=1,
+        description="local models trained at the same time, each in its own process on train.threads // "
+        "parallel_local threads (two one-thread jobs get more out of two cores than one two-thread job)",
+    )
     fedmic: dict[str, Any] = Field(
         default_factory=dict,
         description="FedMIC rows: settings over the experiment's FedMIC strategy "

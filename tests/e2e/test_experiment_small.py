@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpath.experiment import run_experiment
+from fedpath.experiment import _threads_for, run_experiment
 from fedpath.experiment_fedmic import PERSONAL_KINDS
+from fedpath.simulate import site_job_threads
 from pipeline.config import ConfigError, load_config
 from wsi.synth import run_synth
 
@@ -81,7 +82,9 @@ def test_experiment_starts_every_row_from_theta_pre(repo_root: Path, tmp_path: P
     cfg_d["federation"].update(rounds=1, min_sites=2, parallel_sites=2)
     cfg_d["pretrain"] = {"synthetic": {"steps": 4, "synth": {
         "sites": ["p"], "slides_per_site": 2, "val_slides": 1, "held_out_slides": 0, "width": 512, "height": 512}}}
-    cfg_d["experiment"] = {"seeds": [0], "federated": ["fedavg"], "start": "synthetic",
+    # the two local models train side by side in worker processes (experiment.parallel_local), one thread each
+    cfg_d["train"]["threads"] = 2
+    cfg_d["experiment"] = {"seeds": [0], "federated": ["fedavg"], "start": "synthetic", "parallel_local": 2,
                            "variants": ["local", "centralised", "federated"]}  # fmt: skip
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg_d))
     cfg = load_config(tmp_path / "exp.yaml")
@@ -98,6 +101,10 @@ def test_experiment_starts_every_row_from_theta_pre(repo_root: Path, tmp_path: P
     fresh, _ = read_model_file(run_dir / "variants" / "seed_0" / "fedavg" / "server" / "global" / "round_0.safetensors")
     assert all(torch.equal(fresh[k], pre[k]) for k in pre)  # version 0 of the federation is θ_pre
 
+    # the trainings that share the cores split train.threads between them: local models and site jobs
+    assert _threads_for(cfg, 2).train.threads == 1 and site_job_threads(cfg) == 1
+    assert _threads_for(load_config(tmp_path / "exp.yaml", ["train.threads=8"]), 3).train.threads == 2
+    assert site_job_threads(load_config(tmp_path / "exp.yaml", ["train.threads=null"])) is None
     with pytest.raises(FedpathError, match="experiment.start"):
         run_experiment(load_config(tmp_path / "exp.yaml", ["experiment.variants=[fedmic]"]), data)
 
