@@ -128,6 +128,11 @@ class ServerLayout:
         return self.root / "synthetic_pretrained.safetensors"
 
     @property
+    def synthetic_teacher_pretrained(self) -> Path:
+        """The same pretraining for FedMIC's teacher architecture (wider than the shared model)."""
+        return self.root / "synthetic_teacher_pretrained.safetensors"
+
+    @property
     def synthetic(self) -> Path:
         """``fedpath pretrain`` with ``objective: synthetic``: the server's own synthetic slides, masks and
         manifests (the data root of its pretraining)."""
@@ -137,6 +142,11 @@ class ServerLayout:
     def synthetic_run(self) -> Path:
         """The run folder of that pretraining: the synthetic sites' stores and the training job."""
         return self.root / "synthetic_run"
+
+    @property
+    def synthetic_teacher_run(self) -> Path:
+        """The run folder of the teacher's pretraining."""
+        return self.root / "synthetic_teacher_run"
 
     def global_delta(self, r: int) -> Path:
         """Version ``r`` as its compressed delta from ``r - 1`` (strategies that compress downloads)."""

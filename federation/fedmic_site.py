@@ -131,8 +131,30 @@ class MutualHooks:
             missing, unexpected = pair.load_state_dict(own, strict=False)
             if unexpected or any(not k.startswith("student.") for k in missing):
                 raise FedpathError(f"{self.state.personal_path}: personal state does not fit the teacher")
+        else:
+            self._init_teacher(pair.teacher, tcfg)
         self.pair = pair
         return pair
+
+    def _init_teacher(self, teacher: nn.Module, tcfg: ModelConfig) -> None:
+        """A site's first round: the teacher from ``teacher_init`` of the site's own strategy config, if set
+        (a file of the teacher's architecture; anything else is a one-line error naming the file)."""
+        from federation.strategies import strategy_config
+        from pipeline.checkpoint import read_model_file
+
+        path = getattr(strategy_config(self.cfg.federation), "teacher_init", None)
+        if path is None:
+            return
+        state, meta = read_model_file(path)
+        if meta.model != tcfg:
+            raise FedpathError(
+                f"{path}: teacher_init is a {meta.model.name} with channels {meta.model.channels}, the teacher is "
+                f"a {tcfg.name} with channels {tcfg.channels}"
+            )
+        try:
+            teacher.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise FedpathError(f"{path}: teacher_init does not fit the teacher ({str(exc).splitlines()[0]})") from None
 
     def criterion(self, base: Any) -> MutualLoss:
         x = self.fit.extra

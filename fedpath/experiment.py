@@ -222,11 +222,6 @@ def run_experiment(
     if data_root is None:
         raise FedpathError("experiment: no data root (give --data-root or set FEDPATH_DATA_ROOT)")
     data_root = data_root.resolve()
-    if "fedmic" in cfg.experiment.variants and cfg.experiment.start != "scratch":
-        raise FedpathError(
-            f"experiment.start: {cfg.experiment.start} is not built for FedMIC rows (its teacher and student have no θ_pre); "
-            "run them with --set experiment.start=scratch"
-        )
     if "fedmic" in cfg.experiment.variants:
         from fedpath.experiment_fedmic import fedmic_strategy
 

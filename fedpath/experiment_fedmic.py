@@ -12,9 +12,11 @@ FedAvg run of the same level (``fedavg`` / ``feddp eps=8``):
   (``rounds/<r>/update.safetensors``) and the model bodies it received (``train.json`` ``bytes_down``),
   with the ratio to FedAvg's.
 
-``fedpath experiment --config configs/experiment_real.yaml --set 'experiment.variants=[fedmic]' --set
-experiment.start=scratch --set experiment.dp_lr=null`` runs only these rows and their FedAvg baselines, with
-the recipe the README's FedMIC figures were measured with (FedMIC has no synthetic θ_pre).
+``fedpath experiment --config configs/experiment_real.yaml --set 'experiment.variants=[fedmic]'`` runs only
+these rows and their FedAvg baselines. With ``experiment.start: synthetic`` (that config) the student starts
+from the server's synthetic θ_pre, as every other row does, and each site's teacher from the same pretraining
+of the teacher's architecture (``teacher_init``); ``--set experiment.start=scratch --set experiment.dp_lr=null``
+gives the seeded start the README's earlier FedMIC figures were measured with.
 """
 
 from __future__ import annotations
@@ -207,6 +209,12 @@ def run_fedmic_variants(
     names = [s.name for s in cfg.sites]
     rounds = cfg.federation.rounds
     strategy = fedmic_strategy(cfg)  # the same for both privacy levels
+    if cfg.experiment.start == "synthetic" and strategy.get("teacher_init") is None:
+        # the student starts from θ_pre (version 0, as every row does) and each site's teacher from the same
+        # pretraining of its own, wider architecture
+        from fedpath.pretrain import run_teacher_pretrain
+
+        strategy["teacher_init"] = run_teacher_pretrain(cfg, float(strategy["teacher_width"]))["path"]
     for eps in (None, FEDMIC_EPSILON):
         tag = "" if eps is None else f" eps={eps:g}"
         baseline = "fedavg" if eps is None else f"feddp eps={eps:g}"

@@ -38,7 +38,8 @@ def run_pretrain(cfg: ExperimentConfig, data_root: Path | None, objective: str |
 
     pc = cfg.pretrain
     if (objective or pc.objective) == "synthetic":
-        return _synthetic_pretrain(cfg)
+        lay = RunLayout(cfg.run_dir).server
+        return _synthetic_pretrain(cfg, lay.synthetic_pretrained, lay.synthetic_run)
     manifest = cfg.federation.server_manifest
     if manifest is None:
         raise FedpathError(
@@ -96,11 +97,23 @@ def _kept(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     return dict(meta.extra.get("result", {})) | {"path": str(out)}
 
 
-def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
-    """θ_pre by supervised segmentation on slides the server synthesises (``pretrain.synthetic``), through the
-    normal synth, tiling and training paths: public data, so no DP and no site's budget. The training is the
-    pooled (centralised) job of a run of its own (``<run>/server/synthetic_run``): resumable after a kill,
-    and a finished model for the same settings is kept."""
+def run_teacher_pretrain(cfg: ExperimentConfig, width: float) -> dict[str, Any]:
+    """FedMIC's teacher θ_pre: the synthetic pretraining (:func:`run_pretrain`, ``objective: synthetic``) of
+    the teacher's architecture (``width`` times the model's channels), on the same synthetic slides; returns
+    what was done, ``path`` included. The server's public data, so no DP and no site's budget."""
+    from federation.fedmic_site import teacher_config
+
+    lay = RunLayout(cfg.run_dir).server
+    tcfg = cfg.model_copy(update={"model": teacher_config(cfg.model, width)})
+    return _synthetic_pretrain(tcfg, lay.synthetic_teacher_pretrained, lay.synthetic_teacher_run, "pretrain_teacher")
+
+
+def _synthetic_pretrain(cfg: ExperimentConfig, out: Path, run: Path, summary_key: str = "pretrain") -> dict[str, Any]:
+    """θ_pre of ``cfg.model`` into ``out`` by supervised segmentation on slides the server synthesises
+    (``pretrain.synthetic``), through the normal synth, tiling and training paths: public data, so no DP and
+    no site's budget. The training is the pooled (centralised) job of a run of its own (``run``, e.g.
+    ``<run>/server/synthetic_run``): resumable after a kill, and a finished model for the same settings is
+    kept."""
     from pipeline.train import train_local
     from wsi.synth import run_synth
     from wsi.tiling import run_tile_site
@@ -108,7 +121,6 @@ def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
     pc = cfg.pretrain
     sp = pc.synthetic
     lay = RunLayout(cfg.run_dir).server
-    out = lay.synthetic_pretrained
     settings = {
         "objective": "synthetic", "synth": sp.synth.model_dump(mode="json"), "steps": sp.steps,
         "model": cfg.model.model_dump(), "tiling": cfg.tiling.model_dump(mode="json"),
@@ -119,7 +131,7 @@ def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     synth = run_synth(sp.synth, lay.synthetic, cfg.run_dir)
     sites = [SiteConfig(name=s, manifest=Path(m)) for s, m in synth["manifests"].items()]
-    sub = variant_config(cfg, "pretrain", lay.synthetic_run, sites=[s.model_dump() for s in sites],
+    sub = variant_config(cfg, "pretrain", run, sites=[s.model_dump() for s in sites],
                          train__privacy__enabled=False, train__max_steps=sp.steps, train__seed=pc.seed)  # fmt: skip
     for s in sites:
         res = run_tile_site(
@@ -142,7 +154,7 @@ def _synthetic_pretrain(cfg: ExperimentConfig) -> dict[str, Any]:
         extra={"settings": settings, "result": result},
     )  # fmt: skip
     save_model(out, trained.state, meta)
-    update_summary(cfg.run_dir, "pretrain", result)
+    update_summary(cfg.run_dir, summary_key, result)
     log.info("pretrain: θ_pre written to %s (%s)", out, result)
     return result
 

@@ -83,6 +83,13 @@ class FedMICConfig(StrategyConfig):
     error_feedback: bool = Field(
         True, description="carry what the factors leave out of a delta into the next round's (sites and server)"
     )
+    teacher_init: str | None = Field(
+        None,
+        description="site side: a model file of the teacher's architecture its first round starts from (e.g. "
+        "the server's synthetic θ_pre of it, `fedpath.pretrain.run_teacher_pretrain`, handed out with the "
+        "site's config); read from the site's own config, never from the server's round config. None: a "
+        "seeded init",
+    )
 
     @model_validator(mode="after")
     def _rising(self) -> FedMICConfig:

@@ -71,7 +71,6 @@ def test_experiment_starts_every_row_from_theta_pre(repo_root: Path, tmp_path: P
     import torch
 
     from pipeline.checkpoint import read_model_file
-    from pipeline.errors import FedpathError
 
     cfg_d = yaml.safe_load((repo_root / "configs" / "demo.yaml").read_text())
     run_dir, data = tmp_path / "exp", tmp_path / "synthetic"
@@ -105,8 +104,25 @@ def test_experiment_starts_every_row_from_theta_pre(repo_root: Path, tmp_path: P
     assert _threads_for(cfg, 2).train.threads == 1 and site_job_threads(cfg) == 1
     assert _threads_for(load_config(tmp_path / "exp.yaml", ["train.threads=8"]), 3).train.threads == 2
     assert site_job_threads(load_config(tmp_path / "exp.yaml", ["train.threads=null"])) is None
-    with pytest.raises(FedpathError, match="experiment.start"):
-        run_experiment(load_config(tmp_path / "exp.yaml", ["experiment.variants=[fedmic]"]), data)
+    # FedMIC rows from θ_pre too: the shared student from θ_pre (version 0), each site's teacher from the same
+    # pretraining of the teacher's own, wider architecture; at lr 1e-7 both are still their θ_pre
+    from fedcore.layout import RunLayout
+    from federation.fedmic_site import teacher_config
+    from federation.site_state import SiteState
+    from fedpath.experiment_fedmic import FEDMIC_STRATEGY
+
+    mic = run_experiment(load_config(tmp_path / "exp.yaml", ["experiment.variants=[fedmic]"]), data, epsilons=[8.0])
+    assert {"fedmic", "fedmic eps=8"} <= set(mic["rows"])
+    tpre, tmeta = read_model_file(run_dir / "server" / "synthetic_teacher_pretrained.safetensors")
+    assert tmeta.model == teacher_config(cfg.model, FEDMIC_STRATEGY["teacher_width"]) and tmeta.model != cfg.model
+    for row in ("fedmic", "fedmic_eps_8"):
+        student, _ = read_model_file(run_dir / "variants" / "seed_0" / row / "model.safetensors")
+        assert max(float((student[k].float() - pre[k].float()).abs().max()) for k in pre) < 1e-5, row
+        for site in ("a", "b"):
+            personal = SiteState(RunLayout(run_dir / "variants" / "seed_0" / row).site(site).state).load_personal()
+            assert personal is not None
+            worst = max(float((personal[f"teacher.{k}"].float() - tpre[k].float()).abs().max()) for k in tpre)
+            assert worst < 1e-5, (row, site, worst)
 
 
 def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:

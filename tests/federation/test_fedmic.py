@@ -265,3 +265,37 @@ def test_one_way_distillation_leaves_the_student_its_task_gradient_only() -> Non
     assert float(grads[0.0][2].abs().max()) == 0.0  # the projection's (student-side) feature term is off
     assert not torch.allclose(grads[1.0][0], task_grad, atol=1e-4)
     assert torch.allclose(grads[0.0][1], grads[1.0][1])  # the teacher learns from the student either way
+
+
+def test_teacher_starts_from_teacher_init_of_its_own_architecture(tmp_path: Path) -> None:
+    """``teacher_init`` (the site's own strategy config): a site's first round starts its teacher from that
+    file, e.g. the server's synthetic θ_pre of the teacher's architecture; unset, a seeded init (which differs,
+    so the check can fail); a file of another architecture is a one-line error naming it."""
+    from federation.fedmic_site import MutualHooks, teacher_config
+    from federation.payloads import FitConfig
+    from federation.site_state import SiteState
+    from pipeline.checkpoint import ModelMeta, save_model
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_model
+
+    model = ModelConfig(name="unet", channels=[8, 16], strides=[2], num_res_units=0, groups=4, out_channels=3)
+    tcfg = teacher_config(model, 1.5)
+    torch.manual_seed(123)
+    pre = {k: v.clone() for k, v in build_model(tcfg).state_dict().items()}
+    good, wrong = tmp_path / "teacher_pre.safetensors", tmp_path / "student_pre.safetensors"
+    save_model(good, pre, ModelMeta(model=tcfg, tile_size=64, target_mpp=1.0, source="pretrained"))
+    save_model(wrong, build_model(model).state_dict(), ModelMeta(model=model, tile_size=64, target_mpp=1.0, source="pretrained"))
+
+    def teacher(init: Path | None) -> dict[str, torch.Tensor]:
+        strategy: dict[str, Any] = {"name": "fedmic", "teacher_width": 1.5, "teacher_init": None if init is None else str(init)}
+        cfg = ExperimentConfig(run_dir=tmp_path / "run", model=model, federation={"strategy": strategy})
+        hooks = MutualHooks(cfg, FitConfig(extra={"teacher_width": 1.5}), SiteState(tmp_path / "run" / "state"))
+        pair = hooks.wrap(build_model(model))
+        return {k: v.detach() for k, v in pair.teacher.state_dict().items()}  # type: ignore[union-attr]
+
+    started = teacher(good)
+    assert all(torch.equal(started[k], pre[k]) for k in pre)
+    seeded = teacher(None)
+    assert any(not torch.equal(seeded[k], pre[k]) for k in pre if k.endswith("weight"))
+    with pytest.raises(FedpathError, match=r"student_pre.safetensors: teacher_init is a unet with channels \[8, 16\]"):
+        teacher(wrong)
