@@ -213,7 +213,6 @@ def run_experiment(
 
     from federation.server import initial_model_state
     from fedpath.simulate import run_simulation
-    from pipeline.train import train_local
 
     t_start = time.perf_counter()
     cpu0 = _cpu_seconds(resource)
@@ -307,34 +306,33 @@ def run_experiment(
         for seed in ex.seeds:
             seeded = {"train__seed": seed, "federation__seed": seed}
             root = base_dir / "variants" / f"seed_{seed}"
-            todo = [s for s in (names if "local" in ex.variants else []) if f"local:{s}@{seed}" not in runs]
+            # the local models and the centralised one: (row, sites, steps); the longest first, so that with
+            # experiment.parallel_local workers it trains beside the others instead of after them
+            todo: list[tuple[str, list[str], int]] = []
+            if "centralised" in ex.variants and f"centralised@{seed}" not in runs:
+                todo.append(("centralised", names, rounds * steps * len(names)))
+            todo += [(f"local:{s}", [s], rounds * steps) for s in (names if "local" in ex.variants else []) if f"local:{s}@{seed}" not in runs]
             jobs: dict[str, tuple[ExperimentConfig, Path]] = {}
-            for site in todo:
-                vdir = root / f"local_{site}"
-                jobs[site] = (variant_config(cfg, f"local_{site}", vdir, **no_dp, **seeded), vdir)
-                _link_stores(cfg, jobs[site][0])
+            for row, _, _ in todo:
+                vdir = root / row.replace(":", "_")
+                jobs[row] = (variant_config(cfg, row.replace(":", "_"), vdir, **no_dp, **seeded), vdir)
+                _link_stores(cfg, jobs[row][0])
             if ex.parallel_local > 1 and len(todo) > 1:
                 if pool is None:
                     pool = _local_pool(ex.parallel_local)
                 futures = {
-                    pool.submit(_train_local_job, _threads_for(vcfg, ex.parallel_local), site, vdir, start, rounds * steps): site
-                    for site, (vcfg, vdir) in jobs.items()
+                    pool.submit(_train_local_job, _threads_for(jobs[row][0], ex.parallel_local), sites_, jobs[row][1], start, n): row
+                    for row, sites_, n in todo
                 }
                 done: Iterable[tuple[str, Any]] = ((futures[f], f.result()) for f in as_completed(futures))
             else:
-                done = ((site, _train_local_job(vcfg, site, vdir, start, rounds * steps)) for site, (vcfg, vdir) in jobs.items())
-            for site, local in done:
-                record(f"local:{site}", seed, "local", local.state, local.seconds, jobs[site][1],
-                       {"site": site, "steps": local.steps, "early_stopping": local.metrics.get("early_stopping")})  # fmt: skip
-
-            if "centralised" in ex.variants and f"centralised@{seed}" not in runs:
-                vdir = root / "centralised"
-                vcfg = variant_config(cfg, "centralised", vdir, **no_dp, **seeded)
-                _link_stores(cfg, vcfg)
-                t0 = time.perf_counter()
-                pooled = train_local(vcfg, names, vdir, init_state=start, max_steps=rounds * steps * len(names), job_id="experiment")
-                record("centralised", seed, "centralised", pooled.state, time.perf_counter() - t0, vdir,
-                       {"steps": pooled.steps, "early_stopping": pooled.metrics.get("early_stopping")})  # fmt: skip
+                done = ((row, _train_local_job(jobs[row][0], sites_, jobs[row][1], start, n)) for row, sites_, n in todo)
+            for row, trained in done:
+                extra = {"steps": trained.steps, "early_stopping": trained.metrics.get("early_stopping")}
+                if row == "centralised":
+                    record("centralised", seed, "centralised", trained.state, trained.seconds, jobs[row][1], extra)
+                else:
+                    record(row, seed, "local", trained.state, trained.seconds, jobs[row][1], {"site": row.split(":", 1)[1], **extra})
 
             def federated(name: str, vdir: Path, vcfg: ExperimentConfig, extra: dict[str, Any], seed: int = seed) -> None:
                 _link_stores(cfg, vcfg)
@@ -423,12 +421,13 @@ def _local_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _train_local_job(
-    cfg: ExperimentConfig, site: str, run_dir: Path, start: dict[str, torch.Tensor] | None, max_steps: int
+    cfg: ExperimentConfig, sites: list[str], run_dir: Path, start: dict[str, torch.Tensor] | None, max_steps: int
 ) -> Any:
-    """One site's local model (no DP, the experiment's baseline); in the experiment's process or a worker."""
+    """A model trained without DP on ``sites``' pooled training tiles (one site: its local model; every site: the
+    centralised one), the experiment's baselines; in the experiment's process or a worker."""
     from pipeline.train import train_local
 
-    return train_local(cfg, [site], run_dir, init_state=start, max_steps=max_steps, job_id="experiment")
+    return train_local(cfg, sites, run_dir, init_state=start, max_steps=max_steps, job_id="experiment")
 
 
 def _cpu_seconds(resource: Any) -> float:

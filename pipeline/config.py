@@ -495,8 +495,9 @@ class ExperimentOptions(_Strict):
     )
     parallel_local: int = Field(
         1, ge=1,
-        description="local models trained at the same time, each in its own process on train.threads // "
-        "parallel_local threads (two one-thread jobs get more out of two cores than one two-thread job)",
+        description="baseline trainings (the local models and the centralised one, the longest first) run at "
+        "the same time, each in its own process on train.threads // parallel_local threads (two one-thread "
+        "jobs get more out of two cores than one two-thread job)",
     )
     fedmic: dict[str, Any] = Field(
         default_factory=dict,

@@ -81,7 +81,8 @@ def test_experiment_starts_every_row_from_theta_pre(repo_root: Path, tmp_path: P
     cfg_d["federation"].update(rounds=1, min_sites=2, parallel_sites=2)
     cfg_d["pretrain"] = {"synthetic": {"steps": 4, "synth": {
         "sites": ["p"], "slides_per_site": 2, "val_slides": 1, "held_out_slides": 0, "width": 512, "height": 512}}}
-    # the two local models train side by side in worker processes (experiment.parallel_local), one thread each
+    # the centralised and the two local models train side by side in worker processes (experiment.parallel_local),
+    # one thread each, the centralised one first
     cfg_d["train"]["threads"] = 2
     cfg_d["experiment"] = {"seeds": [0], "federated": ["fedavg"], "start": "synthetic", "parallel_local": 2,
                            "variants": ["local", "centralised", "federated"]}  # fmt: skip
