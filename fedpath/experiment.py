@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from fedcore.hashing import sha256_bytes
+from fedcore.io import atomic_write_bytes
 from fedcore.layout import RunLayout
 from fedcore.summary import update_summary
 from fedpath.seedstats import mean_sd, pm, spread
@@ -176,19 +178,77 @@ def _eps_cell(eps_delta: tuple[float, float | None]) -> str:
 DEFAULT_EPSILONS: tuple[float, ...] = (math.inf, 8.0, 4.0, 1.0)
 
 
-def _config_key(cfg: ExperimentConfig) -> str:
-    """Rows computed under another config are stale; the ε list only adds or drops FedDP rows."""
-    import hashlib
+#: settings that only choose which rows an invocation runs, or how its trainings share the cores (thread counts
+#: change the order of float sums, nothing else): no row's key holds them
+_SCHEDULING: dict[str, set[str] | None] = {
+    "run_dir": None, "name": None, "train": {"threads"}, "federation": {"simulate_workers", "parallel_sites"},
+    "experiment": {"seeds", "variants", "fedmic", "epsilons", "federated", "parallel_local"},
+}  # fmt: skip
+#: what a row without DP never reads (dp_changes applies them to the DP rows only)
+_DP_ONLY: dict[str, set[str] | None] = {"experiment": {"dp_max_steps", "dp_lr", "dp_batch_size"}, "train": {"privacy"}}
+#: of ``federation``, what the local and centralised models read: their step budget (rounds) and start
+_BASELINE_FEDERATION = ("rounds", "initial_model")
 
-    # how `simulate` runs its site jobs (warm workers or fresh processes) changes no result
-    # nor which seeds one invocation runs: per-seed invocations (in parallel, say) share one table
+
+def _drop(data: dict[str, Any], spec: dict[str, set[str] | None]) -> None:
+    for section, keys in spec.items():
+        if keys is None:
+            data.pop(section, None)
+        else:
+            for k in keys:
+                data.get(section, {}).pop(k, None)
+
+
+def row_key(cfg: ExperimentConfig, row: str) -> str:
+    """The settings a table row (``local:<site>``, ``centralised``, ``fedavg``, ``feddp eps=8``, ``fedmic``, …)
+    was trained and scored with, hashed: a recorded row whose key differs is stale and trains again, every
+    other row stays. A setting of the DP rows only (``experiment.dp_lr``, ``train.privacy``) reruns those
+    rows; a federation setting leaves the local and centralised models; FedMIC's own settings
+    (``experiment.fedmic``) are checked by its rows (:mod:`fedpath.experiment_fedmic`)."""
+    data = cfg.model_dump(mode="json")
+    _drop(data, _SCHEDULING)
+    if "eps=" not in row:
+        _drop(data, _DP_ONLY)
+    if row == "centralised" or row.startswith("local:"):
+        _drop(data, {"experiment": {"select_round"}})
+        data["federation"] = {k: data["federation"][k] for k in _BASELINE_FEDERATION}
+    return sha256_bytes(json.dumps(data, sort_keys=True).encode())[:16]
+
+
+def _legacy_config_key(cfg: ExperimentConfig) -> str:
+    """The one key for every row that ``experiment.json`` held before :func:`row_key` (its records carry no key
+    of their own): a run directory of that version resumes instead of training every row again."""
     exclude: Any = {
         "run_dir": True, "name": True, "federation": {"simulate_workers"}, "experiment": {"seeds", "variants", "fedmic"},
         "train": {"threads"},
     }  # fmt: skip
-    # FedMIC's own settings (experiment.fedmic) change only its rows, which record them and are rerun when
-    # they differ (experiment_fedmic.run_fedmic_variants)
-    return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
+    return sha256_bytes(cfg.model_dump_json(exclude=exclude).encode())[:16]
+
+
+def current_runs(cfg: ExperimentConfig, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The records of ``experiment.json`` (``state``) that still hold under ``cfg``: each row's own key matches
+    (:func:`row_key`); a record of the one-key version counts when that key matches, and gets its row key."""
+    legacy = state.get("config_key") is not None and state.get("config_key") == _legacy_config_key(cfg)
+    out: dict[str, dict[str, Any]] = {}
+    for k, run in state.get("runs", {}).items():
+        key = row_key(cfg, str(run.get("name")))
+        if run.get("key") == key or (legacy and "key" not in run):
+            out[k] = {**run, "key": key}
+    return out
+
+
+def claim_row_dir(vdir: Path, key: str) -> None:
+    """Make ``vdir`` the training directory of a row with ``key``: a directory left by a row of other settings
+    (or of a version before row keys) is moved aside, never trained on nor deleted; the same row's directory
+    stays, so an interrupted training resumes."""
+    mark = vdir / "row_key"
+    if vdir.exists() and not (mark.is_file() and mark.read_text().strip() == key):
+        old = mark.read_text().strip() if mark.is_file() else "unkeyed"
+        aside = vdir.with_name(f"{vdir.name}.stale-{old}-{int(time.time())}")
+        log.warning("experiment: %s was trained with other settings; moved to %s", vdir, aside.name)
+        vdir.rename(aside)
+    vdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(mark, (key + "\n").encode())
 
 
 def merge_runs(runs: dict[str, Any], mine: set[str], disk: dict[str, Any]) -> None:
@@ -235,16 +295,16 @@ def run_experiment(
         raise FedpathError("experiment: set train.max_steps (local steps per round) so every variant has the same budget")
     names = [s.name for s in cfg.sites]
     eps_list: list[float] = list(epsilons or ex.epsilons or DEFAULT_EPSILONS)
-    key = _config_key(cfg)
     state_file = base_dir / "experiment.json"
+    key_cfg = cfg  # rows are keyed by the settings as given (θ_pre's path, set below, follows from them)
     runs: dict[str, dict[str, Any]] = {}
     if state_file.exists():
         try:
             previous = json.loads(state_file.read_text())
         except json.JSONDecodeError:
             previous = {}
-        if previous.get("config_key") == key:
-            runs = previous.get("runs", {})
+        runs = current_runs(key_cfg, previous)  # each row's own settings: a changed DP setting reruns the DP rows only
+        if runs:
             log.info("experiment: resuming, %d runs already done: %s", len(runs), ", ".join(runs))
 
     mine: set[str] = set()  # the runs this invocation recorded: every other one is read back from disk
@@ -261,12 +321,11 @@ def run_experiment(
                     disk = json.loads(state_file.read_text())
                 except json.JSONDecodeError:
                     disk = {}
-                if disk.get("config_key") == key:
-                    merge_runs(runs, mine, disk.get("runs", {}))
+                merge_runs(runs, mine, current_runs(key_cfg, disk))
             tmp = state_file.with_suffix(f".json.{os.getpid()}.tmp")
             all_seeds = sorted({int(r["seed"]) for r in runs.values()} | set(ex.seeds))
             rows = aggregate(runs, names, all_seeds)
-            tmp.write_text(json.dumps({"config_key": key, "runs": runs, "rows": rows}, indent=2, default=str))
+            tmp.write_text(json.dumps({"runs": runs, "rows": rows}, indent=2, default=str))
             os.replace(tmp, state_file)
 
     def record(
@@ -284,7 +343,7 @@ def run_experiment(
         ev = _evaluate(cfg, state, data_root)
         mine.add(f"{name}@{seed}")
         runs[f"{name}@{seed}"] = {
-            "name": name, "seed": seed, "kind": kind, "seconds": seconds, "eval": ev, "ledger": _ledger_eps(run_dir),
+            "name": name, "seed": seed, "kind": kind, "key": row_key(key_cfg, name), "seconds": seconds, "eval": ev, "ledger": _ledger_eps(run_dir),
             "seconds_eval": round(time.perf_counter() - t0, 1), "cpu_seconds_so_far": round(_cpu_seconds(resource) - cpu0, 1),
             **extra,
         }  # fmt: skip
@@ -315,6 +374,7 @@ def run_experiment(
             jobs: dict[str, tuple[ExperimentConfig, Path]] = {}
             for row, _, _ in todo:
                 vdir = root / row.replace(":", "_")
+                claim_row_dir(vdir, row_key(key_cfg, row))
                 jobs[row] = (variant_config(cfg, row.replace(":", "_"), vdir, **no_dp, **seeded), vdir)
                 _link_stores(cfg, jobs[row][0])
             if ex.parallel_local > 1 and len(todo) > 1:
@@ -335,6 +395,7 @@ def run_experiment(
                     record(row, seed, "local", trained.state, trained.seconds, jobs[row][1], {"site": row.split(":", 1)[1], **extra})
 
             def federated(name: str, vdir: Path, vcfg: ExperimentConfig, extra: dict[str, Any], seed: int = seed) -> None:
+                claim_row_dir(vdir, row_key(key_cfg, name))
                 _link_stores(cfg, vcfg)
                 t0 = time.perf_counter()
                 run_simulation(vcfg)

@@ -62,6 +62,17 @@ def test_experiment_small(repo_root: Path, tmp_path: Path) -> None:
     state = json.loads((run_dir / "experiment.json").read_text())
     again = run_experiment(cfg, data, epsilons=[8.0])
     assert again["rows"] == state["rows"]
+    # a setting of the DP rows only trains those rows again: every other record stays as it was, and the DP
+    # rows' directories of the other setting are moved aside (kept, never trained on)
+    run_experiment(load_config(tmp_path / "exp.yaml", ["experiment.dp_lr=0.0005"]), data, epsilons=[8.0])
+    after = json.loads((run_dir / "experiment.json").read_text())["runs"]
+    assert set(after) == set(state["runs"])
+    for k, run in state["runs"].items():
+        assert (after[k]["key"] != run["key"]) if "eps=" in k else (after[k] == run), k
+    for seed in (0, 1):
+        vdir = run_dir / "variants" / f"seed_{seed}"
+        assert [p.name.split(".stale-")[0] for p in vdir.glob("*.stale-*")] == ["feddp_eps_8"]
+        assert (vdir / "feddp_eps_8" / "row_key").read_text().strip() == after[f"feddp eps=8@{seed}"]["key"]
 
 
 def test_experiment_starts_every_row_from_theta_pre(repo_root: Path, tmp_path: Path) -> None:
@@ -254,3 +265,36 @@ def test_resumed_fedmic_row_keeps_its_earlier_training_time(repo_root: Path) -> 
     assert _earlier_seconds(cfg, other, strat, dp=True) == 0.0
     assert _earlier_seconds(cfg, other, strat, dp=False) == 2421.0  # a DP-only setting, the row without DP
     assert _earlier_seconds(cfg, {}, strat, dp=True) == 0.0
+
+
+def test_row_keys_hold_the_settings_each_row_reads(repo_root: Path, tmp_path: Path) -> None:
+    """A recorded row is stale only when a setting it reads changed: a DP-only setting reruns the DP rows, a
+    federation setting the federations, a training setting every row; how the cores are shared none. Records
+    of the one-key version resume under their own key."""
+    from fedpath.experiment import _legacy_config_key, claim_row_dir, current_runs, row_key
+
+    cfg = load_config(repo_root / "configs" / "experiment_real.yaml")
+    rows = ["local:gbm40_emory", "centralised", "fedavg", "feddp eps=8", "fedmic", "fedmic eps=8"]
+
+    def stale(*overrides: str) -> set[str]:
+        other = load_config(repo_root / "configs" / "experiment_real.yaml", list(overrides))
+        return {r for r in rows if row_key(other, r) != row_key(cfg, r)}
+
+    assert stale("experiment.dp_lr=0.001") == stale("train.privacy.max_grad_norm=0.5") == {"feddp eps=8", "fedmic eps=8"}
+    assert stale("federation.proximal_mu=0.1") == {"fedavg", "feddp eps=8", "fedmic", "fedmic eps=8"}
+    assert stale("train.lr=0.001") == stale("federation.rounds=3") == stale("inference.tta=none") == set(rows)
+    assert stale("experiment.parallel_local=1", "federation.parallel_sites=4", "train.threads=1", "experiment.seeds=[7]") == set()
+
+    legacy = {"config_key": _legacy_config_key(cfg), "runs": {"fedavg@0": {"name": "fedavg", "seed": 0}}}
+    assert current_runs(cfg, legacy) == {"fedavg@0": {"name": "fedavg", "seed": 0, "key": row_key(cfg, "fedavg")}}
+    assert current_runs(load_config(repo_root / "configs" / "experiment_real.yaml", ["train.lr=0.001"]), legacy) == {}
+
+    vdir = tmp_path / "feddp_eps_8"
+    claim_row_dir(vdir, "k1")
+    (vdir / "progress.json").write_text("{}")
+    claim_row_dir(vdir, "k1")  # the same row resumes in its directory
+    assert (vdir / "progress.json").is_file()
+    claim_row_dir(vdir, "k2")  # another setting's directory is moved aside, whole
+    assert not (vdir / "progress.json").exists() and (vdir / "row_key").read_text().strip() == "k2"
+    (aside,) = tmp_path.glob("feddp_eps_8.stale-k1-*")
+    assert (aside / "progress.json").is_file()
