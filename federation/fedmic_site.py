@@ -196,6 +196,10 @@ class MutualHooks:
         return pair.student
 
 
+#: the personal models ``personal: auto`` chooses from, in the order that breaks a tie
+AUTO_CANDIDATES = ("student", "student+local", "teacher+student", "teacher+student+local", "teacher")
+
+
 class FedMICSite:
     """FedMIC's site algorithm: compressed downloads onto the kept version, mutual distillation."""
 
@@ -208,9 +212,39 @@ class FedMICSite:
         after its last round's local steps, before averaging: FedAvg's local adaptation, Yu et al. 2020)."""
         from federation.strategies import strategy_config
 
+        kind = str(getattr(strategy_config(cfg.federation), "personal", "teacher"))
+        if kind == "auto":
+            kind = self.choose_personal(cfg, site, global_state)["kind"]
+        return self._assemble(cfg, site, global_state, kind)
+
+    def choose_personal(self, cfg: ExperimentConfig, site: str, global_state: State) -> dict[str, Any]:
+        """``personal: auto``: the site scores every candidate (:data:`AUTO_CANDIDATES`, the global student
+        alone among them) on its own validation tiles, as its early stopping does, and keeps the best; on a tie
+        the first listed. Its own data only, after the federation: no upload, no ε (the validation split never
+        trains). The choice and every score are written to the site's state (``personal_choice.json``)."""
+        from fedcore.io import atomic_write_json
+        from pipeline.models import build_model
+        from pipeline.train import validation_score
+
+        scores: dict[str, float | None] = {}
+        for kind in AUTO_CANDIDATES:
+            state, net_cfg = self._assemble(cfg, site, global_state, kind)
+            net = build_model(net_cfg)
+            net.load_state_dict(state)
+            scores[kind] = validation_score(cfg, cfg.run_dir, site, net)
+        scored = [k for k in AUTO_CANDIDATES if scores[k] is not None]
+        if not scored:
+            raise FedpathError(f"site {site}: personal: auto needs a validation split (train.val_fraction), and it has none")
+        best = max(scored, key=lambda k: (scores[k], -AUTO_CANDIDATES.index(k)))
+        choice = {"kind": best, "val_dice": scores}
+        atomic_write_json(SiteState(RunLayout(cfg.run_dir).site(site).state).choice_path, choice)
+        return choice
+
+    def _assemble(self, cfg: ExperimentConfig, site: str, global_state: State, kind: str) -> tuple[State, ModelConfig]:
+        from federation.strategies import strategy_config
+
         state = SiteState(RunLayout(cfg.run_dir).site(site).state)
         scfg = strategy_config(cfg.federation)
-        kind = str(getattr(scfg, "personal", "teacher"))
         parts = kind.split("+")
         best = state.load_best() if getattr(scfg, "personal_select", "last") == "best" else None
         last = state.load_personal() if best is None or "local" in parts else None  # one file read where it does

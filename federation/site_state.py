@@ -105,6 +105,11 @@ class SiteState:
             return None
         return opt[0], opt[1]["info"]
 
+    @property
+    def choice_path(self) -> Path:
+        """``personal: auto``: which personal model the site chose, and every candidate's validation Dice."""
+        return self.root / "personal_choice.json"
+
     # -- the best personal model so far, by validation Dice on the site's own split -------------------------
     @property
     def best_path(self) -> Path:

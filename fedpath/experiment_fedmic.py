@@ -122,8 +122,9 @@ Record = Callable[[str, str, dict[str, torch.Tensor], float, Path, dict[str, Any
 EvaluateOwn = Callable[[ExperimentConfig, dict[str, torch.Tensor], str], dict[str, Any]]
 
 
-#: the personal models a FedMIC site can infer with (``federation.strategy.personal``)
-PERSONAL_KINDS = ("teacher", "teacher+student", "student+local", "teacher+student+local")
+#: the personal models a FedMIC site can infer with (``federation.strategy.personal``); ``auto`` is the one of
+#: the others that the site's own validation split picks
+PERSONAL_KINDS = ("teacher", "student", "teacher+student", "student+local", "teacher+student+local", "auto")
 
 
 def personalised_dice(
@@ -142,6 +143,10 @@ def personalised_dice(
         for s in kcfg.sites:
             if not SiteState(RunLayout(kcfg.run_dir).site(s.name).state).personal_path.is_file():
                 continue  # the site never finished a round: no teacher
+            if kind == "auto":  # the site's choice on its validation split, one of the kinds scored above
+                choice = FedMICSite().choose_personal(kcfg, s.name, student)
+                out[kind][s.name] = {**out[choice["kind"]][s.name], "chosen": choice["kind"], "val_dice": choice["val_dice"]}
+                continue
             own = FedMICSite().personal_model(kcfg, s.name, student)
             assert own is not None
             state, net_cfg = own
@@ -320,6 +325,8 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
         per_seed = sorted((r for r in runs.values() if r["name"] == name and r.get("fedmic")), key=lambda r: r["seed"])
         kinds = sorted({str(r["fedmic"].get("strategy", {}).get("personal", "teacher")) for r in per_seed})
         for s in sites:
+            picked = [r["fedmic"].get("personal_models", {}).get("auto", {}).get(s, {}).get("chosen") for r in per_seed]
+            picks = ", ".join(f"{k} ×{picked.count(k)}" for k in dict.fromkeys(p for p in picked if p))
             chosen: list[Any] = []
             adapted: list[Any] = []
             delta: dict[str, list[Any]] = {k: [] for k in PERSONAL_KINDS}
@@ -340,7 +347,7 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
                 down.append(mic["bytes"][s]["down_per_round"] / 1024)
                 r_up.append(mic["up_ratio"][s])
                 r_down.append(mic["down_ratio"][s])
-            cells = [name, s, str(len(per_seed)), " / ".join(kinds), spread(chosen), spread(base)]
+            cells = [name, s, str(len(per_seed)), " / ".join(kinds) + (f" (auto: {picks})" if picks else ""), spread(chosen), spread(base)]
             cells += [spread(delta[k]) for k in PERSONAL_KINDS] + [spread(adapted)]
             cells += [spread(student), spread(up, 1), spread(down, 1), spread(r_up, 2), spread(r_down, 2)]
             lines.append("| " + " | ".join(cells) + " |")
@@ -348,7 +355,7 @@ def fedmic_table(runs: dict[str, dict[str, Any]], sites: list[str]) -> str:
         return ""
     return (
         "\nFedMIC (each site's personal model -- its teacher, global student and/or own last local student, logits "
-        "averaged (Δ for every kind scored) -- vs "
+        "averaged (Δ for every kind scored; auto: the kind each site's own validation split picked) -- vs "
         "FedAvg's global model of the same privacy level, on the site's own test images; bytes on the wire per "
         "site per round; mean ± sd over seeds, Δ paired by seed):\n\n" + "\n".join(lines) + "\n"
     )

@@ -212,6 +212,50 @@ def _site_paths(run_dir: Path, sites: list[str], round_index: int | None) -> tup
 
 
 # -- the job ----------------------------------------------------------------------------------------------
+def site_datasets(
+    cfg: ExperimentConfig, run_dir: Path, sites: list[str]
+) -> tuple[list[TileDataset], list[TileDataset], dict[str, Any], dict[str, Any] | None]:
+    """Each site's training and validation tiles (its store split by slide, ``train.val_fraction`` and
+    ``train.seed``), stain-normalised as ``train.stain`` says: (train parts, validation parts, the split per site,
+    the stain reference)."""
+    tc = cfg.train
+    train_parts: list[TileDataset] = []
+    val_parts: list[TileDataset] = []
+    split_info: dict[str, Any] = {}
+    ref_tiles: list[np.ndarray] = []
+    for i, site in enumerate(sites):
+        store_path = RunLayout(run_dir).site(site).store
+        split = split_by_slide(SiteStore(store_path), tc.val_fraction, tc.seed)
+        split_info[site] = {"train": split.train, "val": split.val, "source": split.source}
+        classes = 3 if cfg.model.out_channels == 3 else 2  # a 3-class model learns inside/boundary
+        train_parts.append(TileDataset(store_path, split.train, tc.augment, None, seed=tc.seed + i, classes=classes))
+        if split.val:
+            val_parts.append(TileDataset(store_path, split.val, None, None, seed=tc.seed + i, classes=classes))
+        if tc.stain.method != "none":
+            ds0 = train_parts[-1]
+            pick = np.linspace(0, len(ds0) - 1, min(tc.stain.reference_tiles, len(ds0))).round().astype(int)
+            ref_tiles += [ds0.read(int(k))[0] for k in pick]
+    stain_ref = None
+    if tc.stain.method != "none":
+        from pipeline.stain import build_stain
+
+        stain_fn, stain_ref = build_stain(tc.stain, ref_tiles)
+        for d in train_parts + val_parts:
+            d.stain = stain_fn
+    return train_parts, val_parts, split_info, stain_ref
+
+
+def validation_score(cfg: ExperimentConfig, run_dir: Path, site: str, net: nn.Module) -> float | None:
+    """``net``'s Dice on ``site``'s own validation tiles, as its training's early stopping reads it (the
+    mean over validation slides, ``train.max_val_tiles``); None when the site has no validation slide."""
+    _, val_parts, _, _ = site_datasets(cfg, run_dir, [site])
+    if not val_parts:
+        return None
+    got = evaluate_dataset(net, _concat(val_parts), max_tiles=cfg.train.max_val_tiles, precision=resolve_precision(cfg.train.precision))
+    dice = got.get("dice")
+    return None if dice is None else float(dice)
+
+
 def train_local(
     cfg: ExperimentConfig,
     sites: list[str],
@@ -251,29 +295,8 @@ def train_local(
     mu = proximal_mu or (cfg.federation.proximal_mu if proximal_ref is not None else 0.0)
 
     # -- data ------------------------------------------------------------------------------------------
-    train_parts: list[TileDataset] = []
-    val_parts: list[TileDataset] = []
-    split_info: dict[str, Any] = {}
-    ref_tiles: list[np.ndarray] = []
-    for i, site in enumerate(sites):
-        store_path = RunLayout(run_dir).site(site).store
-        split = split_by_slide(SiteStore(store_path), tc.val_fraction, tc.seed)
-        split_info[site] = {"train": split.train, "val": split.val, "source": split.source}
-        classes = 3 if cfg.model.out_channels == 3 else 2  # a 3-class model learns inside/boundary
-        train_parts.append(TileDataset(store_path, split.train, tc.augment, None, seed=tc.seed + i, classes=classes))
-        if split.val:
-            val_parts.append(TileDataset(store_path, split.val, None, None, seed=tc.seed + i, classes=classes))
-        if tc.stain.method != "none":
-            ds0 = train_parts[-1]
-            pick = np.linspace(0, len(ds0) - 1, min(tc.stain.reference_tiles, len(ds0))).round().astype(int)
-            ref_tiles += [ds0.read(int(k))[0] for k in pick]
-    stain_ref = None
-    if tc.stain.method != "none":
-        from pipeline.stain import build_stain
-
-        stain_fn, stain_ref = build_stain(tc.stain, ref_tiles)
-        for d in train_parts + val_parts:
-            d.stain = stain_fn
+    train_parts, val_parts, split_info, stain_ref = site_datasets(cfg, run_dir, sites)
+    if cfg.train.stain.method != "none":
         _atomic_json(job_dir / "stain.json", stain_ref or {})
     if pc.enabled and pc.augment_multiplicity > 1 and tc.augment is not None:
         for d in train_parts:  # K augmentations per sampled tile, averaged per tile before clipping

@@ -58,11 +58,12 @@ class FedMICConfig(StrategyConfig):
         "student (1: mutual; 0: one-way, the shared student learns only its task, as FedAvg's model does)",
     )
     teacher_width: float = Field(2.0, ge=1, description="teacher channels = student channels x this")
-    personal: Literal["teacher", "teacher+student", "student+local", "teacher+student+local"] = Field(
+    personal: Literal["teacher", "student", "teacher+student", "student+local", "teacher+student+local", "auto"] = Field(
         "teacher",
-        description="the model a site infers with: its teacher, or an ensemble (logits averaged, one network, "
-        "`fedpath site-model`) of it or not with the global student and the site's own local student (its "
-        "student after its last round's local steps, before averaging)",
+        description="the model a site infers with: its teacher, the global student, or an ensemble (logits "
+        "averaged, one network, `fedpath site-model`) of it or not with the global student and the site's own "
+        "local student (its student after its last round's local steps, before averaging); auto: whichever of "
+        "these scores best on the site's own validation split",
     )
     personal_select: Literal["best", "last"] = Field(
         "best",

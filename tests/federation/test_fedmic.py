@@ -170,6 +170,22 @@ def _check_personal_kinds(cfg: Any, site: str, personal: dict[str, torch.Tensor]
         if kind == "student+local":
             for k, v in local.items():
                 assert torch.equal(state[f"members.0.{k}"], glob[k]) and torch.equal(state[f"members.1.{k}"], v)
+    # personal: auto -- the site scores every candidate on its own validation tiles and keeps the best
+    import json
+
+    from fedcore.layout import RunLayout
+    from federation.fedmic_site import AUTO_CANDIDATES
+
+    strat = dict(cfg.federation.strategy, personal="auto", personal_select="last")
+    kcfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"strategy": strat})})
+    got = FedMICSite().personal_model(kcfg, site, glob)
+    assert got is not None
+    choice = json.loads(SiteState(RunLayout(cfg.run_dir).site(site).state).choice_path.read_text())
+    scores = choice["val_dice"]
+    assert set(scores) == set(AUTO_CANDIDATES) and all(v is not None for v in scores.values())
+    assert len(set(scores.values())) > 1 and scores[choice["kind"]] == max(scores.values())
+    want = FedMICSite()._assemble(kcfg, site, glob, choice["kind"])
+    assert got[1] == want[1] and all(torch.equal(got[0][k], want[0][k]) for k in want[0])
     # a state saved before the local student was kept: a one-line error, not a wrong model
     st = SiteState(RunLayout(cfg.run_dir).site(site).state)
     r = st.personal_round()
