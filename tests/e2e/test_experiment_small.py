@@ -163,6 +163,9 @@ def test_experiment_fedmic_rows_small(repo_root: Path, tmp_path: Path) -> None:
         assert set(mic["personal_models"]) == set(PERSONAL_KINDS)
         for own in [*mic["personal_models"].values(), mic["baseline_local"]]:
             assert set(own) == {"a", "b"} and all(0.0 <= v["dice"] <= 1.0 for v in own.values())
+        for s, auto in mic["personal_models"]["auto"].items():  # each site's pick on its validation split
+            assert auto["val_dice"][auto["chosen"]] == max(v for v in auto["val_dice"].values() if v is not None)
+            assert auto["dice"] == mic["personal_models"][auto["chosen"]][s]["dice"]
         assert all(r > 1 for r in mic["up_ratio"].values()), mic["up_ratio"]
     assert all(0 < led["epsilon"] <= 8.05 for led in rows["fedmic eps=8"]["ledger"].values())
     from fedcore.layout import RunLayout
