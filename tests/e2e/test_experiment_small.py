@@ -219,7 +219,8 @@ def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:
 
     def mic(seed: int, pers: float) -> dict:
         b = {"a": {"up_per_round": 100 * 1024.0, "down_per_round": 200 * 1024.0}}
-        both = {"teacher": {"a": {"dice": pers}}, "teacher+student": {"a": {"dice": pers + 0.01}}}
+        both = {"teacher": {"a": {"dice": pers}}, "teacher+student": {"a": {"dice": pers + 0.01}},
+                "auto": {"a": {"dice": pers + 0.01, "chosen": "teacher+student"}}}  # fmt: skip
         return {"name": "fedmic", "seed": seed, "eval": {"a": {"dice": 0.5}}, "fedmic": {
             "baseline": "fedavg", "strategy": {"personal": "teacher"}, "personalised": both["teacher"],
             "personal_models": both, "bytes": b,
@@ -233,11 +234,13 @@ def test_fedmic_table_pairs_personalised_with_fedavg_by_seed() -> None:
     row = next(line for line in fedmic_table(runs, ["a"]).splitlines() if line.startswith("| fedmic | a |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # personalised = teacher 0.75 ± 0.071, FedAvg 0.74 ± 0.057, paired Δ teacher (0.02, 0.00): 0.010 ± 0.014,
-    # teacher+student 0.020 ± 0.014; kinds a row did not score, and FedAvg's own local adaptation: "-"
-    assert cells[2:11] == [
-        "2", "teacher", "0.750 ± 0.071", "0.740 ± 0.057", "0.010 ± 0.014", "0.020 ± 0.014", "-", "-", "-"
+    # teacher+student and auto (which picked it on both seeds) 0.020 ± 0.014; kinds a row did not score (the
+    # student alone, student+local, teacher+student+local), and FedAvg's own local adaptation: "-"
+    assert cells[2:13] == [
+        "2", "teacher (auto: teacher+student ×2)", "0.750 ± 0.071", "0.740 ± 0.057",
+        "0.010 ± 0.014", "-", "0.020 ± 0.014", "-", "-", "0.020 ± 0.014", "-",
     ], cells  # fmt: skip
-    assert cells[11] == "0.500 ± 0.000" and cells[12] == "100.0 ± 0.0" and cells[14] == "8.00 ± 0.00"
+    assert cells[13] == "0.500 ± 0.000" and cells[14] == "100.0 ± 0.0" and cells[16] == "8.00 ± 0.00"
 
 
 def test_concurrent_invocations_keep_each_others_new_records() -> None:
